@@ -1,0 +1,197 @@
+"""Settings: the only code that reads the environment. Validated once, at start."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+_KEY_SPLIT = re.compile(r"[\s,]+")
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or invalid; the message names the variable."""
+
+
+def split_keys(raw: str) -> list[str]:
+    """Split a list of keys separated by commas, spaces or newlines; drop blanks and repeats."""
+    seen: dict[str, None] = {}
+    for part in _KEY_SPLIT.split(raw or ""):
+        if part:
+            seen.setdefault(part, None)
+    return list(seen)
+
+
+class Settings(BaseModel):
+    """Every configuration variable, with its default. See `.env.example` for their meaning."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    # Upstreams
+    openai_key: str = Field("", repr=False)
+    openai_base_url: str = "https://api.openai.com/v1"
+    anthropic_key: str = Field("", repr=False)
+    anthropic_base_url: str = "https://api.anthropic.com/v1"
+    upstream_connect_timeout: float = Field(10.0, gt=0)
+    upstream_read_timeout: float = Field(300.0, gt=0)
+    retry_time_budget: float = Field(30.0, gt=0)
+    anthropic_default_max_tokens: int = Field(4096, gt=0)
+
+    # Server
+    host: str = Field("0.0.0.0", validation_alias=AliasChoices("HOST", "GRADIO_SERVER_NAME"))
+    port: int = Field(7860, ge=0, le=65535, validation_alias=AliasChoices("PORT", "GRADIO_SERVER_PORT"))
+    max_body_bytes: int = Field(10_000_000, gt=0)
+    server_title: str = ""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Access
+    gatekeeper: Literal["none", "proxy_key", "user_token", ""] = ""
+    proxy_key: str = Field("", repr=False)
+    admin_key: str = Field("", repr=False)
+    max_ips_per_user: int = Field(0, ge=0)
+    max_ips_auto_ban: bool = False
+    text_model_rate_limit: int = Field(0, ge=0)
+    quota_refresh_period: Literal["hourly", "daily", ""] = ""
+
+    # Keys
+    check_keys: bool = True
+    key_check_interval: float = Field(4 * 3600.0, gt=0)
+    key_check_concurrency: int = Field(16, gt=0)
+    allowed_model_families: str = ""
+
+    # State
+    data_dir: Path = Path("./data")
+    hf_token: str = Field("", repr=False)
+    state_repo: str = ""
+    backup_interval: float = Field(600.0, gt=0)
+
+    # Set by Hugging Face Spaces
+    space_host: str = ""
+    space_id: str = ""
+    space_title: str = ""
+    system: str = ""
+
+    @field_validator("openai_base_url", "anthropic_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("gatekeeper", "quota_refresh_period", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Settings:
+        mode = self.auth_mode
+        if mode == "proxy_key" and not self.proxy_key:
+            raise ValueError("GATEKEEPER=proxy_key needs PROXY_KEY to be set")
+        if mode == "user_token" and not self.admin_key:
+            raise ValueError("GATEKEEPER=user_token needs ADMIN_KEY to be set")
+        if self.state_repo and not self.hf_token:
+            raise ValueError("STATE_REPO needs HF_TOKEN to be set")
+        return self
+
+    # Derived values
+    @property
+    def auth_mode(self) -> Literal["none", "proxy_key", "user_token"]:
+        if self.gatekeeper:
+            return self.gatekeeper
+        return "proxy_key" if self.proxy_key else "none"
+
+    @property
+    def openai_keys(self) -> list[str]:
+        return split_keys(self.openai_key)
+
+    @property
+    def anthropic_keys(self) -> list[str]:
+        return split_keys(self.anthropic_key)
+
+    @property
+    def secrets(self) -> list[str]:
+        """Every configured secret, for redaction."""
+        values = [self.proxy_key, self.admin_key, self.hf_token, *self.openai_keys, *self.anthropic_keys]
+        return [v for v in values if v]
+
+    @property
+    def on_space(self) -> bool:
+        return self.system == "spaces" or bool(self.space_id)
+
+    @property
+    def public_host(self) -> str:
+        """The Space's own host (first entry of SPACE_HOST), or '' when not on a Space."""
+        return split_keys(self.space_host)[0] if self.space_host.strip() else ""
+
+    @property
+    def title(self) -> str:
+        return self.server_title or self.space_title or "OAI Reverse Proxy"
+
+    @property
+    def model_family_filter(self) -> set[str]:
+        return {f.strip().lower() for f in self.allowed_model_families.split(",") if f.strip()}
+
+
+def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env") -> Settings:
+    """Read settings from `environ` (default: the process environment) and an optional .env file.
+
+    Raises ConfigError with the variable's name when a value is invalid.
+    """
+    source: dict[str, str] = {}
+    if env_file is not None and Path(env_file).is_file():
+        source.update(_read_env_file(Path(env_file)))
+    source.update(os.environ if environ is None else environ)
+    fields = Settings.model_fields
+    names = {name.upper() for name in fields}
+    for field in fields.values():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(str(choice).upper() for choice in alias.choices)
+    values = {k.upper(): v for k, v in source.items() if k.upper() in names}
+    try:
+        return Settings(**_by_field(values))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _by_field(values: dict[str, str]) -> dict[str, str]:
+    """Map upper-case variable names to field names, honouring aliases in their order."""
+    out: dict[str, str] = {}
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        candidates = [str(c).upper() for c in alias.choices] if isinstance(alias, AliasChoices) else [name.upper()]
+        for candidate in candidates:
+            if candidate in values and values[candidate] != "":
+                out[name] = values[candidate]
+                break
+    return out
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"]) or "configuration"
+        lines.append(f"{loc.upper()}: {err['msg']}")
+    return "Invalid configuration: " + "; ".join(lines)
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    """Parse KEY=VALUE lines; quotes are stripped; comments and blank lines ignored."""
+    out: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        key = key.strip().removeprefix("export ").strip()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        out[key] = value
+    return out

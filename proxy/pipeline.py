@@ -1,0 +1,420 @@
+"""The one request path: route, identify, validate, limit, pick a key, forward, relay, account."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+
+from proxy import upstream
+from proxy.access.gatekeeper import Admission, Gatekeeper, credential_from
+from proxy.errors import SHAPES, Kind, ProxyError, Redactor
+from proxy.families import family_of, is_allowed
+from proxy.keys.pool import Key, KeyPool, Outcome, Verdict
+from proxy.providers.base import Dialect, Endpoint
+from proxy.routing import Router
+from proxy.translate_door import Door
+from proxy.usage import Usage, UsageEvent, UsageLedger, estimate_tokens
+
+log = logging.getLogger("proxy.access")
+
+# Body fields that could point a request elsewhere; dropped at any depth, except inside JSON
+# schemas, where names are the client's own data.
+REDIRECT_FIELDS = frozenset({"api_base", "base_url", "api_key", "user_config", "extra_headers", "extra_query"})
+SCHEMA_FIELDS = frozenset({"parameters", "input_schema", "schema", "json_schema"})
+MAX_TRANSIENT_TRIES = 3
+STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+@dataclass
+class Service:
+    """One configured upstream: its dialect, base URL (from configuration only) and key pool."""
+
+    dialect: Dialect
+    base_url: str
+    pool: KeyPool
+    key_env: str
+    cached_models: set[str] | None = None
+    family_filter: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Upstream:
+    """A successful upstream reply and the key that got it."""
+
+    response: aiohttp.ClientResponse
+    key: Key
+
+
+class UpstreamReply(Exception):
+    """An upstream error reply to pass on to the client (redacted, in the client's shape)."""
+
+    def __init__(self, status: int, body: Any, raw: bytes) -> None:
+        super().__init__(status)
+        self.status, self.body, self.raw = status, body, raw
+
+
+class Pipeline:
+    def __init__(
+        self,
+        services: dict[str, Service],
+        gatekeeper: Gatekeeper,
+        ledger: UsageLedger,
+        redactor: Redactor,
+        session_factory: Any,
+        *,
+        max_body_bytes: int,
+        retry_budget: float,
+        trust_forwarded: bool,
+        default_max_tokens: int = 4096,
+    ) -> None:
+        self.services = services
+        self.router = Router({name: s.dialect for name, s in services.items()})
+        self.gatekeeper = gatekeeper
+        self.ledger = ledger
+        self.redact = redactor
+        self._session = session_factory
+        self.max_body_bytes = max_body_bytes
+        self.retry_budget = retry_budget
+        self.trust_forwarded = trust_forwarded
+        self.door = Door(default_max_tokens)
+
+    # The entry point -----------------------------------------------------------------------
+    async def handle(self, request: Request) -> Response:
+        started = time.perf_counter()
+        raw_path: bytes = request.scope.get("raw_path") or request.url.path.encode()
+        shape = self.router.shape_for(raw_path)
+        ctx = _Ctx(started=started, method=request.method, path=request.url.path)
+        try:
+            match = self.router.match(request.method, raw_path)
+            service = self.services[match.service]
+            endpoint = ctx.endpoint = match.endpoint
+            shape = endpoint.shape
+            ctx.service = match.service
+            caller = self.gatekeeper.identify(credential_from(request.headers), self._client_ip(request))
+            ctx.user = caller.label
+            if endpoint.kind == "models":
+                self.gatekeeper.admit(caller, None)
+                response = await self._models(service, ctx)
+            else:
+                response = await self._generate(request, service, endpoint, caller, ctx)
+        except ProxyError as exc:
+            response = self.error_response(shape, exc)
+        except UpstreamReply as exc:
+            response = self._pass_error(shape, exc)
+        if not isinstance(response, StreamingResponse):
+            self._log(ctx, response.status_code)
+        return response
+
+    async def _generate(self, request: Request, service: Service, endpoint: Endpoint, caller, ctx: _Ctx) -> Response:
+        if not service.pool:
+            raise ProxyError(
+                503,
+                f"This proxy has no {service.dialect.name} key configured: set {service.key_env} "
+                "(a Space secret, or in .env) and restart.",
+                Kind.UNAVAILABLE,
+            )
+        payload, ctx.body_len = await self._read_json(request)
+        model = payload.get("model")
+        if not isinstance(model, str) or not model.strip():
+            raise ProxyError(400, "The request body needs a 'model' (a string).", Kind.INVALID_REQUEST)
+        ctx.model = model
+        ctx.family = family = family_of(model, service.dialect.name)
+        if not is_allowed(family, service.family_filter):
+            raise ProxyError(
+                403, f"The model '{model}' (family {family}) is not served by this proxy.", Kind.PERMISSION
+            )
+        ctx.streamed = bool(payload.get("stream"))
+        estimate = estimate_tokens(ctx.body_len) + int(payload.get("max_tokens") or 0)
+        upstream_payload = self.door.request(payload) if endpoint.translated else payload
+        state = service.dialect.prepare(endpoint, upstream_payload)
+        body = json.dumps(upstream_payload, separators=(",", ":")).encode()
+        admission = self.gatekeeper.admit(caller, family, estimate)
+        try:
+            reply = await self._forward(service, endpoint, request.headers, body, model)
+        except BaseException:
+            self.gatekeeper.release(admission)
+            raise
+        ctx.key_id = reply.key.id
+        if ctx.streamed:
+            return self._stream(service, endpoint, reply, state, admission, ctx, payload)
+        return await self._complete(service, endpoint, reply, admission, ctx)
+
+    # Forwarding with retries ------------------------------------------------------------------
+    async def _forward(
+        self, service: Service, endpoint: Endpoint, headers: Any, body: bytes | None, model: str | None
+    ) -> Upstream:
+        """Send to the best key; on a key problem or a transient failure, try another key.
+
+        Each key is tried at most once per request, within the retry time budget. Nothing has
+        reached the client yet, so a retry that succeeds hides the failure entirely.
+        """
+        pool, dialect = service.pool, service.dialect
+        url = service.base_url + (endpoint.upstream_path or "/models")
+        deadline = time.monotonic() + self.retry_budget
+        tried: set[str] = set()
+        transient = 0
+        last: Exception | None = None
+        while time.monotonic() < deadline and transient < MAX_TRANSIENT_TRIES:
+            key = pool.select(model, tried)
+            if key is None:
+                break
+            tried.add(key.id)
+            outbound = dialect.outbound_headers(headers, key.secret)
+            try:
+                response = await upstream.send(self._session(), endpoint.method, url, outbound, body)
+            except asyncio.TimeoutError as exc:
+                transient += 1
+                last = ProxyError(504, f"The {dialect.name} upstream did not answer in time.", Kind.TIMEOUT)
+                last.__cause__ = exc
+                continue
+            except upstream.NETWORK_ERRORS as exc:
+                transient += 1
+                last = ProxyError(
+                    502, f"Could not reach the {dialect.name} upstream ({type(exc).__name__}).", Kind.UPSTREAM
+                )
+                continue
+            if response.status < 400:
+                pool.apply(key, _OK)
+                return Upstream(response, key)
+            raw, parsed = await upstream.read_error_body(response)
+            outcome = dialect.classify(response.status, response.headers, parsed)
+            pool.apply(key, outcome, model)
+            last = UpstreamReply(response.status, parsed, raw)
+            if outcome.verdict is Verdict.CLIENT_ERROR:
+                raise last
+            if outcome.verdict is Verdict.RETRYABLE:
+                transient += 1
+        no_key = pool.why_none(model, tried)
+        if last is not None and (no_key.status == 502 or transient >= MAX_TRANSIENT_TRIES):
+            raise last
+        headers_out = {"retry-after": str(int(no_key.retry_after + 0.999))} if no_key.retry_after else None
+        kind = {429: Kind.RATE_LIMIT, 404: Kind.NOT_FOUND}.get(no_key.status, Kind.UNAVAILABLE)
+        raise ProxyError(no_key.status, no_key.message, kind, headers=headers_out)
+
+    # Replies ----------------------------------------------------------------------------------
+    async def _complete(
+        self, service: Service, endpoint: Endpoint, reply: Upstream, admission: Admission, ctx: _Ctx
+    ) -> Response:
+        response = reply.response
+        try:
+            raw = await response.read()
+        except (*upstream.NETWORK_ERRORS, asyncio.TimeoutError) as exc:
+            self.gatekeeper.release(admission)
+            status, kind = (504, Kind.TIMEOUT) if isinstance(exc, asyncio.TimeoutError) else (502, Kind.UPSTREAM)
+            raise ProxyError(status, f"The {service.dialect.name} upstream broke off its reply.", kind) from None
+        finally:
+            response.release()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        usage = service.dialect.usage_of(body) or Usage()
+        self._account(ctx, admission, usage, response.status)
+        if endpoint.translated and isinstance(body, dict):
+            raw = json.dumps(self.door.response(body)).encode()
+        headers = upstream.pick_headers(response.headers, service.dialect.response_headers)
+        return Response(raw, response.status, headers=headers, media_type="application/json")
+
+    def _stream(
+        self,
+        service: Service,
+        endpoint: Endpoint,
+        reply: Upstream,
+        state: dict,
+        admission: Admission,
+        ctx: _Ctx,
+        payload: dict,
+    ) -> StreamingResponse:
+        dialect = service.dialect
+        meter = dialect.meter(endpoint, state)
+        render = None
+        stream_error = dialect.stream_error
+        if endpoint.translated:
+            render, stream_error = self.door.stream(payload)
+
+        async def body():
+            status = 200
+            try:
+                async for chunk in upstream.relay_events(reply.response, meter, render, stream_error):
+                    yield chunk
+                if not meter.finished:
+                    status = 502
+            except BaseException:
+                status = 499  # the client went away
+                raise
+            finally:
+                usage = meter.usage
+                if not meter.seen_usage:
+                    usage = Usage(
+                        max(usage.tokens_in, estimate_tokens(ctx.body_len)),
+                        max(usage.tokens_out, estimate_tokens(meter.text_chars)),
+                        estimated=True,
+                    )
+                self._account(ctx, admission, usage, status)
+                self._log(ctx, status)
+
+        headers = upstream.pick_headers(reply.response.headers, dialect.response_headers)
+        headers.update(STREAM_HEADERS)
+        return StreamingResponse(body(), 200, headers=headers, media_type="text/event-stream")
+
+    async def _models(self, service: Service, ctx: _Ctx) -> Response:
+        """Answered from the models the live keys can use; before any check, asked upstream once."""
+        dialect = service.dialect
+        models = service.pool.models()
+        if models is None:
+            if service.cached_models is None and service.pool:
+                service.cached_models = await self._fetch_models(service)
+            models = service.cached_models or set()
+        allowed = {m for m in models if is_allowed(family_of(m, dialect.name), service.family_filter)}
+        return Response(json.dumps(dialect.model_list(allowed)), 200, media_type="application/json")
+
+    async def _fetch_models(self, service: Service) -> set[str]:
+        endpoint = next(e for e in service.dialect.endpoints if e.kind == "models")
+        reply = await self._forward(service, endpoint, {}, None, None)
+        try:
+            body = await reply.response.json(content_type=None)
+        except (ValueError, *upstream.NETWORK_ERRORS, asyncio.TimeoutError):
+            raise ProxyError(502, "The upstream's model list could not be read.", Kind.UPSTREAM) from None
+        finally:
+            reply.response.release()
+        items = body.get("data") if isinstance(body, dict) else None
+        return {str(m["id"]) for m in items or () if isinstance(m, dict) and m.get("id")}
+
+    # Helpers -----------------------------------------------------------------------------------
+    async def _read_json(self, request: Request) -> tuple[dict, int]:
+        """The body as a JSON object (with redirecting fields dropped) and its size in bytes."""
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise _too_large(self.max_body_bytes)
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise _too_large(self.max_body_bytes)
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ProxyError(400, "The request body was not received completely.", Kind.INVALID_REQUEST) from None
+        raw = b"".join(chunks)
+        if not raw.strip():
+            raise ProxyError(400, "The request body is empty; send a JSON object.", Kind.INVALID_REQUEST)
+        try:
+            payload = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ProxyError(400, f"The request body is not valid JSON: {exc}.", Kind.INVALID_REQUEST) from None
+        if not isinstance(payload, dict):
+            raise ProxyError(400, "The request body must be a JSON object.", Kind.INVALID_REQUEST)
+        drop_redirect_fields(payload)
+        return payload, len(raw)
+
+    def _client_ip(self, request: Request) -> str:
+        if self.trust_forwarded:
+            forwarded = request.headers.get("x-forwarded-for")
+            if forwarded:
+                return forwarded.split(",")[0].strip()
+        return request.client.host if request.client else "unknown"
+
+    def _account(self, ctx: _Ctx, admission: Admission, usage: Usage, status: int) -> None:
+        ctx.usage = usage
+        if 200 <= status < 300 or status == 499:
+            self.gatekeeper.settle(admission, usage)
+        else:
+            self.gatekeeper.release(admission)
+        self.ledger.record(
+            UsageEvent(
+                time=time.time(),
+                service=ctx.service,
+                model=ctx.model or "",
+                family=ctx.family or "",
+                streamed=ctx.streamed,
+                tokens_in=usage.tokens_in,
+                tokens_out=usage.tokens_out,
+                latency_ms=round((time.perf_counter() - ctx.started) * 1000, 1),
+                status=status,
+                key_id=ctx.key_id,
+                user=ctx.user if ctx.user not in (None, "anon", "proxy-key") else None,
+            )
+        )
+
+    def error_response(self, shape: str, error: ProxyError) -> Response:
+        body = SHAPES[shape](self.redact(error.message), error.kind, error.code)
+        return Response(json.dumps(body), error.status, headers=error.headers, media_type="application/json")
+
+    def _pass_error(self, shape: str, reply: UpstreamReply) -> Response:
+        """An upstream error, redacted, in the client's shape (translated if the shapes differ)."""
+        body = reply.body
+        if isinstance(body, dict):
+            is_anthropic = body.get("type") == "error"
+            if shape == "openai" and is_anthropic:
+                body = self.door.error(reply.status, body)
+            body = self.redact.scrub(body)
+            return Response(json.dumps(body), reply.status, media_type="application/json")
+        text = self.redact(reply.raw[:500].decode("utf-8", errors="replace")).strip()
+        message = f"The upstream answered {reply.status}" + (f": {text}" if text else ".")
+        status = reply.status if reply.status >= 400 else 502
+        return self.error_response(shape, ProxyError(status, message, Kind.UPSTREAM))
+
+    def _log(self, ctx: _Ctx, status: int) -> None:
+        usage = ctx.usage
+        log.info(
+            "%s %s model=%s status=%d %.0fms key=%s user=%s stream=%s tokens=%s/%s",
+            ctx.method,
+            ctx.path[:120],
+            ctx.model or "-",
+            status,
+            (time.perf_counter() - ctx.started) * 1000,
+            ctx.key_id or "-",
+            ctx.user or "-",
+            "yes" if ctx.streamed else "no",
+            usage.tokens_in if usage else "-",
+            usage.tokens_out if usage else "-",
+        )
+
+
+@dataclass
+class _Ctx:
+    """What one request has learned so far, for accounting and the log line."""
+
+    started: float
+    method: str
+    path: str
+    service: str = ""
+    endpoint: Endpoint | None = None
+    model: str | None = None
+    family: str | None = None
+    streamed: bool = False
+    key_id: str | None = None
+    user: str | None = None
+    usage: Usage | None = None
+    body_len: int = 0
+
+
+_OK = Outcome(Verdict.OK)
+
+
+def _too_large(limit: int) -> ProxyError:
+    return ProxyError(
+        413, f"The request body is larger than this proxy accepts ({limit} bytes).", Kind.TOO_LARGE
+    )
+
+
+def drop_redirect_fields(value: Any) -> None:
+    """Remove fields that could redirect a request (api_base, base_url, ...), at any depth."""
+    if isinstance(value, dict):
+        for name in [k for k in value if k in REDIRECT_FIELDS]:
+            del value[name]
+        for name, item in value.items():
+            if name not in SCHEMA_FIELDS:
+                drop_redirect_fields(item)
+    elif isinstance(value, list):
+        for item in value:
+            drop_redirect_fields(item)

@@ -1,0 +1,150 @@
+"""What a provider dialect is, and helpers every dialect shares."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any, ClassVar
+
+from proxy.keys.pool import Outcome
+from proxy.sse import Event
+from proxy.usage import Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One allow-listed route: the client's path (after /proxy/<service>/[v1/]) and its upstream path."""
+
+    method: str
+    path: tuple[str, ...]
+    upstream_path: str | None  # None: answered by the proxy itself (model lists)
+    kind: str  # "chat" | "completions" | "embeddings" | "messages" | "models"
+    shape: str  # the client's API shape for errors: "openai" | "anthropic"
+    translated: bool = False  # OpenAI format in and out, translated to this provider's API
+
+
+class StreamMeter:
+    """Watches a stream's events: reads usage, and decides which events reach the client."""
+
+    def __init__(self) -> None:
+        self.usage = Usage()
+        self.seen_usage = False
+        self.text_chars = 0
+        self.finished = False
+
+    def accept(self, event: Event) -> bool:
+        """Account for one event; return False to keep it from the client."""
+        return True
+
+
+class Dialect:
+    """A provider's differences from the common path. Subclasses fill these in."""
+
+    name: ClassVar[str]
+    key_prefix: ClassVar[str]
+    endpoints: ClassVar[tuple[Endpoint, ...]]
+    forward_headers: ClassVar[frozenset[str]] = frozenset({"accept"})
+    response_headers: ClassVar[frozenset[str]] = frozenset({"x-request-id", "request-id"})
+
+    def auth_headers(self, secret: str) -> dict[str, str]:
+        raise NotImplementedError
+
+    def outbound_headers(self, client_headers: Mapping[str, str], secret: str) -> dict[str, str]:
+        """Only allow-listed client headers, plus the pool key and our own content type."""
+        headers = {name: client_headers[name] for name in self.forward_headers if name in client_headers}
+        headers["content-type"] = "application/json"
+        headers["user-agent"] = "oai-reverse-proxy"
+        headers.update(self.auth_headers(secret))
+        return headers
+
+    def classify(self, status: int, headers: Mapping[str, str], body: Any) -> Outcome:
+        """What an error reply says about the key that got it."""
+        raise NotImplementedError
+
+    def usage_of(self, body: Any) -> Usage | None:
+        """Token usage of a non-streamed reply, if the upstream gave it."""
+        raise NotImplementedError
+
+    def prepare(self, endpoint: Endpoint, payload: dict) -> dict:
+        """Adjust a request before forwarding (e.g. ask for stream usage). Returns state for the meter."""
+        return {}
+
+    def meter(self, endpoint: Endpoint, state: dict) -> StreamMeter:
+        raise NotImplementedError
+
+    def stream_error(self, message: str) -> bytes:
+        """The last event of a stream that failed midway, in this dialect's stream format."""
+        raise NotImplementedError
+
+    def model_list(self, models: Iterable[str]) -> dict:
+        raise NotImplementedError
+
+
+def error_message(body: Any) -> str:
+    """The human message inside an OpenAI- or Anthropic-shaped error body, or ''."""
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            return str(err.get("message") or "")
+        if isinstance(err, str):
+            return err
+        return str(body.get("message") or "")
+    return ""
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration(text: str) -> float | None:
+    """'20s', '1m30s', '250ms', '6m0s', '1h2m' or plain seconds -> seconds."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    total = 0.0
+    matched = False
+    for number, unit in _DURATION.findall(text):
+        matched = True
+        value = float(number)
+        total += {"ms": value / 1000, "s": value, "m": value * 60, "h": value * 3600}[unit]
+    return total if matched else None
+
+
+def retry_after(headers: Mapping[str, str], now: float, *names: str) -> float | None:
+    """Seconds to wait, from retry-after(-ms) or the given reset headers (durations or dates)."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return float(ms) / 1000
+        except ValueError:
+            pass
+    for name in ("retry-after", *names):
+        value = headers.get(name)
+        if not value:
+            continue
+        seconds = parse_duration(value)
+        if seconds is not None:
+            return seconds
+        try:
+            when = parsedate_to_datetime(value).timestamp()
+        except (TypeError, ValueError):
+            try:
+                from datetime import datetime
+
+                when = datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+        return max(0.0, when - now)
+    return None
+
+
+def int_header(headers: Mapping[str, str], name: str) -> int | None:
+    try:
+        return int(headers[name])
+    except (KeyError, ValueError):
+        return None

@@ -1,0 +1,161 @@
+"""Anthropic message and error replies -> OpenAI ``chat.completion`` and error shapes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = [
+    "anthropic_error_to_openai",
+    "anthropic_to_openai_response",
+    "completion_id",
+    "finish_reason",
+    "openai_usage",
+]
+
+_FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+
+# Anthropic error type -> (OpenAI error type, OpenAI error code). Types follow the
+# proxy's own OpenAI error shapes (proxy/errors.py) so clients see one vocabulary.
+_ERROR_TYPES: dict[str, tuple[str, str | None]] = {
+    "invalid_request_error": ("invalid_request_error", None),
+    "request_too_large": ("invalid_request_error", "request_too_large"),
+    "authentication_error": ("invalid_request_error", "invalid_api_key"),
+    "permission_error": ("permission_error", "permission_denied"),
+    "not_found_error": ("invalid_request_error", "not_found"),
+    "rate_limit_error": ("rate_limit_error", "rate_limit_exceeded"),
+    "billing_error": ("insufficient_quota", "insufficient_quota"),
+    "api_error": ("upstream_error", "api_error"),
+    "overloaded_error": ("service_unavailable", "overloaded"),
+    "timeout_error": ("timeout_error", "timeout"),
+}
+_STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def completion_id(message_id: str | None) -> str:
+    """The OpenAI completion id for an Anthropic message id."""
+    return "chatcmpl-" + (message_id or "unknown")
+
+
+def finish_reason(stop_reason: str | None) -> str | None:
+    """Anthropic ``stop_reason`` -> OpenAI ``finish_reason`` (unknown reasons read as "stop")."""
+    if stop_reason is None:
+        return None
+    return _FINISH_REASONS.get(stop_reason, "stop")
+
+
+def openai_usage(usage: dict | None) -> dict[str, Any]:
+    """Anthropic usage -> OpenAI usage.
+
+    Anthropic counts cached prompt tokens apart from ``input_tokens``; OpenAI's
+    ``prompt_tokens`` includes them, with cache reads repeated in ``prompt_tokens_details``.
+    """
+    usage = usage or {}
+    cache_read = usage.get("cache_read_input_tokens") or 0
+    prompt = (usage.get("input_tokens") or 0) + (
+        usage.get("cache_creation_input_tokens") or 0
+    )
+    prompt += cache_read
+    completion = usage.get("output_tokens") or 0
+    result: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    if cache_read:
+        result["prompt_tokens_details"] = {"cached_tokens": cache_read}
+    return result
+
+
+def anthropic_to_openai_response(body: dict, *, created: int) -> dict:
+    """Anthropic message -> OpenAI chat.completion.
+
+    Text blocks are concatenated; thinking, redacted thinking and server-tool blocks are
+    omitted (OpenAI chat completions has no place for them); tool_use blocks become
+    ``tool_calls`` with JSON-string arguments.
+    """
+    texts: list[str] = []
+    tool_calls: list[dict[str, Any]] = []
+    for block in body.get("content") or []:
+        if block.get("type") == "text":
+            texts.append(block.get("text") or "")
+        elif block.get("type") == "tool_use":
+            tool_calls.append(_tool_call(block))
+    text = "".join(texts)
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": text if text or not tool_calls else None,
+        "refusal": None,
+    }
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {
+        "id": completion_id(body.get("id")),
+        "object": "chat.completion",
+        "created": created,
+        "model": body.get("model") or "",
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": finish_reason(body.get("stop_reason")) or "stop",
+            }
+        ],
+        "usage": openai_usage(body.get("usage")),
+    }
+
+
+def _tool_call(block: dict) -> dict[str, Any]:
+    return {
+        "id": block.get("id") or "",
+        "type": "function",
+        "function": {
+            "name": block.get("name") or "",
+            "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False),
+        },
+    }
+
+
+def anthropic_error_to_openai(status: int, body: dict | None) -> dict:
+    """Anthropic error body -> OpenAI error body.
+
+    ``{'type': 'error', 'error': {'type', 'message'}}`` becomes
+    ``{'error': {'message', 'type', 'param': None, 'code'}}``. ``code`` carries the
+    OpenAI-style code clients switch on (``invalid_api_key``, ``rate_limit_exceeded``,
+    ``insufficient_quota`` ...); unknown Anthropic types are passed through as both.
+    """
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        error = {}
+    anthropic_type = error.get("type")
+    if not isinstance(anthropic_type, str) or not anthropic_type:
+        anthropic_type = _STATUS_TYPES.get(
+            status, "api_error" if status >= 500 else "invalid_request_error"
+        )
+    message = error.get("message")
+    if not isinstance(message, str) or not message:
+        message = f"Upstream Anthropic API returned HTTP {status} ({anthropic_type})."
+    openai_type, code = _ERROR_TYPES.get(
+        anthropic_type, (anthropic_type, anthropic_type)
+    )
+    return {
+        "error": {"message": message, "type": openai_type, "param": None, "code": code}
+    }

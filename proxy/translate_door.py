@@ -1,0 +1,63 @@
+"""The OpenAI-format door to Claude: glue between the pipeline and the pure translators."""
+
+from __future__ import annotations
+
+import time
+
+from proxy import sse
+from proxy.errors import Kind, ProxyError, openai_error
+from proxy.sse import Event
+from proxy.translate import (
+    AnthropicToOpenAIStream,
+    TranslationError,
+    UpstreamStreamError,
+    anthropic_error_to_openai,
+    anthropic_to_openai_response,
+    openai_to_anthropic_request,
+)
+from proxy.upstream import StreamAbort
+
+
+class Door:
+    def __init__(self, default_max_tokens: int) -> None:
+        self.default_max_tokens = default_max_tokens
+
+    def request(self, payload: dict) -> dict:
+        try:
+            return openai_to_anthropic_request(payload, default_max_tokens=self.default_max_tokens)
+        except TranslationError as exc:
+            raise ProxyError(400, str(exc), Kind.INVALID_REQUEST) from None
+
+    def response(self, body: dict) -> dict:
+        return anthropic_to_openai_response(body, created=int(time.time()))
+
+    def error(self, status: int, body: dict) -> dict:
+        return anthropic_error_to_openai(status, body)
+
+    def stream(self, payload: dict):
+        """A renderer of Anthropic events into OpenAI chunks, and the OpenAI stream error writer."""
+        options = payload.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        translator = AnthropicToOpenAIStream(
+            model=str(payload.get("model")), created=int(time.time()), include_usage=include_usage
+        )
+
+        def render(events: list[Event]) -> list[bytes]:
+            out: list[bytes] = []
+            for event in events:
+                data = event.json()
+                if not isinstance(data, dict):
+                    continue
+                try:
+                    chunks = translator.feed(event.event, data)
+                except UpstreamStreamError as exc:
+                    raise StreamAbort(str(exc)) from None
+                out.extend(sse.encode(chunk) for chunk in chunks)
+                if translator.done:
+                    out.append(sse.encode("[DONE]"))
+            return out
+
+        def stream_error(message: str) -> bytes:
+            return sse.encode(openai_error(message, Kind.UPSTREAM))
+
+        return render, stream_error

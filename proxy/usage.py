@@ -1,0 +1,126 @@
+"""The usage ledger: totals by family and key, and the ring of recent events the UI reads."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(slots=True)
+class Usage:
+    """Tokens of one request, from the upstream's own numbers when it gave them."""
+
+    tokens_in: int = 0
+    tokens_out: int = 0
+    estimated: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.tokens_in + self.tokens_out
+
+
+@dataclass(slots=True)
+class UsageEvent:
+    """One finished request, as the UI shows it. Never a prompt, never a credential."""
+
+    time: float
+    service: str
+    model: str
+    family: str
+    streamed: bool
+    tokens_in: int
+    tokens_out: int
+    latency_ms: float
+    status: int
+    key_id: str | None = None
+    user: str | None = None
+
+    def public(self) -> dict:
+        data = asdict(self)
+        data.pop("key_id")
+        return data
+
+
+@dataclass(slots=True)
+class Totals:
+    requests: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+    def add(self, tokens_in: int, tokens_out: int) -> None:
+        self.requests += 1
+        self.tokens_in += tokens_in
+        self.tokens_out += tokens_out
+
+    def as_dict(self) -> dict[str, int]:
+        return {"requests": self.requests, "tokens_in": self.tokens_in, "tokens_out": self.tokens_out}
+
+
+@dataclass
+class UsageLedger:
+    """In-memory totals plus a bounded ring of recent events; `sink` persists each event."""
+
+    recent_size: int = 500
+    bucket_s: int = 60
+    series_len: int = 24 * 60
+    sink: Callable[[UsageEvent], None] | None = None
+    clock: Callable[[], float] = time.time
+    total: Totals = field(default_factory=Totals)
+    by_family: dict[str, Totals] = field(default_factory=dict)
+    by_key: dict[str, Totals] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._recent: deque[UsageEvent] = deque(maxlen=self.recent_size)
+        self._series: deque[list[float]] = deque(maxlen=self.series_len)
+
+    def record(self, event: UsageEvent) -> None:
+        self._recent.append(event)
+        if 200 <= event.status < 300:
+            self.total.add(event.tokens_in, event.tokens_out)
+            self.by_family.setdefault(event.family, Totals()).add(event.tokens_in, event.tokens_out)
+            if event.key_id:
+                self.by_key.setdefault(event.key_id, Totals()).add(event.tokens_in, event.tokens_out)
+        bucket = event.time - event.time % self.bucket_s
+        if not self._series or self._series[-1][0] != bucket:
+            self._series.append([bucket, 0, 0, 0])
+        point = self._series[-1]
+        point[1] += 1
+        point[2] += event.tokens_in
+        point[3] += event.tokens_out
+        if self.sink is not None:
+            self.sink(event)
+
+    def restore(self, by_family: dict[str, dict[str, int]], by_key: dict[str, dict[str, int]]) -> None:
+        """Load persisted totals at start."""
+        for name, target in ((by_family, self.by_family), (by_key, self.by_key)):
+            for label, counts in name.items():
+                target[label] = Totals(counts.get("requests", 0), counts.get("tokens_in", 0), counts.get("tokens_out", 0))
+        self.total = Totals()
+        for totals in self.by_family.values():
+            self.total.requests += totals.requests
+            self.total.tokens_in += totals.tokens_in
+            self.total.tokens_out += totals.tokens_out
+
+    def recent(self, limit: int = 100) -> list[dict]:
+        """The newest events first, without key ids."""
+        events = list(self._recent)[-limit:] if limit > 0 else []
+        return [e.public() for e in reversed(events)]
+
+    def series(self) -> list[dict]:
+        """Requests and tokens per bucket, oldest first."""
+        return [
+            {"time": b, "requests": int(r), "tokens_in": int(i), "tokens_out": int(o)} for b, r, i, o in self._series
+        ]
+
+    def snapshot(self) -> dict:
+        return {
+            **self.total.as_dict(),
+            "by_family": {name: t.as_dict() for name, t in sorted(self.by_family.items())},
+        }
+
+
+def estimate_tokens(text_chars: int) -> int:
+    """A rough count for when the upstream gave none (an aborted stream): ~4 characters a token."""
+    return (text_chars + 3) // 4
