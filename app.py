@@ -1,0 +1,56 @@
+"""Composition root: settings -> runtime -> FastAPI proxy with the Gradio page mounted at "/".
+
+`python app.py` serves it with uvicorn on HOST:PORT.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import gradio as gr
+import uvicorn
+from fastapi import FastAPI
+
+from proxy.config import ConfigError, Settings, load_settings
+from proxy.errors import Redactor
+from proxy.logs import configure_logging
+from proxy.server import build_runtime, create_app
+from ui.blocks import CSS, UIContext, build_theme, build_ui
+
+
+def build_app(settings: Settings, self_url: str | None = None) -> FastAPI:
+    """The whole app. `self_url` is how the page's test chat reaches this server over HTTP."""
+    runtime = build_runtime(settings)
+    app = create_app(settings, runtime)  # proxy routes first: a mount at "/" shadows later routes
+    if self_url is None:
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+        self_url = f"http://{host}:{settings.port}"
+    ctx = UIContext(
+        title=settings.title,
+        self_url=self_url,
+        space_host=settings.space_host or None,
+        space_id=settings.space_id or None,
+        services=tuple(runtime.services),
+        auth_mode=settings.auth_mode,
+        status=runtime.status,
+        recent=runtime.ledger.recent,
+    )
+    return gr.mount_gradio_app(
+        app, build_ui(ctx), path="/", ssr_mode=False, theme=build_theme(), css=CSS, footer_links=[]
+    )
+
+
+def main() -> int:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"Cannot start: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, Redactor(settings.secrets))
+    app = build_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, proxy_headers=settings.on_space)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Shared fixtures: fake upstreams and the proxy served for real on loopback ports."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import uvicorn
+
+from proxy.config import Settings, load_settings
+from tests.fakes import FakeAnthropic, FakeOpenAI, KeyBehaviour
+
+PAID = "sk-paid-0123456789abcdef"
+PROXY_KEY = "pk-test-proxy-key-42"
+
+
+@dataclass
+class Served:
+    """An app served by uvicorn in a thread."""
+
+    url: str
+    app: Any
+    settings: Settings
+    server: uvicorn.Server
+
+    @property
+    def runtime(self) -> Any:
+        return self.app.state.runtime
+
+    def proxy(self, service: str = "openai") -> str:
+        return f"{self.url}/proxy/{service}/v1"
+
+
+@contextmanager
+def serve(app: Any, settings: Settings) -> Iterator[Served]:
+    """Serve an ASGI app on 127.0.0.1 (OS-assigned port) until the block ends."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the app did not start")
+        time.sleep(0.02)
+    try:
+        yield Served(f"http://127.0.0.1:{port}", app, settings, server)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def make_settings(env: dict[str, str], tmp_path: Any = None) -> Settings:
+    base = {"CHECK_KEYS": "false", "LOG_LEVEL": "warning"}
+    if tmp_path is not None:
+        base["DATA_DIR"] = str(tmp_path / "data")
+    return load_settings({**base, **env}, env_file=None)
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI({PAID: KeyBehaviour("paid")}) as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake_anthropic() -> Iterator[FakeAnthropic]:
+    with FakeAnthropic({"sk-ant-paid-0123456789": KeyBehaviour("paid")}) as fake:
+        yield fake
+
+
+@pytest.fixture
+def proxy_app(tmp_path: Any) -> Iterator[Callable[..., Served]]:
+    """A factory: proxy_app(ENV=...) serves the proxy (without the UI) with those settings."""
+    from proxy.server import create_app
+
+    stack: list[Any] = []
+
+    def start(**env: str) -> Served:
+        settings = make_settings(env, tmp_path)
+        ctx = serve(create_app(settings), settings)
+        stack.append(ctx)
+        return ctx.__enter__()
+
+    yield start
+    for ctx in reversed(stack):
+        ctx.__exit__(None, None, None)
