@@ -31,6 +31,17 @@ REDIRECT_FIELDS = frozenset({"api_base", "base_url", "api_key", "user_config", "
 SCHEMA_FIELDS = frozenset({"parameters", "input_schema", "schema", "json_schema"})
 MAX_TRANSIENT_TRIES = 3
 STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+# Browser clients (RisuAI, web front-ends) call the proxy directly. Credentials travel in
+# headers, never cookies, so any origin may call.
+CORS_PREFLIGHT = {
+    "access-control-allow-origin": "*",
+    "access-control-allow-methods": "GET, POST, OPTIONS",
+    "access-control-allow-headers": "authorization, content-type, x-api-key, anthropic-version, anthropic-beta, "
+    "anthropic-dangerous-direct-browser-access, x-stainless-os, x-stainless-lang, x-stainless-package-version, "
+    "x-stainless-runtime, x-stainless-runtime-version, x-stainless-arch, x-stainless-retry-count, "
+    "x-stainless-timeout, x-stainless-helper-method, openai-beta",
+    "access-control-max-age": "86400",
+}
 
 
 @dataclass
@@ -92,6 +103,8 @@ class Pipeline:
         raw_path: bytes = request.scope.get("raw_path") or request.url.path.encode()
         shape = self.router.shape_for(raw_path)
         ctx = _Ctx(started=started, method=request.method, path=request.url.path)
+        if request.method == "OPTIONS":
+            return Response(status_code=204, headers=CORS_PREFLIGHT)
         try:
             match = self.router.match(request.method, raw_path)
             service = self.services[match.service]
@@ -109,6 +122,11 @@ class Pipeline:
             response = self.error_response(shape, exc)
         except UpstreamReply as exc:
             response = self._pass_error(shape, exc)
+        except Exception:
+            log.exception("unexpected error on %s %s", ctx.method, ctx.path[:120])
+            error = ProxyError(500, "The proxy failed to handle this request; it has been logged.", Kind.UPSTREAM)
+            response = self.error_response(shape, error)
+        response.headers["access-control-allow-origin"] = "*"
         if not isinstance(response, StreamingResponse):
             self._log(ctx, response.status_code)
         return response
@@ -131,8 +149,9 @@ class Pipeline:
             raise ProxyError(
                 403, f"The model '{model}' (family {family}) is not served by this proxy.", Kind.PERMISSION
             )
-        ctx.streamed = bool(payload.get("stream"))
-        estimate = estimate_tokens(ctx.body_len) + int(payload.get("max_tokens") or 0)
+        ctx.streamed = payload.get("stream") is True and endpoint.kind != "embeddings"
+        max_tokens = payload.get("max_tokens") or payload.get("max_completion_tokens")
+        estimate = estimate_tokens(ctx.body_len) + _whole(max_tokens)
         upstream_payload = self.door.request(payload) if endpoint.translated else payload
         state = service.dialect.prepare(endpoint, upstream_payload)
         body = json.dumps(upstream_payload, separators=(",", ":")).encode()
@@ -143,7 +162,7 @@ class Pipeline:
             self.gatekeeper.release(admission)
             raise
         ctx.key_id = reply.key.id
-        if ctx.streamed:
+        if ctx.streamed and "text/event-stream" in reply.response.headers.get("content-type", ""):
             return self._stream(service, endpoint, reply, state, admission, ctx, payload)
         return await self._complete(service, endpoint, reply, admission, ctx)
 
@@ -170,7 +189,7 @@ class Pipeline:
             outbound = dialect.outbound_headers(headers, key.secret)
             try:
                 response = await upstream.send(self._session(), endpoint.method, url, outbound, body)
-            except asyncio.TimeoutError as exc:
+            except TimeoutError as exc:
                 transient += 1
                 last = ProxyError(504, f"The {dialect.name} upstream did not answer in time.", Kind.TIMEOUT)
                 last.__cause__ = exc
@@ -206,7 +225,7 @@ class Pipeline:
         response = reply.response
         try:
             raw = await response.read()
-        except (*upstream.NETWORK_ERRORS, asyncio.TimeoutError) as exc:
+        except (TimeoutError, *upstream.NETWORK_ERRORS) as exc:
             self.gatekeeper.release(admission)
             status, kind = (504, Kind.TIMEOUT) if isinstance(exc, asyncio.TimeoutError) else (502, Kind.UPSTREAM)
             raise ProxyError(status, f"The {service.dialect.name} upstream broke off its reply.", kind) from None
@@ -281,7 +300,7 @@ class Pipeline:
         reply = await self._forward(service, endpoint, {}, None, None)
         try:
             body = await reply.response.json(content_type=None)
-        except (ValueError, *upstream.NETWORK_ERRORS, asyncio.TimeoutError):
+        except (TimeoutError, ValueError, *upstream.NETWORK_ERRORS):
             raise ProxyError(502, "The upstream's model list could not be read.", Kind.UPSTREAM) from None
         finally:
             reply.response.release()
@@ -399,6 +418,11 @@ class _Ctx:
 
 
 _OK = Outcome(Verdict.OK)
+
+
+def _whole(value: Any) -> int:
+    """A non-negative int from a client field, or 0 when it is not one."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _too_large(limit: int) -> ProxyError:

@@ -96,7 +96,9 @@ class UsageLedger:
         """Load persisted totals at start."""
         for name, target in ((by_family, self.by_family), (by_key, self.by_key)):
             for label, counts in name.items():
-                target[label] = Totals(counts.get("requests", 0), counts.get("tokens_in", 0), counts.get("tokens_out", 0))
+                target[label] = Totals(
+                    counts.get("requests", 0), counts.get("tokens_in", 0), counts.get("tokens_out", 0)
+                )
         self.total = Totals()
         for totals in self.by_family.values():
             self.total.requests += totals.requests
