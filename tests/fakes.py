@@ -76,11 +76,7 @@ class KeyBehaviour:
     @property
     def wait_s(self) -> float:
         """Seconds a rate-limited caller is told to wait."""
-        return (
-            max(self.reset_s, SLOW_RESET_S)
-            if self.kind == "slow_rate_limited"
-            else self.reset_s
-        )
+        return max(self.reset_s, SLOW_RESET_S) if self.kind == "slow_rate_limited" else self.reset_s
 
 
 def format_reset(seconds: float) -> str:
@@ -119,9 +115,7 @@ def messages_tokens(messages: Any) -> int:
     """Prompt tokens of a message list: words of all contents plus 3 per message."""
     if not isinstance(messages, list):
         return 0
-    return sum(
-        content_words(m.get("content")) + 3 for m in messages if isinstance(m, dict)
-    )
+    return sum(content_words(m.get("content")) + 3 for m in messages if isinstance(m, dict))
 
 
 def sse_data(payload: Json | str) -> bytes:
@@ -303,21 +297,15 @@ class FakeUpstream:
             for task in pending:
                 task.cancel()
             if pending:
-                loop.run_until_complete(
-                    asyncio.gather(*pending, return_exceptions=True)
-                )
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
     async def _startup(self) -> None:
-        app = web.Application(
-            middlewares=[self._middleware], client_max_size=64 * 1024**2
-        )
+        app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024**2)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         # handler_cancellation: a client disconnect cancels the handler at once, even while it
         # sleeps between chunks, instead of surfacing only at the next write.
-        runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=0.25
-        )
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.25)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
@@ -331,9 +319,7 @@ class FakeUpstream:
             self._runner = None
 
     @web.middleware
-    async def _middleware(
-        self, request: web.Request, handler: Handler
-    ) -> web.StreamResponse:
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         body = await request.read()
         headers = _lower_headers(request)
         key = self._key_of(headers)
@@ -380,18 +366,12 @@ class FakeUpstream:
     def _next_id(self) -> int:
         return next(self._ids)
 
-    def _json(
-        self, payload: Any, status: int = 200, headers: dict[str, str] | None = None
-    ) -> web.Response:
+    def _json(self, payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
         all_headers = {**self._common_headers(), **(headers or {})}
         return web.json_response(payload, status=status, headers=all_headers)
 
     def _models_for(self, behaviour: KeyBehaviour) -> list[str]:
-        return (
-            list(behaviour.models)
-            if behaviour.models is not None
-            else list(self.DEFAULT_MODELS)
-        )
+        return list(behaviour.models) if behaviour.models is not None else list(self.DEFAULT_MODELS)
 
     def _flaky_fails(self, key: str) -> bool:
         """Count a generation call for ``key``; the 2nd, 4th, ... fail."""
@@ -403,11 +383,7 @@ class FakeUpstream:
     def _chunk_count(self, max_tokens: Any) -> tuple[int, bool]:
         """Content chunks to send and whether ``max_tokens`` cut the reply short."""
         chunks = max(int(self.chunks), 0)
-        if (
-            isinstance(max_tokens, int)
-            and not isinstance(max_tokens, bool)
-            and max_tokens < chunks
-        ):
+        if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens < chunks:
             return max(max_tokens, 0), True
         return chunks, False
 
@@ -472,9 +448,7 @@ class FakeUpstream:
 # --------------------------------------------------------------------------------------------
 
 
-def openai_error(
-    message: str, type_: str, code: str | None = None, param: str | None = None
-) -> Json:
+def openai_error(message: str, type_: str, code: str | None = None, param: str | None = None) -> Json:
     """OpenAI's error body."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
@@ -575,9 +549,7 @@ class FakeOpenAI(FakeUpstream):
         model = body.get("model")
         if not isinstance(model, str) or not model:
             return self._json(
-                openai_error(
-                    "you must provide a model parameter", "invalid_request_error"
-                ),
+                openai_error("you must provide a model parameter", "invalid_request_error"),
                 400,
             )
         if model not in self._models_for(behaviour):
@@ -592,14 +564,8 @@ class FakeOpenAI(FakeUpstream):
         if route == "embedding":
             return self._embeddings(body, behaviour)
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if max_tokens is not None and (
-            not isinstance(max_tokens, int) or max_tokens < 1
-        ):
-            param = (
-                "max_completion_tokens"
-                if "max_completion_tokens" in body
-                else "max_tokens"
-            )
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
             return self._json(
                 openai_error(
                     f"Invalid '{param}': integer below minimum value. Expected a value >= 1, "
@@ -620,9 +586,7 @@ class FakeOpenAI(FakeUpstream):
         if b.kind == "over_quota":
             return self._json(
                 openai_error(
-                    "You exceeded your current quota, please check your plan and billing "
-                    "details. For more information on this error, read the docs: "
-                    "https://platform.openai.com/docs/guides/error-codes/api-errors.",
+                    "You exceeded your current quota, please check your plan and billing details.",
                     "insufficient_quota",
                     "insufficient_quota",
                 ),
@@ -653,7 +617,7 @@ class FakeOpenAI(FakeUpstream):
         if b.kind == "server_error" or (b.kind == "flaky" and self._flaky_fails(key)):
             return self._json(
                 openai_error(
-                    "The server had an error while processing your request. Sorry about that!",
+                    "The server had an error while processing your request.",
                     "server_error",
                 ),
                 500,
@@ -673,9 +637,7 @@ class FakeOpenAI(FakeUpstream):
             }
 
         if path == "/v1/models":
-            return self._json(
-                {"object": "list", "data": [card(m) for m in models]}, 200, headers
-            )
+            return self._json({"object": "list", "data": [card(m) for m in models]}, 200, headers)
         model = path.removeprefix("/v1/models/")
         if model not in models:
             return self._json(
@@ -691,23 +653,12 @@ class FakeOpenAI(FakeUpstream):
 
     def _embeddings(self, body: Json, b: KeyBehaviour) -> web.Response:
         raw = body.get("input")
-        inputs = (
-            raw
-            if isinstance(raw, list) and raw and not isinstance(raw[0], int)
-            else [raw]
-        )
+        inputs = raw if isinstance(raw, list) and raw and not isinstance(raw[0], int) else [raw]
         tokens = sum(
-            count_words(item)
-            if isinstance(item, str)
-            else len(item)
-            if isinstance(item, list)
-            else 0
+            count_words(item) if isinstance(item, str) else len(item) if isinstance(item, list) else 0
             for item in inputs
         )
-        data = [
-            {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
-            for i in range(len(inputs))
-        ]
+        data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(inputs))]
         payload = {
             "object": "list",
             "data": data,
@@ -716,14 +667,10 @@ class FakeOpenAI(FakeUpstream):
         }
         return self._json(payload, 200, self._ratelimit_headers(b, tokens))
 
-    async def _chat(
-        self, request: web.Request, body: Json, b: KeyBehaviour
-    ) -> web.StreamResponse:
+    async def _chat(self, request: web.Request, body: Json, b: KeyBehaviour) -> web.StreamResponse:
         model = body["model"]
         prompt = messages_tokens(body.get("messages"))
-        n, cut = self._chunk_count(
-            body.get("max_completion_tokens", body.get("max_tokens"))
-        )
+        n, cut = self._chunk_count(body.get("max_completion_tokens", body.get("max_tokens")))
         finish = "length" if cut else "stop"
         usage = {
             "prompt_tokens": prompt,
@@ -796,9 +743,7 @@ class FakeOpenAI(FakeUpstream):
         events.append(StreamEvent(sse_data("[DONE]")))
         return await self._stream(request, events, headers)
 
-    async def _completion(
-        self, request: web.Request, body: Json, b: KeyBehaviour
-    ) -> web.StreamResponse:
+    async def _completion(self, request: web.Request, body: Json, b: KeyBehaviour) -> web.StreamResponse:
         model = body["model"]
         raw = body.get("prompt")
         prompts = raw if isinstance(raw, list) else [raw]
@@ -854,9 +799,7 @@ class FakeOpenAI(FakeUpstream):
                 "finish_reason": finish_reason,
             }
 
-        events = [
-            StreamEvent(chunk([text(f"tok{i} ", None)]), content=True) for i in range(n)
-        ]
+        events = [StreamEvent(chunk([text(f"tok{i} ", None)]), content=True) for i in range(n)]
         events.append(StreamEvent(chunk([text("", finish)])))
         if include_usage:
             events.append(StreamEvent(chunk([], usage=usage)))
@@ -906,17 +849,13 @@ class FakeAnthropic(FakeUpstream):
             "anthropic-organization-id": "org-secret-anthropic",
         }
 
-    def _ratelimit_headers(
-        self, b: KeyBehaviour, input_tokens: int = 0
-    ) -> dict[str, str]:
+    def _ratelimit_headers(self, b: KeyBehaviour, input_tokens: int = 0) -> dict[str, str]:
         trial = b.kind == "trial"
         rpm = b.rpm if b.rpm is not None else (5 if trial else 4000)
         input_limit = 20_000 if trial else 400_000
         output_limit = 4_000 if trial else 80_000
         tokens = b.tpm if b.tpm is not None else input_limit + output_limit
-        reset = (datetime.now(UTC) + timedelta(seconds=60 / max(rpm, 1))).strftime(
-            "%Y-%m-%dT%H:%M:%SZ"
-        )
+        reset = (datetime.now(UTC) + timedelta(seconds=60 / max(rpm, 1))).strftime("%Y-%m-%dT%H:%M:%SZ")
         return {
             "anthropic-ratelimit-requests-limit": str(rpm),
             "anthropic-ratelimit-requests-remaining": str(max(rpm - 1, 0)),
@@ -925,9 +864,7 @@ class FakeAnthropic(FakeUpstream):
             "anthropic-ratelimit-tokens-remaining": str(max(tokens - input_tokens, 0)),
             "anthropic-ratelimit-tokens-reset": reset,
             "anthropic-ratelimit-input-tokens-limit": str(input_limit),
-            "anthropic-ratelimit-input-tokens-remaining": str(
-                max(input_limit - input_tokens, 0)
-            ),
+            "anthropic-ratelimit-input-tokens-remaining": str(max(input_limit - input_tokens, 0)),
             "anthropic-ratelimit-input-tokens-reset": reset,
             "anthropic-ratelimit-output-tokens-limit": str(output_limit),
             "anthropic-ratelimit-output-tokens-remaining": str(output_limit),
@@ -954,16 +891,12 @@ class FakeAnthropic(FakeUpstream):
         behaviour = self.keys.get(key)
         if behaviour is None or behaviour.kind == "revoked":
             return self._json(
-                anthropic_error(
-                    "authentication_error", f"invalid x-api-key (received {key})"
-                ),
+                anthropic_error("authentication_error", f"invalid x-api-key (received {key})"),
                 401,
             )
         if "anthropic-version" not in headers:
             return self._json(
-                anthropic_error(
-                    "invalid_request_error", "anthropic-version: header is required"
-                ),
+                anthropic_error("invalid_request_error", "anthropic-version: header is required"),
                 400,
             )
         if route == "models":
@@ -974,20 +907,14 @@ class FakeAnthropic(FakeUpstream):
         body = _parse_json(await request.read())
         if not isinstance(body, dict):
             return self._json(
-                anthropic_error(
-                    "invalid_request_error", "There was an error parsing the body."
-                ),
+                anthropic_error("invalid_request_error", "There was an error parsing the body."),
                 400,
             )
         model = body.get("model")
         if not isinstance(model, str) or not model:
-            return self._json(
-                anthropic_error("invalid_request_error", "model: Field required"), 400
-            )
+            return self._json(anthropic_error("invalid_request_error", "model: Field required"), 400)
         if model not in self._models_for(behaviour):
-            return self._json(
-                anthropic_error("not_found_error", f"model: {model}"), 404
-            )
+            return self._json(anthropic_error("not_found_error", f"model: {model}"), 404)
         if not isinstance(body.get("messages"), list):
             return self._json(
                 anthropic_error("invalid_request_error", "messages: Field required"),
@@ -995,15 +922,9 @@ class FakeAnthropic(FakeUpstream):
             )
         prompt = self._input_tokens(body)
         if route == "count":
-            return self._json(
-                {"input_tokens": prompt}, 200, self._ratelimit_headers(behaviour)
-            )
+            return self._json({"input_tokens": prompt}, 200, self._ratelimit_headers(behaviour))
         max_tokens = body.get("max_tokens")
-        if (
-            not isinstance(max_tokens, int)
-            or isinstance(max_tokens, bool)
-            or max_tokens < 1
-        ):
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             message = (
                 "max_tokens: Field required"
                 if max_tokens is None
@@ -1028,9 +949,7 @@ class FakeAnthropic(FakeUpstream):
                 400,
             )
         if b.rate_limited:
-            reset = (datetime.now(UTC) + timedelta(seconds=b.wait_s)).strftime(
-                "%Y-%m-%dT%H:%M:%SZ"
-            )
+            reset = (datetime.now(UTC) + timedelta(seconds=b.wait_s)).strftime("%Y-%m-%dT%H:%M:%SZ")
             headers = {
                 **self._ratelimit_headers(b),
                 "anthropic-ratelimit-requests-remaining": "0",
@@ -1080,27 +999,17 @@ class FakeAnthropic(FakeUpstream):
         tools = body.get("tools")
         if not isinstance(tools, list) or not tools or not isinstance(tools[0], dict):
             return None
-        users = [
-            m
-            for m in body["messages"]
-            if isinstance(m, dict) and m.get("role") == "user"
-        ]
+        users = [m for m in body["messages"] if isinstance(m, dict) and m.get("role") == "user"]
         if not users:
             return None
         content = users[-1].get("content")
         if isinstance(content, list):
-            content = " ".join(
-                p.get("text", "")
-                for p in content
-                if isinstance(p, dict) and p.get("type") == "text"
-            )
+            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
         if isinstance(content, str) and "weather" in content.lower():
             return str(tools[0].get("name", "tool"))
         return None
 
-    async def _message(
-        self, request: web.Request, body: Json, b: KeyBehaviour, prompt: int
-    ) -> web.StreamResponse:
+    async def _message(self, request: web.Request, body: Json, b: KeyBehaviour, prompt: int) -> web.StreamResponse:
         model = body["model"]
         n, cut = self._chunk_count(body["max_tokens"])
         tool = self._wants_tool(body)
@@ -1136,10 +1045,7 @@ class FakeAnthropic(FakeUpstream):
         }
         if tool:
             start_block: Json = {**block, "input": {}}
-            deltas = [
-                {"type": "input_json_delta", "partial_json": piece}
-                for piece in self._split(self.TOOL_INPUT, n)
-            ]
+            deltas = [{"type": "input_json_delta", "partial_json": piece} for piece in self._split(self.TOOL_INPUT, n)]
         else:
             start_block = {"type": "text", "text": ""}
             deltas = [{"type": "text_delta", "text": f"tok{i} "} for i in range(n)]

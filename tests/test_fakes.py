@@ -51,9 +51,7 @@ def anthropic() -> Iterator[FakeAnthropic]:
 
 def oai(fake: FakeOpenAI, key: str) -> httpx.Client:
     """An httpx client speaking to the fake OpenAI with ``key``."""
-    return httpx.Client(
-        base_url=fake.base_url, headers={"authorization": f"Bearer {key}"}, timeout=5
-    )
+    return httpx.Client(base_url=fake.base_url, headers={"authorization": f"Bearer {key}"}, timeout=5)
 
 
 def ant(fake: FakeAnthropic, key: str, **headers: str) -> httpx.Client:
@@ -97,17 +95,13 @@ def test_models_lists_key_models_with_rate_limit_headers(openai: FakeOpenAI) -> 
     assert r.status_code == 200
     assert [m["id"] for m in r.json()["data"]] == FakeOpenAI.DEFAULT_MODELS
     assert r.headers["x-ratelimit-limit-requests"] == "5000"
-    assert {"x-ratelimit-limit-tokens", "x-ratelimit-remaining-requests"} <= set(
-        r.headers
-    )
+    assert {"x-ratelimit-limit-tokens", "x-ratelimit-remaining-requests"} <= set(r.headers)
     with oai(openai, "sk-trial") as client:
         r = client.get("/models")
     assert r.headers["x-ratelimit-limit-requests"] == "3"
     assert r.headers["x-ratelimit-limit-tokens"] == "40000"
     with oai(openai, "sk-mini") as client:
-        assert [m["id"] for m in client.get("/models").json()["data"]] == [
-            "gpt-4o-mini"
-        ]
+        assert [m["id"] for m in client.get("/models").json()["data"]] == ["gpt-4o-mini"]
 
 
 @pytest.mark.parametrize("key", ["sk-revoked", "sk-unknown-123"])
@@ -148,9 +142,7 @@ def test_rate_limited_key_gets_429_with_reset_headers(
     assert r.headers["x-ratelimit-remaining-requests"] == "0"
 
 
-@pytest.mark.parametrize(
-    ("seconds", "text"), [(0.25, "250ms"), (20, "20s"), (90, "1m30s"), (1.5, "1.5s")]
-)
+@pytest.mark.parametrize(("seconds", "text"), [(0.25, "250ms"), (20, "20s"), (90, "1m30s"), (1.5, "1.5s")])
 def test_format_reset_matches_openai_style(seconds: float, text: str) -> None:
     """Reset durations look like OpenAI's headers."""
     assert format_reset(seconds) == text
@@ -159,9 +151,7 @@ def test_format_reset_matches_openai_style(seconds: float, text: str) -> None:
 def test_flaky_key_alternates_and_broken_key_always_fails(openai: FakeOpenAI) -> None:
     """Flaky: ok, 500, ok, 500 per key; server_error: always 500."""
     with oai(openai, "sk-flaky") as client:
-        codes = [
-            client.post("/chat/completions", json=CHAT).status_code for _ in range(4)
-        ]
+        codes = [client.post("/chat/completions", json=CHAT).status_code for _ in range(4)]
     assert codes == [200, 500, 200, 500]
     with oai(openai, "sk-broken") as client:
         r = client.post("/chat/completions", json=CHAT)
@@ -207,9 +197,7 @@ def test_chat_reply_is_deterministic_with_headers_to_strip(openai: FakeOpenAI) -
         "/v1/chat/completions",
         "sk-paid",
     )
-    assert (
-        recorded.json == body and recorded.headers["authorization"] == "Bearer sk-paid"
-    )
+    assert recorded.json == body and recorded.headers["authorization"] == "Bearer sk-paid"
 
 
 def test_max_tokens_zero_is_400_with_rate_limit_headers(openai: FakeOpenAI) -> None:
@@ -250,9 +238,7 @@ def test_chat_stream_chunk_order_with_usage(openai: FakeOpenAI) -> None:
 def test_chat_stream_without_usage_and_capped_by_max_tokens(openai: FakeOpenAI) -> None:
     """No usage chunk unless asked; max_tokens caps the chunks."""
     with oai(openai, "sk-paid") as client:
-        r = client.post(
-            "/chat/completions", json={**CHAT, "stream": True, "max_tokens": 2}
-        )
+        r = client.post("/chat/completions", json={**CHAT, "stream": True, "max_tokens": 2})
     chunks = data_events(r.text)[:-1]
     assert len(chunks) == 4  # role, 2 words, finish
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
@@ -296,9 +282,7 @@ def test_next_status_forces_responses_in_order(openai: FakeOpenAI) -> None:
         (429, {"error": {}}),
     ]
     with oai(openai, "sk-paid") as client:
-        codes = [
-            client.post("/chat/completions", json=CHAT).status_code for _ in range(3)
-        ]
+        codes = [client.post("/chat/completions", json=CHAT).status_code for _ in range(3)]
     assert codes == [502, 429, 200]
 
 
@@ -309,8 +293,10 @@ def test_client_disconnect_is_counted_quickly(openai: FakeOpenAI) -> None:
         oai(openai, "sk-paid") as client,
         client.stream("POST", "/chat/completions", json={**CHAT, "stream": True}) as r,
     ):
-        next(r.iter_raw())
+        pieces = r.iter_raw()  # keep a reference: dropping it closes the connection
+        next(pieces)
         assert openai.open_streams == 1
+        assert openai.closed_early == 0
     left = time.monotonic()
     assert openai.wait_for(lambda: openai.closed_early == 1, timeout=1)
     assert time.monotonic() - left < 1
@@ -347,7 +333,8 @@ def test_stop_is_quick_with_an_open_stream() -> None:
         oai(fake, "sk-paid") as client,
         client.stream("POST", "/chat/completions", json={**CHAT, "stream": True}) as r,
     ):
-        next(r.iter_raw())
+        pieces = r.iter_raw()  # keep a reference: dropping it closes the connection
+        next(pieces)
         began = time.monotonic()
         fake.stop()
         assert time.monotonic() - began < 2
@@ -385,10 +372,7 @@ def test_anthropic_key_kinds(anthropic: FakeAnthropic) -> None:
     assert revoked.json()["error"]["type"] == "authentication_error"
     assert "sk-ant-revoked" in revoked.json()["error"]["message"]
     quota = post("sk-ant-quota")
-    assert (
-        quota.status_code == 400
-        and "credit balance" in quota.json()["error"]["message"]
-    )
+    assert quota.status_code == 400 and "credit balance" in quota.json()["error"]["message"]
     limited = post("sk-ant-limited")
     assert limited.status_code == 429 and limited.headers["retry-after"] == "20"
     assert limited.json()["error"]["type"] == "rate_limit_error"
@@ -402,9 +386,7 @@ def test_anthropic_key_kinds(anthropic: FakeAnthropic) -> None:
 def test_anthropic_requires_version_and_known_model(anthropic: FakeAnthropic) -> None:
     """Missing anthropic-version is a 400; an unknown model a 404 not_found_error."""
     with httpx.Client(base_url=anthropic.base_url) as client:
-        r = client.post(
-            "/messages", json=message(), headers={"authorization": "Bearer sk-ant-paid"}
-        )
+        r = client.post("/messages", json=message(), headers={"authorization": "Bearer sk-ant-paid"})
     assert r.status_code == 400 and r.json()["type"] == "error"
     with ant(anthropic, "sk-ant-paid") as client:
         r = client.post("/messages", json=message(model="claude-9"))
@@ -422,10 +404,7 @@ def test_anthropic_models_and_count_tokens(anthropic: FakeAnthropic) -> None:
         count = client.post("/messages/count_tokens", json=message())
     assert [m["id"] for m in models["data"]] == FakeAnthropic.DEFAULT_MODELS
     assert models["data"][0]["display_name"] == "Claude 3.5 Haiku"
-    assert (
-        models["has_more"] is False
-        and models["first_id"] == "claude-3-5-haiku-20241022"
-    )
+    assert models["has_more"] is False and models["first_id"] == "claude-3-5-haiku-20241022"
     assert count.json() == {"input_tokens": 5}
 
 
@@ -472,9 +451,7 @@ def test_anthropic_tool_use_plain_and_streamed(anthropic: FakeAnthropic) -> None
     ]
     events = named_events(streamed.text)
     assert events[1][1]["content_block"]["type"] == "tool_use"
-    pieces = [
-        d["delta"]["partial_json"] for n, d in events if n == "content_block_delta"
-    ]
+    pieces = [d["delta"]["partial_json"] for n, d in events if n == "content_block_delta"]
     assert len(pieces) > 1 and json.loads("".join(pieces)) == {"city": "Paris"}
     assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
 
@@ -486,6 +463,7 @@ def test_anthropic_disconnect_is_counted(anthropic: FakeAnthropic) -> None:
         ant(anthropic, "sk-ant-paid") as client,
         client.stream("POST", "/messages", json=message(stream=True)) as r,
     ):
-        next(r.iter_raw())
+        pieces = r.iter_raw()  # keep a reference: dropping it closes the connection
+        next(pieces)
     assert anthropic.wait_for(lambda: anthropic.closed_early == 1, timeout=1)
     assert anthropic.open_streams == 0
