@@ -262,7 +262,9 @@ class Pipeline:
         async def body():
             status = 200
             try:
-                async for chunk in upstream.relay_events(reply.response, meter, render, stream_error):
+                async for chunk in upstream.relay_events(
+                    reply.response, meter, render, stream_error, redact=self.redact
+                ):
                     yield chunk
                 if not meter.finished:
                     status = 502

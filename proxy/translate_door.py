@@ -42,6 +42,8 @@ class Door:
             model=str(payload.get("model")), created=int(time.time()), include_usage=include_usage
         )
 
+        failure: list[UpstreamStreamError] = []  # Claude's own error event, once seen
+
         def render(events: list[Event]) -> list[bytes]:
             out: list[bytes] = []
             for event in events:
@@ -51,13 +53,19 @@ class Door:
                 try:
                     chunks = translator.feed(event.event, data)
                 except UpstreamStreamError as exc:
-                    raise StreamAbort(str(exc)) from None
+                    failure.append(exc)
+                    raise StreamAbort(exc.message) from None
                 out.extend(sse.encode(chunk) for chunk in chunks)
                 if translator.done:
                     out.append(sse.encode("[DONE]"))
             return out
 
         def stream_error(message: str) -> bytes:
-            return sse.encode(openai_error(message, Kind.UPSTREAM))
+            """`message` arrives redacted; Claude's error type, if it sent one, gives type and code."""
+            if not failure:
+                return sse.encode(openai_error(message, Kind.UPSTREAM))
+            body = anthropic_error_to_openai(500, failure[0].to_anthropic_body())
+            body["error"]["message"] = message
+            return sse.encode(body)
 
         return render, stream_error

@@ -14,10 +14,17 @@ from proxy.sse import Event
 from proxy.usage import Usage
 
 DEFAULT_VERSION = "2023-06-01"
+# Refusals Anthropic sends as a plain 400 that are about the key, not the request.
+OVER_QUOTA_HINTS = ("credit balance", "reached your specified api usage limits", "usage blocked until")
+REVOKED_HINTS = ("organization has been disabled", "disabled organization")
 
 
 class AnthropicStreamMeter(StreamMeter):
-    """Reads input tokens from message_start and output tokens from message_delta."""
+    """Reads usage from message_start, then from message_delta's cumulative counts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._counts: dict[str, int] = {}
 
     def accept(self, event: Event) -> bool:
         name = event.event
@@ -28,16 +35,12 @@ class AnthropicStreamMeter(StreamMeter):
             return True
         name = name or str(data.get("type") or "")
         if name == "message_start":
-            usage = (data.get("message") or {}).get("usage") or {}
-            self.usage.tokens_in = _input_tokens(usage)
-            self.usage.tokens_out = int(usage.get("output_tokens") or 0)
+            self._count((data.get("message") or {}).get("usage"))
         elif name == "message_delta":
             usage = data.get("usage") or {}
-            if "output_tokens" in usage:
-                self.usage.tokens_out = int(usage["output_tokens"] or 0)
+            self._count(usage)
+            if isinstance(usage, dict) and usage.get("output_tokens") is not None:
                 self.seen_usage = True
-            if usage.get("input_tokens"):
-                self.usage.tokens_in = _input_tokens(usage)
         elif name == "content_block_delta":
             delta = data.get("delta") or {}
             text = delta.get("text") or delta.get("partial_json") or delta.get("thinking") or ""
@@ -45,6 +48,21 @@ class AnthropicStreamMeter(StreamMeter):
         elif name == "message_stop":
             self.finished = True
         return True
+
+    def _count(self, usage: object) -> None:
+        """Merge counts field by field: a message_delta may repeat some fields and omit others."""
+        if not isinstance(usage, dict):
+            return
+        for name, value in usage.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                self._counts[name] = value
+        self.usage.tokens_in = _input_tokens(self._counts)
+        self.usage.tokens_out = self._counts.get("output_tokens", 0)
+
+
+def _error_type(body: Any) -> str:
+    error = body.get("error") if isinstance(body, dict) else None
+    return str(error.get("type") or "") if isinstance(error, dict) else ""
 
 
 def _input_tokens(usage: dict) -> int:
@@ -76,9 +94,11 @@ class Anthropic(Dialect):
 
     def classify(self, status: int, headers: Mapping[str, str], body: Any) -> Outcome:
         message = error_message(body).lower()
-        if status in (401, 403):
+        if status in (401, 403) or (status == 400 and any(hint in message for hint in REVOKED_HINTS)):
             return Outcome(Verdict.REVOKED)
-        if status == 400 and "credit balance" in message:
+        if status == 402 or _error_type(body) == "billing_error":
+            return Outcome(Verdict.OVER_QUOTA)
+        if status == 400 and any(hint in message for hint in OVER_QUOTA_HINTS):
             return Outcome(Verdict.OVER_QUOTA)
         if status == 429:
             wait = retry_after(headers, time.time(), "anthropic-ratelimit-requests-reset")
@@ -102,10 +122,21 @@ class Anthropic(Dialect):
         return sse.encode(anthropic_error(message, Kind.UPSTREAM), event="error")
 
     def model_list(self, models: Iterable[str]) -> dict:
+        """Anthropic's list shape, with OpenAI's fields too: the OpenAI-format door shares this route."""
         data = [
-            {"type": "model", "id": m, "display_name": m, "created_at": "1970-01-01T00:00:00Z"} for m in sorted(models)
+            {
+                "type": "model",
+                "id": m,
+                "display_name": m,
+                "created_at": "1970-01-01T00:00:00Z",
+                "object": "model",
+                "created": 0,
+                "owned_by": "anthropic",
+            }
+            for m in sorted(models)
         ]
         return {
+            "object": "list",
             "data": data,
             "has_more": False,
             "first_id": data[0]["id"] if data else None,
