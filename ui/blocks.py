@@ -1,0 +1,113 @@
+"""The web UI: one gr.Blocks composed from the panels, plus the theme and CSS to mount it with.
+
+app = gr.mount_gradio_app(app, build_ui(ctx), path="/", ssr_mode=False,
+                          theme=build_theme(), css=CSS, footer_links=[], run_history=False)
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ui.admin import AdminPanel
+from ui.chat import ChatPanel
+from ui.common import UIContext, auth_hint, esc, fmt_duration, safe_status, service_label
+from ui.connect import ConnectPanel
+from ui.keys import KeysPanel
+from ui.me import MePanel
+from ui.usage import UsagePanel
+
+REFRESH_SECONDS = 5
+SPACE_SECRETS = (
+    "`OPENAI_KEY` and/or `ANTHROPIC_KEY` (your provider keys, comma-separated for several), "
+    "`PROXY_KEY` (one password for all your friends) or `ADMIN_KEY` (to hand out personal "
+    "user tokens from the Admin tab)"
+)
+
+CSS = """
+.form-row { align-items: flex-end !important; }
+.form-row > button { flex-grow: 0 !important; align-self: flex-end; min-height: 42px; margin-bottom: 6px; }
+#proxy-header h1 { margin-bottom: 0.2rem; }
+#proxy-header p { margin: 0.1rem 0; }
+.service-card {
+  border: 1px solid var(--border-color-primary);
+  border-radius: var(--radius-lg);
+  padding: var(--spacing-lg);
+  background: var(--block-background-fill);
+}
+.muted, .muted p { color: var(--body-text-color-subdued); }
+.note { border-left: 3px solid var(--color-accent); padding-left: var(--spacing-lg); }
+#share-url-openai input, #share-url-anthropic input { font-family: var(--font-mono); }
+"""
+
+
+def build_theme() -> gr.themes.Base:
+    """A calm theme with system fonts (no requests to font CDNs)."""
+    return gr.themes.Soft(
+        primary_hue="indigo",
+        secondary_hue="violet",
+        neutral_hue="slate",
+        radius_size="md",
+        font=["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "sans-serif"],
+        font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"],
+    )
+
+
+def header_markdown(ctx: UIContext, snapshot: dict) -> str:
+    """Title, who may use it, what it serves, and uptime; everything escaped."""
+    title = esc(snapshot.get("title") or ctx.title or "OAI Reverse Proxy")
+    mode = str(snapshot.get("gatekeeper") or ctx.auth_mode)
+    services = ", ".join(esc(service_label(s)) for s in ctx.services) or "nothing yet (no keys configured)"
+    uptime = snapshot.get("uptime_s")
+    uptime_text = fmt_duration(float(uptime)) if isinstance(uptime, (int, float)) else "—"
+    return f"# {title}\n{esc(auth_hint(mode))}  \nServing: {services} · up {uptime_text}"
+
+
+def space_note(ctx: UIContext) -> str:
+    return (
+        f"**Want your own?** Duplicate this Space, then in its Settings → *Variables and secrets* add {SPACE_SECRETS}."
+    )
+
+
+def build_ui(ctx: UIContext) -> gr.Blocks:
+    """Build the whole page. Every event is private (not an API endpoint); anything
+    privileged is decided by the proxy over HTTP with the credential the visitor typed."""
+    with gr.Blocks(title=ctx.title or "OAI Reverse Proxy", analytics_enabled=False, delete_cache=(600, 900)) as demo:
+        header = gr.Markdown(header_markdown(ctx, {"title": ctx.title}), elem_id="proxy-header")
+        if ctx.space_id:
+            with gr.Row(equal_height=True, elem_id="space-note"):
+                gr.DuplicateButton(scale=0, elem_id="duplicate-button")
+                gr.Markdown(space_note(ctx))
+        with gr.Tabs(elem_id="main-tabs"):
+            with gr.Tab("Connect", id="connect"):
+                connect = ConnectPanel(ctx)
+            with gr.Tab("Keys", id="keys"):
+                keys = KeysPanel(ctx)
+            with gr.Tab("Usage", id="usage"):
+                usage = UsagePanel(ctx)
+            with gr.Tab("Test chat", id="chat"):
+                chat = ChatPanel(ctx)
+            with gr.Tab("My usage", id="me"):
+                me = MePanel(ctx)
+            with gr.Tab("Admin", id="admin"):
+                admin = AdminPanel(ctx)
+
+        def refresh() -> list:
+            snapshot = safe_status(ctx)
+            return [header_markdown(ctx, snapshot), *keys.values(snapshot), *usage.values(snapshot)]
+
+        live_outputs = [header, *keys.outputs(), *usage.outputs()]
+        timer = gr.Timer(REFRESH_SECONDS)
+        for trigger in (demo.load, timer.tick):
+            trigger(
+                refresh,
+                inputs=None,
+                outputs=live_outputs,
+                api_visibility="private",
+                concurrency_limit=None,
+                show_progress="hidden",
+            )
+        connect.wire(demo)
+        chat.wire(demo)
+        me.wire()
+        admin.wire()
+    return demo

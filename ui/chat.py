@@ -1,0 +1,324 @@
+"""Test chat: streams a reply through this server's own proxy routes over HTTP, with the
+credential the user typed, so it takes the same path (auth, keys, limits, usage) as any client."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import gradio as gr
+import httpx
+
+from ui.common import (
+    UIContext,
+    auth_headers,
+    credential_name,
+    describe_error,
+    error_message,
+    esc,
+    forwarded_headers,
+    http_client,
+    parse_body,
+    safe_status,
+    service_path,
+)
+
+ERROR_MARK = "⚠️ "
+CHAT_CONCURRENCY = 16
+STREAM_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=30.0, pool=10.0)
+ANTHROPIC_MAX_TOKENS = 1024
+
+
+# ---------------------------------------------------------------- history -> OpenAI messages
+
+
+def _file_name(file: Any) -> str:
+    if isinstance(file, dict):
+        name = file.get("orig_name") or file.get("path") or file.get("url") or "file"
+    else:
+        name = getattr(file, "orig_name", None) or getattr(file, "path", None) or "file"
+    return str(name).replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def content_text(content: Any) -> str:
+    """Flatten Gradio message content (string, part dicts, file dicts, lists) to plain text."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        return "\n".join(t for t in (content_text(part) for part in content) if t)
+    if isinstance(content, dict):
+        kind = content.get("type")
+        if kind == "text" or (kind is None and "text" in content):
+            return str(content.get("text") or "")
+        if kind == "file" or "file" in content:
+            return f"[attached file: {_file_name(content.get('file') or content)}]"
+        if "path" in content or "url" in content:
+            return f"[attached file: {_file_name(content)}]"
+        if kind == "component":
+            return f"[{content.get('component', 'attachment')}]"
+        return ""
+    if hasattr(content, "path"):  # FileData-like objects
+        return f"[attached file: {_file_name(content)}]"
+    return f"[{type(content).__name__}]"
+
+
+def _field(message: Any, name: str) -> Any:
+    return message.get(name) if isinstance(message, dict) else getattr(message, name, None)
+
+
+def normalise_history(history: list[Any] | None, message: Any = None) -> list[dict[str, str]]:
+    """OpenAI chat messages from Gradio history (plus the new user message, if given): text only,
+    consecutive roles merged, our own error notes and "thought" boxes dropped."""
+    messages: list[dict[str, str]] = []
+    turns = list(history or [])
+    if message is not None:
+        turns.append({"role": "user", "content": message})
+    for message in turns:
+        role = _field(message, "role")
+        if role not in ("user", "assistant", "system"):
+            continue
+        metadata = _field(message, "metadata") or {}
+        if isinstance(metadata, dict) and metadata.get("title"):
+            continue
+        text = content_text(_field(message, "content"))
+        if role == "assistant" and ERROR_MARK + "**" in text:  # every note of ours starts so
+            text = text.split(ERROR_MARK + "**", 1)[0].rstrip()
+        if not text.strip():
+            continue
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += "\n\n" + text
+        else:
+            messages.append({"role": role, "content": text})
+    return messages
+
+
+# ---------------------------------------------------------------- models and routing
+
+
+def service_for_model(model: str, services: tuple[str, ...]) -> str:
+    """Claude models go to the Anthropic door (OpenAI format), everything else to OpenAI."""
+    if "anthropic" in services and model.lower().startswith("claude"):
+        return "anthropic"
+    if "openai" in services or not services:
+        return "openai"
+    return services[0]
+
+
+def model_ids(data: Any) -> list[str]:
+    """Model ids from an OpenAI- or Anthropic-style `/models` reply."""
+    items = data.get("data") if isinstance(data, dict) else None
+    ids = {str(m["id"]) for m in items or [] if isinstance(m, dict) and m.get("id")}
+    return sorted(ids)
+
+
+def fallback_models(ctx: UIContext) -> list[str]:
+    """Model families from the public status, used until the real list can be fetched."""
+    keys = safe_status(ctx).get("keys") or {}
+    families = {str(f) for s in keys.values() if isinstance(s, dict) for f in s.get("families") or []}
+    return sorted(families)
+
+
+async def fetch_models(ctx: UIContext, credential: str, request: Any = None) -> tuple[list[str], str]:
+    """All models the proxy offers to this credential, and a short escaped note."""
+    found: list[str] = []
+    problems: list[str] = []
+    for service in ctx.services:
+        url = ctx.self_url.rstrip("/") + service_path(service) + "/models"
+        headers = {**forwarded_headers(request), **auth_headers(credential, x_api_key=service == "anthropic")}
+        try:
+            async with http_client(ctx, 15.0) as client:
+                response = await client.get(url, headers=headers)
+            status, data = response.status_code, parse_body(response.content)
+        except httpx.HTTPError as exc:
+            status, data = 0, type(exc).__name__
+        if 200 <= status < 300:
+            found += [m for m in model_ids(data) if m not in found]
+        else:
+            problems.append(describe_error(status, data))
+    problems = list(dict.fromkeys(problems))
+    if found:
+        note = f"{len(found)} models available." + (" Not listed: " + " ".join(problems) if problems else "")
+        return found, note
+    fallback = fallback_models(ctx)
+    if not ctx.services:
+        return fallback, "No provider is configured."
+    return fallback, "Could not list models: " + " ".join(problems)
+
+
+# ---------------------------------------------------------------- streaming
+
+
+async def sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The `data:` payload of each server-sent event (multi-line data joined by newlines)."""
+    buffer: list[str] = []
+    async for line in lines:
+        if line == "":
+            if buffer:
+                yield "\n".join(buffer)
+                buffer = []
+            continue
+        if line.startswith("data:"):
+            value = line[5:]
+            buffer.append(value[1:] if value.startswith(" ") else value)
+    if buffer:
+        yield "\n".join(buffer)
+
+
+def chunk_text(chunk: Any) -> str:
+    if not isinstance(chunk, dict):
+        return ""
+    text = ""
+    for choice in chunk.get("choices") or []:
+        delta = (choice or {}).get("delta") or (choice or {}).get("message") or {}
+        content = delta.get("content") if isinstance(delta, dict) else None
+        if isinstance(content, str):
+            text += content
+    return text
+
+
+def error_note(status: int, data: Any, auth_mode: str = "none") -> str:
+    note = ERROR_MARK + "**" + describe_error(status, data) + "**"
+    if status == 401 and auth_mode != "none":
+        note += f"\n\nEnter your {credential_name(auth_mode)} in the box above the chat."
+    return note
+
+
+def chat_request(model: str, messages: list[dict[str, str]], service: str) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "messages": messages, "stream": True}
+    if service == "anthropic":
+        body["max_tokens"] = ANTHROPIC_MAX_TOKENS
+    return body
+
+
+def make_respond(ctx: UIContext):
+    """The ChatInterface function: an async generator yielding the reply so far."""
+
+    async def respond(
+        message: str,
+        history: list,
+        model: str | None,
+        credential: str | None,
+        request: gr.Request | None = None,
+    ):
+        model = (model or "").strip()
+        if not model:
+            yield ERROR_MARK + "**Pick a model first** (press ↻ to load the list)."
+            return
+        if ctx.auth_mode != "none" and not (credential or "").strip():
+            yield ERROR_MARK + f"**Enter your {credential_name(ctx.auth_mode)} first.**"
+            return
+        service = service_for_model(model, ctx.services)
+        messages = normalise_history(history, message)
+        url = ctx.self_url.rstrip("/") + service_path(service) + "/chat/completions"
+        headers = {**forwarded_headers(request), **auth_headers(credential, x_api_key=service == "anthropic")}
+        reply = ""
+        try:
+            async with (
+                http_client(ctx, STREAM_TIMEOUT) as client,
+                client.stream("POST", url, json=chat_request(model, messages, service), headers=headers) as response,
+            ):
+                if response.status_code >= 400:
+                    body = parse_body(await response.aread())
+                    yield error_note(response.status_code, body, ctx.auth_mode)
+                    return
+                if "text/event-stream" not in response.headers.get("content-type", ""):
+                    body = parse_body(await response.aread())
+                    yield chunk_text(body) or error_note(502, body)
+                    return
+                async for data in sse_data(response.aiter_lines()):
+                    if data.strip() == "[DONE]":
+                        break
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        continue
+                    if isinstance(chunk, dict) and chunk.get("error"):
+                        yield (
+                            (reply + "\n\n" if reply else "")
+                            + ERROR_MARK
+                            + "**Stopped by an error:** "
+                            + esc(error_message(chunk))
+                        )
+                        return
+                    piece = chunk_text(chunk)
+                    if piece:
+                        reply += piece
+                        yield reply
+        except httpx.HTTPError as exc:
+            yield (reply + "\n\n" if reply else "") + error_note(0, type(exc).__name__)
+            return
+        if not reply:
+            yield ERROR_MARK + "**The model returned an empty reply.**"
+
+    return respond
+
+
+class ChatPanel:
+    def __init__(self, ctx: UIContext) -> None:
+        self.ctx = ctx
+        initial = fallback_models(ctx)
+        with gr.Row(elem_classes=["form-row"]):
+            self.model = gr.Dropdown(
+                choices=initial,
+                value=initial[0] if initial else None,
+                label="Model",
+                allow_custom_value=True,
+                scale=3,
+                elem_id="chat-model",
+            )
+            self.credential = gr.Textbox(
+                label=credential_name(ctx.auth_mode).capitalize(),
+                type="password",
+                value="",
+                placeholder=f"paste your {credential_name(ctx.auth_mode)}",
+                visible=ctx.auth_mode != "none",
+                scale=3,
+                elem_id="chat-credential",
+            )
+            self.refresh = gr.Button("↻ Models", scale=1, min_width=120, elem_id="chat-refresh-models")
+        self.note = gr.Markdown("", elem_classes=["muted"], elem_id="chat-note")
+        gr.ChatInterface(
+            make_respond(ctx),
+            additional_inputs=[self.model, self.credential],
+            chatbot=gr.Chatbot(height=460, show_label=False, elem_id="chat-box", feedback_options=None),
+            # The standard textbox, but with a plain placeholder (an i18n one is lost after a reply).
+            textbox=gr.Textbox(
+                placeholder="Type a message…",
+                show_label=False,
+                scale=7,
+                submit_btn=True,
+                stop_btn=True,
+                elem_id="chat-input",
+            ),
+            concurrency_limit=CHAT_CONCURRENCY,
+            api_visibility="private",
+            fill_height=False,
+            save_history=False,
+        )
+
+    async def refresh_models(self, credential: str | None, current: str | None, request: gr.Request | None = None):
+        if self.ctx.auth_mode != "none" and not (credential or "").strip():
+            return self.initial_models(current)
+        models, note = await fetch_models(self.ctx, credential or "", request)
+        value = current if current in models else (models[0] if models else current)
+        return gr.Dropdown(choices=models, value=value), note
+
+    def initial_models(self, current: str | None):
+        """On page load: model families from the public status, without calling upstream."""
+        models = fallback_models(self.ctx)
+        value = current if current in models else (models[0] if models else current)
+        if self.ctx.auth_mode == "none":
+            note = "Press ↻ to load every model the proxy offers."
+        else:
+            note = f"Enter your {credential_name(self.ctx.auth_mode)} and press ↻ to load the models."
+        return gr.Dropdown(choices=models, value=value), note
+
+    def wire(self, demo: gr.Blocks) -> None:
+        common = dict(outputs=[self.model, self.note], api_visibility="private")
+        refresh = dict(fn=self.refresh_models, inputs=[self.credential, self.model], concurrency_limit=8, **common)
+        self.refresh.click(**refresh, show_progress="minimal")
+        self.credential.submit(**refresh, show_progress="minimal")
+        demo.load(self.initial_models, inputs=[self.model], concurrency_limit=None, show_progress="hidden", **common)
