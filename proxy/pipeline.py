@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,7 +84,7 @@ class Pipeline:
         *,
         max_body_bytes: int,
         retry_budget: float,
-        trust_forwarded: bool,
+        client_ip: Callable[[Request], str],
         default_max_tokens: int = 4096,
     ) -> None:
         self.services = services
@@ -94,7 +95,7 @@ class Pipeline:
         self._session = session_factory
         self.max_body_bytes = max_body_bytes
         self.retry_budget = retry_budget
-        self.trust_forwarded = trust_forwarded
+        self.client_ip = client_ip
         self.door = Door(default_max_tokens)
 
     # The entry point -----------------------------------------------------------------------
@@ -111,7 +112,7 @@ class Pipeline:
             endpoint = ctx.endpoint = match.endpoint
             shape = endpoint.shape
             ctx.service = match.service
-            caller = self.gatekeeper.identify(credential_from(request.headers), self._client_ip(request))
+            caller = self.gatekeeper.identify(credential_from(request.headers), self.client_ip(request))
             ctx.user = caller.label
             if endpoint.kind == "models":
                 self.gatekeeper.admit(caller, None)
@@ -336,13 +337,6 @@ class Pipeline:
             raise ProxyError(400, "The request body must be a JSON object.", Kind.INVALID_REQUEST)
         drop_redirect_fields(payload)
         return payload, len(raw)
-
-    def _client_ip(self, request: Request) -> str:
-        if self.trust_forwarded:
-            forwarded = request.headers.get("x-forwarded-for")
-            if forwarded:
-                return forwarded.split(",")[0].strip()
-        return request.client.host if request.client else "unknown"
 
     def _account(self, ctx: _Ctx, admission: Admission, usage: Usage, status: int) -> None:
         ctx.usage = usage

@@ -15,14 +15,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy import upstream
+from proxy.access import Access, build_access
 from proxy.access.gatekeeper import Gatekeeper
+from proxy.admin import admin_router, me_router
 from proxy.config import Settings
 from proxy.errors import Redactor
 from proxy.keys.pool import KeyPool
 from proxy.pipeline import Pipeline, Service
 from proxy.providers.anthropic import Anthropic
 from proxy.providers.openai import OpenAI
-from proxy.usage import UsageLedger
+from proxy.usage import UsageEvent, UsageLedger
 
 log = logging.getLogger("proxy")
 
@@ -38,6 +40,7 @@ class Runtime:
     gatekeeper: Gatekeeper
     ledger: UsageLedger
     redactor: Redactor
+    access: Access
     started_at: float = field(default_factory=time.time)
     session: aiohttp.ClientSession | None = None
 
@@ -65,7 +68,9 @@ class Runtime:
 
 
 def build_runtime(settings: Settings) -> Runtime:
+    """Open the store (restoring it from the Hub if configured), build the pools and the gate."""
     redactor = Redactor(settings.secrets)
+    access = build_access(settings)
     services: dict[str, Service] = {}
     for dialect, base_url, secrets, env in (
         (OpenAI(), settings.openai_base_url, settings.openai_keys, "OPENAI_KEY"),
@@ -75,18 +80,43 @@ def build_runtime(settings: Settings) -> Runtime:
             continue  # Claude routes exist only when a Claude key is configured
         pool = KeyPool(dialect.name, secrets, dialect.key_prefix)
         services[dialect.name] = Service(dialect, base_url, pool, env, family_filter=settings.model_family_filter)
+    ledger = UsageLedger(sink=_persisting(access))
+    ledger.restore(*access.store.usage_totals())
     return Runtime(
         settings=settings,
         services=services,
-        gatekeeper=Gatekeeper(settings),
-        ledger=UsageLedger(),
+        gatekeeper=access.gatekeeper,
+        ledger=ledger,
         redactor=redactor,
+        access=access,
     )
+
+
+def _persisting(access: Access):
+    """The ledger's sink: usage goes to the store before the reply is finished."""
+
+    def sink(event: UsageEvent) -> None:
+        try:
+            access.store.add_usage(event)
+        except Exception:  # a full or failing disk must not fail the request that was served
+            log.exception("could not save usage to the store")
+
+    return sink
 
 
 def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     """The proxy app without the UI: /health, /status and everything under /proxy."""
     runtime = runtime or build_runtime(settings)
+
+    def client_ip(request: Request) -> str:
+        """The caller's IP. A forwarded-for header is believed only from a front proxy we know:
+        Hugging Face's on a Space, or this machine (the page's own test chat, a local nginx)."""
+        peer = request.client.host if request.client else "unknown"
+        if settings.on_space or peer in ("127.0.0.1", "::1"):
+            forwarded = request.headers.get("x-forwarded-for")
+            if forwarded:
+                return forwarded.split(",")[0].strip() or peer
+        return peer
     pipeline = Pipeline(
         runtime.services,
         runtime.gatekeeper,
@@ -95,13 +125,14 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         runtime.get_session,
         max_body_bytes=settings.max_body_bytes,
         retry_budget=settings.retry_time_budget,
-        trust_forwarded=settings.on_space,
+        client_ip=client_ip,
         default_max_tokens=settings.anthropic_default_max_tokens,
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.get_session()
+        runtime.access.start()
         log.info(
             "proxy ready: %s",
             ", ".join(f"{n} ({len(s.pool)} keys)" for n, s in runtime.services.items()) or "no service",
@@ -111,6 +142,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         finally:
             if runtime.session is not None:
                 await runtime.session.close()
+            await runtime.access.aclose()
 
     app = FastAPI(title=settings.title, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime = runtime
@@ -123,6 +155,18 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
     app.router.routes.append(Route("/health", health, methods=["GET"]))
     app.router.routes.append(Route("/status", status, methods=["GET"]))
+    app.include_router(
+        admin_router(
+            runtime.access.users,
+            admin_key=settings.admin_key,
+            store=runtime.access.store,
+            ledger=runtime.ledger,
+            recheck=None,
+            client_ip=client_ip,
+        ),
+        prefix="/admin/api",
+    )
+    app.include_router(me_router(runtime.gatekeeper))  # before the /proxy catch-all below
     app.router.routes.append(Route("/proxy/{path:path}", pipeline.handle, methods=PROXY_METHODS))
     app.router.routes.append(Route("/proxy", pipeline.handle, methods=PROXY_METHODS))
     return app

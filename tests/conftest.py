@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
 import threading
 import time
@@ -61,10 +62,14 @@ def serve(app: Any, settings: Settings) -> Iterator[Served]:
         sock.close()
 
 
+_data_dirs = itertools.count()
+
+
 def make_settings(env: dict[str, str], tmp_path: Any = None) -> Settings:
+    """Settings from `env` alone (never the process environment), each app with its own DATA_DIR."""
     base = {"CHECK_KEYS": "false", "LOG_LEVEL": "warning"}
     if tmp_path is not None:
-        base["DATA_DIR"] = str(tmp_path / "data")
+        base["DATA_DIR"] = str(tmp_path / f"data-{next(_data_dirs)}")
     return load_settings({**base, **env}, env_file=None)
 
 

@@ -235,13 +235,6 @@ def test_model_list_keeps_to_the_allowed_families(pool) -> None:
     assert ids == {"claude-3-5-haiku-20241022", "claude-3-haiku-20240307"}
 
 
-ODD_PATH_SHAPE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="proxy/routing.py Router.shape_for: _segments() returns [] for a path holding '%' or a dot "
-    "segment, so the 404 falls back to OpenAI's shape; the 404 itself is right",
-)
-
-
 @pytest.mark.parametrize(
     ("method", "path"),
     [
@@ -254,11 +247,11 @@ ODD_PATH_SHAPE_BUG = pytest.mark.xfail(
         ("GET", "/v1/models/claude-3-5-haiku-20241022"),
         ("GET", "/v1/messages"),
         ("DELETE", "/v1/messages"),
-        pytest.param("POST", "/v1/messages/../complete", marks=ODD_PATH_SHAPE_BUG),
+        ("POST", "/v1/messages/../complete"),
         ("POST", "/v1/Messages"),
         ("POST", "/v1/organizations/api_keys"),
         ("POST", "/v1"),
-        pytest.param("POST", "/v1/%6Dessages", marks=ODD_PATH_SHAPE_BUG),
+        ("POST", "/v1/%6Dessages"),
     ],
 )
 def test_anything_else_is_refused_with_404_and_reaches_no_upstream(
