@@ -1,51 +1,74 @@
-"""Model families: one table, read top to bottom, first match wins. Easy to extend."""
+"""Model families: one table, read top to bottom, first match wins. Easy to extend.
+
+A family groups models that cost and behave alike. It names what the proxy serves
+(`ALLOWED_MODEL_FAMILIES`), what quotas count, and what the key table shows. To add a model,
+add a row above any broader row that would otherwise catch it.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from functools import lru_cache
 
-# (family, service, pattern). Order matters: more specific patterns first.
+# (family, service, pattern), matched against the lower-cased model id. Specific rows first.
+_TABLE: list[tuple[str, str, str]] = [
+    # OpenAI: models that are not text generation, and fine-tunes, come before the text rows.
+    ("fine-tune", "openai", r"^ft:"),
+    ("embeddings", "openai", r"^text-embedding-|^text-similarity-|^text-search-"),
+    ("dall-e", "openai", r"^dall-e|^gpt-image"),
+    ("audio", "openai", r"^whisper|^tts-|^gpt-4o(-mini)?-(audio|realtime|transcribe|tts)|^gpt-(audio|realtime)"),
+    ("moderation", "openai", r"^omni-moderation|^text-moderation"),
+    ("gpt-5-mini", "openai", r"^gpt-5(\.\d+)?-(mini|nano)"),
+    ("gpt-5", "openai", r"^gpt-5"),
+    ("gpt-4.1-mini", "openai", r"^gpt-4\.1-(mini|nano)"),
+    ("gpt-4.1", "openai", r"^gpt-4\.1"),
+    ("gpt-4.5", "openai", r"^gpt-4\.5"),
+    ("gpt-4o-mini", "openai", r"^gpt-4o-mini"),
+    ("gpt-4o", "openai", r"^gpt-4o|^chatgpt-4o"),
+    ("gpt-4-turbo", "openai", r"^gpt-4-turbo|^gpt-4-\d{4}-(vision-)?preview|^gpt-4-vision"),
+    ("gpt-4-32k", "openai", r"^gpt-4-32k"),
+    ("gpt-4", "openai", r"^gpt-4"),
+    ("gpt-3.5-turbo", "openai", r"^gpt-3\.5-turbo"),  # includes -instruct, billed alike
+    ("o-series", "openai", r"^o\d"),
+    ("gpt-oss", "openai", r"^gpt-oss"),
+    ("legacy-completions", "openai", r"^(babbage|davinci|text-davinci|text-curie|text-ada|text-babbage)"),
+    # Anthropic: "claude-3-5-sonnet-…", "claude-sonnet-4-…", "claude-opus-4-1-…".
+    ("claude-opus", "anthropic", r"^claude-([\d.]+-)*opus"),
+    ("claude-sonnet", "anthropic", r"^claude-([\d.]+-)*sonnet"),
+    ("claude-haiku", "anthropic", r"^claude-([\d.]+-)*haiku"),
+    ("claude", "anthropic", r"^claude"),
+]
+
 FAMILIES: list[tuple[str, str, re.Pattern[str]]] = [
-    (family, service, re.compile(pattern))
-    for family, service, pattern in [
-        ("fine-tune", "openai", r"^ft:"),
-        ("embeddings", "openai", r"^text-embedding-|^text-similarity-|^text-search-"),
-        ("dall-e", "openai", r"^dall-e|^gpt-image"),
-        ("audio", "openai", r"^whisper|^tts-|^gpt-4o(-mini)?-(audio|realtime|transcribe|tts)"),
-        ("moderation", "openai", r"^omni-moderation|^text-moderation"),
-        ("gpt-5", "openai", r"^gpt-5"),
-        ("gpt-4.1", "openai", r"^gpt-4\.1"),
-        ("gpt-4.5", "openai", r"^gpt-4\.5"),
-        ("gpt-4o-mini", "openai", r"^gpt-4o-mini"),
-        ("gpt-4o", "openai", r"^gpt-4o|^chatgpt-4o"),
-        ("gpt-4-turbo", "openai", r"^gpt-4-turbo|^gpt-4-\d{4}-preview|^gpt-4-vision"),
-        ("gpt-4-32k", "openai", r"^gpt-4-32k"),
-        ("gpt-4", "openai", r"^gpt-4"),
-        ("gpt-3.5-turbo", "openai", r"^gpt-3\.5-turbo"),
-        ("o-series", "openai", r"^o\d"),
-        ("gpt-oss", "openai", r"^gpt-oss"),
-        ("legacy-completions", "openai", r"^(babbage|davinci|text-davinci|gpt-3\.5-turbo-instruct)"),
-        ("claude-opus", "anthropic", r"^claude-(opus|3-opus)|^claude-[\d.-]+-opus"),
-        ("claude-sonnet", "anthropic", r"^claude-(sonnet|3-sonnet|3-5-sonnet|3-7-sonnet)|^claude-[\d.-]+-sonnet"),
-        ("claude-haiku", "anthropic", r"^claude-(haiku|3-haiku|3-5-haiku)|^claude-[\d.-]+-haiku"),
-        ("claude", "anthropic", r"^claude"),
-    ]
+    (family, service, re.compile(pattern)) for family, service, pattern in _TABLE
 ]
 
 # Families that are not text generation: never served unless ALLOWED_MODEL_FAMILIES names them.
-NON_TEXT = {"dall-e", "audio", "moderation"}
+NON_TEXT = frozenset({"dall-e", "audio", "moderation"})
 
 
+@lru_cache(maxsize=8192)
 def family_of(model: str, service: str = "openai") -> str:
     """The family of a model id; unknown models fall back to a per-service family."""
     name = (model or "").strip().lower()
-    for family, owner, pattern in FAMILIES:
+    for family, _owner, pattern in FAMILIES:
         if pattern.search(name):
             return family
     return "other" if service == "openai" else f"{service}-other"
 
 
-def is_allowed(family: str, allowed: set[str]) -> bool:
+def families_of(models: Iterable[str], service: str = "openai") -> list[str]:
+    """The sorted, distinct families of some models."""
+    return sorted({family_of(m, service) for m in models})
+
+
+def known_families() -> set[str]:
+    """Every family name the table can produce (for validating ALLOWED_MODEL_FAMILIES)."""
+    return {family for family, _, _ in FAMILIES} | {"other", "anthropic-other"}
+
+
+def is_allowed(family: str, allowed: set[str] | frozenset[str]) -> bool:
     """With no filter, every text family is served; otherwise exactly the listed ones."""
     if allowed:
         return family in allowed

@@ -30,7 +30,8 @@ log = logging.getLogger("proxy.access")
 # schemas, where names are the client's own data.
 REDIRECT_FIELDS = frozenset({"api_base", "base_url", "api_key", "user_config", "extra_headers", "extra_query"})
 SCHEMA_FIELDS = frozenset({"parameters", "input_schema", "schema", "json_schema"})
-MAX_TRANSIENT_TRIES = 3
+# The upstream itself unreachable this many times: every key would fail the same way.
+MAX_UNREACHABLE = 3
 STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 # Browser clients (RisuAI, web front-ends) call the proxy directly. Credentials travel in
 # headers, never cookies, so any origin may call.
@@ -55,6 +56,7 @@ class Service:
     key_env: str
     cached_models: set[str] | None = None
     family_filter: set[str] = field(default_factory=set)
+    models_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass
@@ -177,12 +179,12 @@ class Pipeline:
         reached the client yet, so a retry that succeeds hides the failure entirely.
         """
         pool, dialect = service.pool, service.dialect
-        url = service.base_url + (endpoint.upstream_path or "/models")
+        url = service.base_url + (endpoint.upstream_path or dialect.models_path)
         deadline = time.monotonic() + self.retry_budget
         tried: set[str] = set()
-        transient = 0
-        last: Exception | None = None
-        while time.monotonic() < deadline and transient < MAX_TRANSIENT_TRIES:
+        unreachable = 0
+        last: Exception | None = None  # the failure to report if no key is left to try
+        while time.monotonic() < deadline and unreachable < MAX_UNREACHABLE:
             key = pool.select(model, tried)
             if key is None:
                 break
@@ -190,13 +192,14 @@ class Pipeline:
             outbound = dialect.outbound_headers(headers, key.secret)
             try:
                 response = await upstream.send(self._session(), endpoint.method, url, outbound, body)
-            except TimeoutError as exc:
-                transient += 1
+            except TimeoutError:
+                unreachable += 1
+                pool.apply(key, _RETRYABLE)
                 last = ProxyError(504, f"The {dialect.name} upstream did not answer in time.", Kind.TIMEOUT)
-                last.__cause__ = exc
                 continue
             except upstream.NETWORK_ERRORS as exc:
-                transient += 1
+                unreachable += 1
+                pool.apply(key, _RETRYABLE)
                 last = ProxyError(
                     502, f"Could not reach the {dialect.name} upstream ({type(exc).__name__}).", Kind.UPSTREAM
                 )
@@ -207,13 +210,13 @@ class Pipeline:
             raw, parsed = await upstream.read_error_body(response)
             outcome = dialect.classify(response.status, response.headers, parsed)
             pool.apply(key, outcome, model)
-            last = UpstreamReply(response.status, parsed, raw)
             if outcome.verdict is Verdict.CLIENT_ERROR:
-                raise last
+                raise UpstreamReply(response.status, parsed, raw)
             if outcome.verdict is Verdict.RETRYABLE:
-                transient += 1
+                last = UpstreamReply(response.status, parsed, raw)
+            # Key problems (revoked, over quota, rate-limited, model missing) are the pool's to explain.
         no_key = pool.why_none(model, tried)
-        if last is not None and (no_key.status == 502 or transient >= MAX_TRANSIENT_TRIES):
+        if last is not None and (no_key.status == 502 or unreachable >= MAX_UNREACHABLE):
             raise last
         headers_out = {"retry-after": str(int(no_key.retry_after + 0.999))} if no_key.retry_after else None
         kind = {429: Kind.RATE_LIMIT, 404: Kind.NOT_FOUND}.get(no_key.status, Kind.UNAVAILABLE)
@@ -292,8 +295,9 @@ class Pipeline:
         dialect = service.dialect
         models = service.pool.models()
         if models is None:
-            if service.cached_models is None and service.pool:
-                service.cached_models = await self._fetch_models(service)
+            async with service.models_lock:  # many first requests at once: one upstream call
+                if service.cached_models is None and service.pool:
+                    service.cached_models = await self._fetch_models(service)
             models = service.cached_models or set()
         allowed = {m for m in models if is_allowed(family_of(m, dialect.name), service.family_filter)}
         return Response(json.dumps(dialect.model_list(allowed)), 200, media_type="application/json")
@@ -414,6 +418,7 @@ class _Ctx:
 
 
 _OK = Outcome(Verdict.OK)
+_RETRYABLE = Outcome(Verdict.RETRYABLE)
 
 
 def _whole(value: Any) -> int:

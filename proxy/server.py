@@ -20,6 +20,7 @@ from proxy.access.gatekeeper import Gatekeeper
 from proxy.admin import admin_router, me_router
 from proxy.config import Settings
 from proxy.errors import Redactor
+from proxy.keys.checker import KeyChecker
 from proxy.keys.pool import KeyPool
 from proxy.pipeline import Pipeline, Service
 from proxy.providers.anthropic import Anthropic
@@ -43,6 +44,7 @@ class Runtime:
     access: Access
     started_at: float = field(default_factory=time.time)
     session: aiohttp.ClientSession | None = None
+    checker: KeyChecker | None = None
 
     def get_session(self) -> aiohttp.ClientSession:
         if self.session is None or self.session.closed:
@@ -78,11 +80,13 @@ def build_runtime(settings: Settings) -> Runtime:
     ):
         if dialect.name == "anthropic" and not secrets:
             continue  # Claude routes exist only when a Claude key is configured
-        pool = KeyPool(dialect.name, secrets, dialect.key_prefix)
+        pool = KeyPool(dialect.name, secrets, dialect.key_prefix, family_filter=settings.model_family_filter)
+        pool.restore(access.store.load_key_states(dialect.name))  # what earlier runs learned
+        pool.on_change = _saving(access, pool)
         services[dialect.name] = Service(dialect, base_url, pool, env, family_filter=settings.model_family_filter)
     ledger = UsageLedger(sink=_persisting(access))
     ledger.restore(*access.store.usage_totals())
-    return Runtime(
+    runtime = Runtime(
         settings=settings,
         services=services,
         gatekeeper=access.gatekeeper,
@@ -90,6 +94,17 @@ def build_runtime(settings: Settings) -> Runtime:
         redactor=redactor,
         access=access,
     )
+    runtime.checker = KeyChecker(runtime.services, runtime.get_session, settings)
+    return runtime
+
+
+def _saving(access: Access, pool: KeyPool):
+    """The pool's on_change: key states go to the store, so a restart knows them at once."""
+
+    def save(key) -> None:
+        access.store.save_key_state(pool.service, key.id, pool.export_state(key))
+
+    return save
 
 
 def _persisting(access: Access):
@@ -133,6 +148,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.get_session()
         runtime.access.start()
+        if settings.check_keys and runtime.checker is not None:
+            await runtime.checker.start()
         log.info(
             "proxy ready: %s",
             ", ".join(f"{n} ({len(s.pool)} keys)" for n, s in runtime.services.items()) or "no service",
@@ -140,6 +157,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         try:
             yield
         finally:
+            if runtime.checker is not None:
+                await runtime.checker.stop()
             if runtime.session is not None:
                 await runtime.session.close()
             await runtime.access.aclose()
@@ -161,7 +180,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             admin_key=settings.admin_key,
             store=runtime.access.store,
             ledger=runtime.ledger,
-            recheck=None,
+            recheck=runtime.checker.recheck if runtime.checker else None,
             client_ip=client_ip,
         ),
         prefix="/admin/api",

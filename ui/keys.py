@@ -18,7 +18,7 @@ STATUS_ICONS = {
     "rate_limited": "🟡 rate limited",
     "unchecked": "⚪ unchecked",
 }
-COUNT_FIELDS = ("active", "rate_limited", "over_quota", "revoked")
+COUNT_FIELDS = ("active", "rate_limited", "unchecked", "over_quota", "revoked")
 
 
 def services_to_show(ctx: UIContext, snapshot: dict) -> list[str]:

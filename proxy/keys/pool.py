@@ -1,17 +1,28 @@
-"""The key pool of one service: key states, selection, lockouts, and what each outcome means."""
+"""The key pool of one service: key states, selection, lockouts, and what each outcome means.
+
+Everything here runs on the event loop, but `snapshot()` may be read from another thread (the
+UI), so model sets are immutable and replaced, never mutated in place.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import lru_cache
+from typing import Any
 
-from proxy.families import family_of
+from proxy.families import families_of, is_allowed
 
 log = logging.getLogger("proxy.keys")
+
+DEFAULT_LOCKOUT = 10.0  # seconds a rate-limited key rests when the upstream names no wait
+COOLDOWN_BASE = 2.0  # a key that failed transiently is tried last for this long, doubling
+COOLDOWN_MAX = 120.0
 
 
 class KeyState(StrEnum):
@@ -39,9 +50,36 @@ class Outcome:
     retry_after: float | None = None
 
 
+@dataclass(slots=True)
+class CheckResult:
+    """What one check of a key found. RETRYABLE means the check itself failed: try again soon."""
+
+    verdict: Verdict
+    models: frozenset[str] | None = None
+    limits: dict[str, int] = field(default_factory=dict)
+    tier: str | None = None
+    retry_after: float | None = None
+    detail: str = ""  # for the log; never holds a secret
+
+
 def key_id(prefix: str, secret: str) -> str:
     """The public name of a key: prefix plus the first 8 hex digits of its SHA-256."""
     return prefix + hashlib.sha256(secret.encode()).hexdigest()[:8]
+
+
+_STATES = frozenset(s.value for s in KeyState)
+_DATED = re.compile(r"^(.*?)-(\d{8}|\d{4}-\d{2}-\d{2})$")
+
+
+@lru_cache(maxsize=4096)
+def _alias_listed(model: str, models: frozenset[str]) -> bool:
+    """Whether `model` is an undated alias of a listed id: claude-3-5-haiku-latest, claude-sonnet-4-0."""
+    base = model.removesuffix("-latest").removesuffix("-0")
+    for listed in models:
+        dated = _DATED.match(listed)
+        if dated and dated.group(1) == base:
+            return True
+    return False
 
 
 @dataclass(eq=False)
@@ -53,12 +91,14 @@ class Key:
     service: str
     state: KeyState = KeyState.UNCHECKED
     tier: str = "unknown"
-    models: set[str] | None = None  # None until checked: assume it may serve anything
-    lost_models: set[str] = field(default_factory=set)
+    models: frozenset[str] | None = None  # None until listed: assume it may serve anything
+    lost_models: frozenset[str] = frozenset()
     limits: dict[str, int] = field(default_factory=dict)
     locked_until: float = 0.0
     last_used: float = 0.0
     last_checked: float | None = None
+    failures: int = 0  # consecutive transient failures at request time
+    cooldown_until: float = 0.0
 
     @property
     def usable(self) -> bool:
@@ -69,7 +109,11 @@ class Key:
             return True
         if model in self.lost_models:
             return False
-        return self.models is None or model in self.models
+        models = self.models
+        return models is None or model in models or _alias_listed(model, models)
+
+    def available_models(self) -> frozenset[str]:
+        return (self.models or frozenset()) - self.lost_models
 
     def status(self, now: float) -> str:
         if self.usable and self.locked_until > now:
@@ -77,14 +121,13 @@ class Key:
         return self.state.value
 
     def public(self, now: float) -> dict:
-        models = sorted(self.models - self.lost_models) if self.models is not None else None
-        families = sorted({family_of(m, self.service) for m in models}) if models is not None else []
+        models = self.available_models() if self.models is not None else None
         return {
             "id": self.id,
             "status": self.status(now),
             "tier": self.tier,
             "limits": dict(self.limits),
-            "families": families,
+            "families": families_of(models, self.service) if models is not None else [],
             "models": len(models) if models is not None else None,
             "last_checked": self.last_checked,
             "locked_until": self.locked_until if self.locked_until > now else None,
@@ -111,25 +154,37 @@ class KeyPool:
         *,
         clock: Callable[[], float] = time.time,
         on_change: Callable[[Key], None] | None = None,
+        family_filter: set[str] | frozenset[str] = frozenset(),
     ) -> None:
         self.service = service
+        self.family_filter = family_filter  # ALLOWED_MODEL_FAMILIES: what the status says is served
         self.clock = clock
-        self.on_change = on_change
+        self.on_change = on_change  # called when something worth persisting changed
         self.keys: list[Key] = [Key(secret=s, id=key_id(prefix, s), service=service) for s in secrets]
+        self._by_id = {k.id: k for k in self.keys}
         self.checking = False  # set by the checker while the first check of every key runs
 
     def __len__(self) -> int:
         return len(self.keys)
 
+    def get(self, key_id: str) -> Key | None:
+        return self._by_id.get(key_id)
+
+    # Selection -------------------------------------------------------------------------------
     def select(self, model: str | None, exclude: set[str] | frozenset[str] = frozenset()) -> Key | None:
-        """The least recently used key that is alive, unlocked and can use `model`; marks it used."""
+        """The least recently used key that is alive, unlocked and can use `model`; marks it used.
+
+        Keys cooling down after a transient failure come last, but are not excluded.
+        """
         now = self.clock()
         best: Key | None = None
+        best_rank: tuple[bool, float] = (True, 0.0)
         for key in self.keys:
             if key.id in exclude or not key.usable or key.locked_until > now or not key.serves(model):
                 continue
-            if best is None or key.last_used < best.last_used:
-                best = key
+            rank = (key.cooldown_until > now, key.last_used)
+            if best is None or rank < best_rank:
+                best, best_rank = key, rank
         if best is not None:
             best.last_used = now
         return best
@@ -138,70 +193,167 @@ class KeyPool:
         """Explain why `select` found nothing, for the client."""
         now = self.clock()
         name = self.service
+        wanted = f"'{model}'" if model else "this request"
         if not self.keys:
             return NoKey(503, f"No {name} key is configured on this proxy.")
         alive = [k for k in self.keys if k.usable]
         if not alive:
-            return NoKey(503, f"Every {name} key on this proxy is revoked or out of quota.")
+            return NoKey(503, f"No {name} key can serve {wanted}: every key is revoked or out of quota.")
         serving = [k for k in alive if k.serves(model)]
         if not serving:
-            return NoKey(404, f"No {name} key on this proxy can use the model '{model}'.")
+            return NoKey(404, f"No {name} key on this proxy can use the model {wanted}.")
         locked = [k for k in serving if k.locked_until > now]
         if len(locked) == len(serving):
             wait = max(1.0, min(k.locked_until for k in locked) - now)
             return NoKey(
                 429,
-                f"Every {name} key that can use '{model}' is rate-limited; retry in {wait:.0f}s.",
+                f"Every {name} key that can use {wanted} is rate-limited; retry in {wait:.0f}s.",
                 retry_after=wait,
             )
-        return NoKey(502, f"Every {name} key that can use '{model}' failed for this request; try again.")
+        return NoKey(502, f"Every {name} key that can use {wanted} failed for this request; try again.")
 
+    # What replies and checks say ---------------------------------------------------------------
     def apply(self, key: Key, outcome: Outcome, model: str | None = None) -> None:
-        """Update a key after an upstream reply; log each change of state once."""
+        """Update a key after an upstream reply to a client's request."""
+        now = self.clock()
+        before = key.status(now)
+        saved = self._saved(key)
         verdict = outcome.verdict
-        before = key.status(self.clock())
         if verdict is Verdict.REVOKED:
             key.state = KeyState.REVOKED
         elif verdict is Verdict.OVER_QUOTA:
             key.state = KeyState.OVER_QUOTA
         elif verdict is Verdict.RATE_LIMITED:
-            key.locked_until = max(key.locked_until, self.clock() + (outcome.retry_after or 10.0))
+            # A rate limit (not a quota error) also says the key is valid and within quota.
+            key.locked_until = max(key.locked_until, now + (outcome.retry_after or DEFAULT_LOCKOUT))
+            if key.state is KeyState.UNCHECKED:
+                key.state = KeyState.ACTIVE
         elif verdict is Verdict.MODEL_MISSING and model:
-            key.lost_models.add(model)
+            key.lost_models = key.lost_models | {model}
             log.info("key %s cannot use model %s", key.id, model)
-        elif verdict is Verdict.OK and key.state is KeyState.UNCHECKED:
+        elif verdict is Verdict.RETRYABLE:
+            key.failures += 1
+            key.cooldown_until = now + min(COOLDOWN_MAX, COOLDOWN_BASE * 2 ** (key.failures - 1))
+        elif verdict is Verdict.OK:
+            key.failures, key.cooldown_until = 0, 0.0
+            if key.state is KeyState.UNCHECKED:
+                key.state = KeyState.ACTIVE
+        self._changed(key, before, saved)
+
+    def checked(self, key: Key, result: CheckResult) -> None:
+        """Record what a check found: state, tier, models, limits, lockout."""
+        now = self.clock()
+        before = key.status(now)
+        saved = self._saved(key)
+        verdict = result.verdict
+        if result.models is not None:
+            key.models = frozenset(result.models)
+        if result.limits:
+            key.limits = dict(result.limits)
+        if result.tier:
+            key.tier = result.tier
+        if verdict is Verdict.REVOKED:
+            key.state = KeyState.REVOKED
+        elif verdict is Verdict.OVER_QUOTA:
+            key.state = KeyState.OVER_QUOTA
+        elif verdict in (Verdict.OK, Verdict.RATE_LIMITED):
             key.state = KeyState.ACTIVE
+            if verdict is Verdict.RATE_LIMITED:
+                key.locked_until = max(key.locked_until, now + (result.retry_after or DEFAULT_LOCKOUT))
+        if verdict is not Verdict.RETRYABLE:
+            key.last_checked = now
+        self._changed(key, before, saved)
+
+    def _changed(self, key: Key, before: str, saved: dict) -> None:
+        """The one place that logs a key's change of status, and asks for it to be saved."""
         after = key.status(self.clock())
         if after != before:
             log.info("key %s: %s -> %s", key.id, before, after)
-            if self.on_change is not None:
+        if self.on_change is not None and (after != before or self._saved(key) != saved):
+            try:
                 self.on_change(key)
+            except Exception:  # a failing store must not fail the request or the check
+                log.exception("could not save the state of key %s", key.id)
 
+    @staticmethod
+    def _saved(key: Key) -> dict:
+        """The part of a key's state whose change is worth persisting at once."""
+        return {
+            "state": key.state,
+            "tier": key.tier,
+            "models": key.models,
+            "lost_models": key.lost_models,
+            "limits": key.limits,
+        }
+
+    # Persistence -------------------------------------------------------------------------------
+    def export_state(self, key: Key) -> dict[str, Any]:
+        """A key's state as JSON-ready data (no secret), for the store."""
+        return {
+            "state": key.state.value,
+            "tier": key.tier,
+            "models": sorted(key.models) if key.models is not None else None,
+            "lost_models": sorted(key.lost_models),
+            "limits": dict(key.limits),
+            "locked_until": key.locked_until,
+            "last_checked": key.last_checked,
+        }
+
+    def restore(self, states: Mapping[str, Mapping[str, Any]]) -> int:
+        """Take back states saved by `export_state`, by key id; unknown ids and bad fields are ignored."""
+        restored = 0
+        for key_id_, data in states.items():
+            key = self._by_id.get(key_id_)
+            if key is None or not isinstance(data, Mapping):
+                continue
+            if data.get("state") in _STATES:
+                key.state = KeyState(data["state"])
+            if isinstance(data.get("tier"), str):
+                key.tier = data["tier"]
+            if isinstance(data.get("models"), list):
+                key.models = frozenset(str(m) for m in data["models"])
+            if isinstance(data.get("lost_models"), list):
+                key.lost_models = frozenset(str(m) for m in data["lost_models"])
+            if isinstance(data.get("limits"), dict):
+                key.limits = {str(k): int(v) for k, v in data["limits"].items() if isinstance(v, int | float)}
+            if isinstance(data.get("locked_until"), int | float):
+                key.locked_until = float(data["locked_until"])
+            if isinstance(data.get("last_checked"), int | float):
+                key.last_checked = float(data["last_checked"])
+            restored += 1
+        return restored
+
+    # Views -------------------------------------------------------------------------------------
     def models(self) -> set[str] | None:
-        """The union of models the live keys can use, or None while any live key is unchecked."""
-        live = [k for k in self.keys if k.usable]
-        if any(k.models is None for k in live):
+        """The union of models the live keys can use; None while unknown (first check running,
+        or no live key has listed its models yet), so the caller asks the upstream instead."""
+        if self.checking:
             return None
-        return set().union(*((k.models - k.lost_models) for k in live if k.models is not None))
+        listed = [k for k in self.keys if k.usable and k.models is not None]
+        if not listed:
+            return None if any(k.usable for k in self.keys) else set()
+        return set().union(*(k.available_models() for k in listed))
 
     def snapshot(self) -> dict:
+        """Public counts and per-key rows (ids only).
+
+        active + unchecked + revoked + over_quota == total; rate-limited keys are active keys
+        resting until their lockout ends, so `rate_limited` counts a subset of `active`.
+        """
         now = self.clock()
         statuses = [k.status(now) for k in self.keys]
-        live = [k for k in self.keys if k.usable]
-        families = sorted(
-            {family_of(m, self.service) for k in live if k.models is not None for m in k.models - k.lost_models}
-        )
+        served = frozenset().union(*(k.available_models() for k in self.keys if k.usable and k.models is not None))
         checked = [k.last_checked for k in self.keys if k.last_checked is not None]
         return {
             "total": len(self.keys),
-            "active": sum(s in ("active", "rate_limited", "unchecked") for s in statuses),
+            "active": sum(k.state is KeyState.ACTIVE for k in self.keys),
             "revoked": statuses.count("revoked"),
             "over_quota": statuses.count("over_quota"),
             "rate_limited": statuses.count("rate_limited"),
-            "unchecked": statuses.count("unchecked"),
+            "unchecked": sum(k.state is KeyState.UNCHECKED for k in self.keys),
             "trial": sum(k.tier == "trial" for k in self.keys),
             "checking": self.checking,
             "last_check": max(checked) if checked else None,
-            "families": families,
+            "families": [f for f in families_of(served, self.service) if is_allowed(f, self.family_filter)],
             "keys": [k.public(now) for k in self.keys],
         }

@@ -83,6 +83,7 @@ class Anthropic(Dialect):
     )
     forward_headers = frozenset({"accept", "anthropic-version", "anthropic-beta"})
     response_headers = frozenset({"request-id"})
+    models_path = "/models?limit=1000"  # the default page holds only 20
 
     def auth_headers(self, secret: str) -> dict[str, str]:
         return {"x-api-key": secret}

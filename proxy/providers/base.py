@@ -47,6 +47,7 @@ class Dialect:
     endpoints: ClassVar[tuple[Endpoint, ...]]
     forward_headers: ClassVar[frozenset[str]] = frozenset({"accept"})
     response_headers: ClassVar[frozenset[str]] = frozenset({"x-request-id", "request-id"})
+    models_path: ClassVar[str] = "/models"  # the upstream's model list, asked once before key checks end
 
     def auth_headers(self, secret: str) -> dict[str, str]:
         raise NotImplementedError
