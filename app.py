@@ -6,20 +6,22 @@
 from __future__ import annotations
 
 import sys
-
-import gradio as gr
-import uvicorn
-from fastapi import FastAPI
+from typing import TYPE_CHECKING
 
 from proxy.config import ConfigError, Settings, load_settings
-from proxy.errors import Redactor
-from proxy.logs import configure_logging
-from proxy.server import build_runtime, create_app
-from ui.blocks import CSS, UIContext, build_theme, build_ui
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 
 def build_app(settings: Settings, self_url: str | None = None) -> FastAPI:
     """The whole app. `self_url` is how the page's test chat reaches this server over HTTP."""
+    # Imported here: gradio reads GRADIO_SERVER_PORT at import, so settings are checked first.
+    import gradio as gr
+
+    from proxy.server import build_runtime, create_app
+    from ui.blocks import CSS, UIContext, build_theme, build_ui
+
     runtime = build_runtime(settings)
     app = create_app(settings, runtime)  # proxy routes first: a mount at "/" shadows later routes
     if self_url is None:
@@ -46,6 +48,11 @@ def main() -> int:
     except ConfigError as exc:
         print(f"Cannot start: {exc}", file=sys.stderr)
         return 2
+    import uvicorn
+
+    from proxy.errors import Redactor
+    from proxy.logs import configure_logging
+
     configure_logging(settings.log_level, Redactor(settings.secrets))
     app = build_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, proxy_headers=settings.on_space)

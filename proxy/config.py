@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 _KEY_SPLIT = re.compile(r"[\s,]+")
+_INLINE_COMMENT = re.compile(r"\s+#")
 
 
 class ConfigError(Exception):
@@ -154,35 +155,38 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path
         if isinstance(alias, AliasChoices):
             names.update(str(choice).upper() for choice in alias.choices)
     values = {k.upper(): v for k, v in source.items() if k.upper() in names}
+    chosen = _by_field(values)
     try:
-        return Settings(**_by_field(values))
+        return Settings(**{name: value for name, (_, value) in chosen.items()})
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        raise ConfigError(_describe(exc, {name: variable for name, (variable, _) in chosen.items()})) from None
 
 
-def _by_field(values: dict[str, str]) -> dict[str, str]:
-    """Map upper-case variable names to field names, honouring aliases in their order."""
-    out: dict[str, str] = {}
+def _by_field(values: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Map field names to (the variable that set it, its value), honouring aliases in their order."""
+    out: dict[str, tuple[str, str]] = {}
     for name, field in Settings.model_fields.items():
         alias = field.validation_alias
         candidates = [str(c).upper() for c in alias.choices] if isinstance(alias, AliasChoices) else [name.upper()]
         for candidate in candidates:
             if candidate in values and values[candidate] != "":
-                out[name] = values[candidate]
+                out[name] = (candidate, values[candidate])
                 break
     return out
 
 
-def _describe(exc: ValidationError) -> str:
+def _describe(exc: ValidationError, variables: Mapping[str, str]) -> str:
+    """One line per problem, each naming the variable as the user set it (PORT or GRADIO_SERVER_PORT)."""
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(part) for part in err["loc"]) or "configuration"
-        lines.append(f"{loc.upper()}: {err['msg']}")
+        field = str(err["loc"][0]) if err["loc"] else ""
+        name = variables.get(field) or field.upper() or "CONFIGURATION"
+        lines.append(f"{name}: {err['msg']}")
     return "Invalid configuration: " + "; ".join(lines)
 
 
 def _read_env_file(path: Path) -> dict[str, str]:
-    """Parse KEY=VALUE lines; quotes are stripped; comments and blank lines ignored."""
+    """Parse KEY=VALUE lines; quotes are stripped; comments (whole-line or after a value) ignored."""
     out: dict[str, str] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         line = line.strip()
@@ -191,7 +195,7 @@ def _read_env_file(path: Path) -> dict[str, str]:
         key, _, value = line.partition("=")
         key = key.strip().removeprefix("export ").strip()
         value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        out[key] = value
+        # A quoted value ends at its closing quote; an unquoted one at " #" (a trailing comment).
+        end = value.find(value[0], 1) if value[:1] in ("'", '"') else -1
+        out[key] = value[1:end] if end > 0 else _INLINE_COMMENT.split(value, maxsplit=1)[0]
     return out

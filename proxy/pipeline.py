@@ -116,6 +116,13 @@ class Pipeline:
             ctx.service = match.service
             caller = self.gatekeeper.identify(credential_from(request.headers), self.client_ip(request))
             ctx.user = caller.label
+            if not service.pool:
+                raise ProxyError(
+                    503,
+                    f"This proxy has no {service.dialect.name} key configured: set {service.key_env} "
+                    "(a Space secret, or in .env) and restart.",
+                    Kind.UNAVAILABLE,
+                )
             if endpoint.kind == "models":
                 self.gatekeeper.admit(caller, None)
                 response = await self._models(service, ctx)
@@ -135,13 +142,6 @@ class Pipeline:
         return response
 
     async def _generate(self, request: Request, service: Service, endpoint: Endpoint, caller, ctx: _Ctx) -> Response:
-        if not service.pool:
-            raise ProxyError(
-                503,
-                f"This proxy has no {service.dialect.name} key configured: set {service.key_env} "
-                "(a Space secret, or in .env) and restart.",
-                Kind.UNAVAILABLE,
-            )
         payload, ctx.body_len = await self._read_json(request)
         model = payload.get("model")
         if not isinstance(model, str) or not model.strip():
@@ -197,6 +197,11 @@ class Pipeline:
                 pool.apply(key, _RETRYABLE)
                 last = ProxyError(504, f"The {dialect.name} upstream did not answer in time.", Kind.TIMEOUT)
                 continue
+            except upstream.RedirectNotFollowed:
+                raise ProxyError(
+                    502, f"The {dialect.name} upstream answered with a redirect, which this proxy never follows.",
+                    Kind.UPSTREAM,
+                ) from None
             except upstream.NETWORK_ERRORS as exc:
                 unreachable += 1
                 pool.apply(key, _RETRYABLE)

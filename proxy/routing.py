@@ -43,9 +43,9 @@ class Router:
         return Match(service, endpoint)
 
     def shape_for(self, raw_path: bytes) -> str:
-        """The error shape a client at this path expects."""
-        segments = self._segments(raw_path)
-        if len(segments) > 1 and segments[1] == "anthropic" and "chat" not in segments:
+        """The error shape a client at this path expects, even when the path itself is refused."""
+        segments = [s for s in raw_path.decode("ascii", errors="replace").split("/") if s]
+        if segments[:2] == ["proxy", "anthropic"] and "chat" not in segments:
             return "anthropic"
         return "openai"
 

@@ -32,7 +32,12 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[Event]:
         buffer = self._buffer + chunk
+        held = b""
         if b"\r" in buffer:
+            if buffer.endswith(b"\r"):
+                # A CR at the end may be the first half of a CRLF split by the network: wait for
+                # the next chunk before deciding, or it would count as two line ends.
+                buffer, held = buffer[:-1], b"\r"
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         events: list[Event] = []
         start = 0
@@ -45,12 +50,12 @@ class SSEParser:
             event = parse_block(block)
             if event is not None:
                 events.append(event)
-        self._buffer = buffer[start:]
+        self._buffer = buffer[start:] + held
         return events
 
     def flush(self) -> list[Event]:
         """Whatever is left when the stream ends without a final blank line."""
-        rest, self._buffer = self._buffer, b""
+        rest, self._buffer = self._buffer.replace(b"\r", b"\n"), b""
         event = parse_block(rest + b"\n\n") if rest.strip() else None
         return [event] if event is not None else []
 

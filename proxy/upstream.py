@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 
 import aiohttp
 
 from proxy.config import Settings
+from proxy.errors import Redactor
 from proxy.providers.base import StreamMeter
-from proxy.sse import SSEParser
+from proxy.sse import Event, SSEParser
 
 NETWORK_ERRORS = (aiohttp.ClientError, OSError)
 MAX_ERROR_BODY = 256 * 1024
+_KEY_SHAPED = Redactor()  # no configured secret: redacts what looks like a provider key
 
 
 def create_session(settings: Settings) -> aiohttp.ClientSession:
@@ -36,15 +37,23 @@ def create_session(settings: Settings) -> aiohttp.ClientSession:
 async def send(
     session: aiohttp.ClientSession, method: str, url: str, headers: Mapping[str, str], body: bytes | None
 ) -> aiohttp.ClientResponse:
-    """Send one request; the caller owns the response and must release or close it."""
-    return await session.request(method, url, headers=headers, data=body, allow_redirects=False)
+    """Send one request; the caller owns the response and must release or close it.
+
+    A redirect is refused, not passed on: the key must not follow it, nor the client be sent
+    somewhere the configuration did not name.
+    """
+    response = await session.request(method, url, headers=headers, data=body, allow_redirects=False)
+    if 300 <= response.status < 400:
+        response.close()
+        raise RedirectNotFollowed(f"the upstream answered {response.status} with a redirect")
+    return response
 
 
 async def read_error_body(response: aiohttp.ClientResponse) -> tuple[bytes, object]:
     """Read a (bounded) error reply, returning its bytes and its JSON (or None)."""
     try:
         raw = await response.content.read(MAX_ERROR_BODY)
-    except NETWORK_ERRORS + (asyncio.TimeoutError,):
+    except (TimeoutError, *NETWORK_ERRORS):
         raw = b""
     finally:
         response.release()
@@ -64,28 +73,44 @@ async def relay_events(
     meter: StreamMeter,
     render: Callable[[list], list[bytes]] | None,
     stream_error: Callable[[str], bytes],
+    redact: Callable[[str], str] = _KEY_SHAPED,
 ) -> AsyncIterator[bytes]:
     """Relay an SSE reply event by event as it arrives.
 
     `meter` reads usage and may hold events back; `render` (for translated streams) turns accepted
-    events into the client's format. A drop mid-stream ends with one error event in the client's
-    format. Cancellation (the client went away) closes the upstream connection at once.
+    events into the client's format. An error event from the upstream is passed on redacted (by
+    `redact`; by default anything shaped like a key) and is the stream's last word. A drop
+    mid-stream ends with one error event in the client's format. Cancellation (the client went
+    away) closes the upstream connection at once.
     """
     parser = SSEParser()
+    upstream_failed = False
+
+    def admit(events: list[Event]) -> list[Event]:
+        nonlocal upstream_failed
+        accepted = []
+        for event in events:
+            if _is_error(event):
+                event = _redacted(event, redact)
+                upstream_failed = True
+            if meter.accept(event):
+                accepted.append(event)
+        return accepted
+
     try:
         async for chunk in response.content.iter_any():
-            accepted = [event for event in parser.feed(chunk) if meter.accept(event)]
+            accepted = admit(parser.feed(chunk))
             if accepted:
                 yield b"".join(render(accepted) if render else [event.raw for event in accepted])
-        tail = [event for event in parser.flush() if meter.accept(event)]
+        tail = admit(parser.flush())
         if tail:
             yield b"".join(render(tail) if render else [event.raw for event in tail])
-        if not meter.finished:
+        if not meter.finished and not upstream_failed:
             yield stream_error("The upstream ended the stream before it was complete.")
-    except asyncio.TimeoutError:
+    except TimeoutError:
         yield stream_error("The upstream stopped sending data (read timeout).")
     except StreamAbort as exc:
-        yield stream_error(str(exc))
+        yield stream_error(redact(str(exc)))
     except NETWORK_ERRORS:
         yield stream_error("The upstream connection broke off in the middle of the stream.")
     finally:
@@ -94,6 +119,25 @@ async def relay_events(
             response.release()
         else:
             response.close()
+
+
+def _is_error(event: Event) -> bool:
+    """An error reported inside a stream: OpenAI's `{"error": ...}` or Anthropic's `event: error`."""
+    if event.event == "error":
+        return True
+    if '"error"' not in event.data:
+        return False
+    data = event.json()
+    return isinstance(data, dict) and ("error" in data or data.get("type") == "error")
+
+
+def _redacted(event: Event, redact: Callable[[str], str]) -> Event:
+    raw = redact(event.raw.decode("utf-8", errors="replace")).encode()
+    return Event(event.event, redact(event.data), raw)
+
+
+class RedirectNotFollowed(aiohttp.ClientError):
+    """The upstream answered with a redirect, which this proxy never follows."""
 
 
 class StreamAbort(Exception):
