@@ -101,3 +101,57 @@ def proxy_app(tmp_path: Any) -> Iterator[Callable[..., Served]]:
     yield start
     for ctx in reversed(stack):
         ctx.__exit__(None, None, None)
+
+
+@pytest.fixture(autouse=True)
+def _no_real_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No SDK may fall back to a real endpoint, key or proxy from the environment."""
+    for name in (
+        "OPENAI_BASE_URL", "OPENAI_API_KEY", "ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN",
+        "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy",
+    ):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def shared(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[FakeOpenAI, Served]]:
+    """One fake OpenAI and one proxy per test module, for tests that need no special settings.
+
+    A module may set `SHARED_ENV` (default: a PROXY_KEY) to add settings."""
+    from proxy.server import create_app
+
+    extra = getattr(request.module, "SHARED_ENV", {"PROXY_KEY": PROXY_KEY})
+    with FakeOpenAI({PAID: KeyBehaviour()}) as fake:
+        env = {"OPENAI_KEY": PAID, "OPENAI_BASE_URL": fake.base_url, **extra}
+        settings = make_settings(env, tmp_path_factory.mktemp("proxy"))
+        with serve(create_app(settings), settings) as served:
+            yield fake, served
+
+
+@pytest.fixture
+def fake(shared: tuple[FakeOpenAI, Served]) -> FakeOpenAI:
+    """The module's shared fake, with its default knobs and nothing recorded."""
+    upstream = shared[0]
+    upstream.reset()
+    upstream.stream_delay, upstream.chunks = 0.0, 5
+    upstream.drop_mid_stream, upstream.hang_first_byte = False, 0.0
+    upstream.next_status.clear()
+    return upstream
+
+
+@pytest.fixture
+def claude_pool(proxy_app: Callable[..., Served]) -> Iterator[Callable[..., tuple[Served, FakeAnthropic]]]:
+    """A factory: claude_pool({secret: KeyBehaviour}) serves the proxy over a fake holding those keys."""
+    fakes: list[FakeAnthropic] = []
+
+    def start(keys: dict[str, KeyBehaviour], fake_class: type[FakeAnthropic] = FakeAnthropic, **env: str):
+        fake = fake_class(keys).start()
+        fakes.append(fake)
+        served = proxy_app(ANTHROPIC_KEY=",".join(keys), ANTHROPIC_BASE_URL=fake.base_url, PROXY_KEY=PROXY_KEY, **env)
+        return served, fake
+
+    yield start
+    for fake in fakes:
+        fake.stop()

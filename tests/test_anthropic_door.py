@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -17,10 +17,12 @@ import openai
 import pytest
 from aiohttp import web
 
-from tests.conftest import Served
+from tests.conftest import (
+    PROXY_KEY,
+    Served,
+)
 from tests.fakes import FakeAnthropic, KeyBehaviour, StreamEvent, anthropic_error, sse_event
 
-PROXY_KEY = "pk-claude-door-key-3"
 PAID = "sk-ant-paid-0123456789"
 HAIKU = "claude-3-5-haiku-20241022"
 SONNET = "claude-sonnet-4-20250514"
@@ -39,34 +41,12 @@ PIXEL = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwG
 # Fixtures and helpers ----------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _no_real_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The SDK must never fall back to a real endpoint from the environment."""
-    for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    yield
-
 
 @pytest.fixture
 def door(proxy_app: Callable[..., Served], fake_anthropic: FakeAnthropic) -> Served:
     """The proxy with one paid Claude key and a proxy key."""
     return proxy_app(ANTHROPIC_KEY=PAID, ANTHROPIC_BASE_URL=fake_anthropic.base_url, PROXY_KEY=PROXY_KEY)
 
-
-@pytest.fixture
-def pool(proxy_app: Callable[..., Served]) -> Iterator[Callable[..., tuple[Served, FakeAnthropic]]]:
-    """A factory: pool({secret: KeyBehaviour}) serves the proxy over a fake holding those keys."""
-    fakes: list[FakeAnthropic] = []
-
-    def start(keys: dict[str, KeyBehaviour], fake_class: type[FakeAnthropic] = FakeAnthropic, **env: str):
-        fake = fake_class(keys).start()
-        fakes.append(fake)
-        served = proxy_app(ANTHROPIC_KEY=",".join(keys), ANTHROPIC_BASE_URL=fake.base_url, PROXY_KEY=PROXY_KEY, **env)
-        return served, fake
-
-    yield start
-    for fake in fakes:
-        fake.stop()
 
 
 def client(served: Served, api_key: str = PROXY_KEY) -> openai.OpenAI:
@@ -180,8 +160,8 @@ def test_stop_temperature_and_top_p_are_translated(door: Served, fake_anthropic:
     assert "top_p" not in request
 
 
-def test_max_tokens_defaults_to_the_configured_value(pool) -> None:
-    served, fake = pool({PAID: KeyBehaviour()}, ANTHROPIC_DEFAULT_MAX_TOKENS="321")
+def test_max_tokens_defaults_to_the_configured_value(claude_pool) -> None:
+    served, fake = claude_pool({PAID: KeyBehaviour()}, ANTHROPIC_DEFAULT_MAX_TOKENS="321")
 
     client(served).chat.completions.create(model=HAIKU, messages=HELLO)
     assert sent(fake)["max_tokens"] == 321
@@ -364,8 +344,8 @@ def test_untranslatable_request_is_a_bad_request_that_reaches_no_upstream(
     assert fake_anthropic.requests == []
 
 
-def test_every_key_rate_limited_is_an_openai_rate_limit_error(pool) -> None:
-    served, _ = pool({"sk-ant-limited-0000000000": KeyBehaviour("rate_limited")})
+def test_every_key_rate_limited_is_an_openai_rate_limit_error(claude_pool) -> None:
+    served, _ = claude_pool({"sk-ant-limited-0000000000": KeyBehaviour("rate_limited")})
 
     with pytest.raises(openai.RateLimitError) as caught:
         client(served).chat.completions.create(model=HAIKU, messages=HELLO)
@@ -374,8 +354,8 @@ def test_every_key_rate_limited_is_an_openai_rate_limit_error(pool) -> None:
     assert int(caught.value.response.headers["retry-after"]) >= 1
 
 
-def test_overloaded_key_is_skipped_for_another(pool) -> None:
-    served, fake = pool({"sk-ant-broken-0000000000": KeyBehaviour("server_error"), PAID: KeyBehaviour()})
+def test_overloaded_key_is_skipped_for_another(claude_pool) -> None:
+    served, fake = claude_pool({"sk-ant-broken-0000000000": KeyBehaviour("server_error"), PAID: KeyBehaviour()})
 
     for _ in range(3):
         assert client(served).chat.completions.create(model=HAIKU, messages=HELLO).choices
@@ -409,8 +389,8 @@ class ErrorMidStream(FakeAnthropic):
         return await self._stream(request, [StreamEvent(sse_event(e)) for e in events], {})
 
 
-def test_error_event_from_claude_mid_stream_becomes_one_openai_error_event(pool) -> None:
-    served, _ = pool({PAID: KeyBehaviour()}, ErrorMidStream)
+def test_error_event_from_claude_mid_stream_becomes_one_openai_error_event(claude_pool) -> None:
+    served, _ = claude_pool({PAID: KeyBehaviour()}, ErrorMidStream)
 
     lines = data_lines(raw_stream(served, {}))
 
@@ -420,8 +400,8 @@ def test_error_event_from_claude_mid_stream_becomes_one_openai_error_event(pool)
     assert (errors[0]["error"]["type"], errors[0]["error"]["code"]) == ("service_unavailable", "overloaded")
 
 
-def test_error_event_from_claude_mid_stream_is_redacted(pool) -> None:
-    served, _ = pool({PAID: KeyBehaviour()}, ErrorMidStream)
+def test_error_event_from_claude_mid_stream_is_redacted(claude_pool) -> None:
+    served, _ = claude_pool({PAID: KeyBehaviour()}, ErrorMidStream)
 
     text = raw_stream(served, {})
 
@@ -429,9 +409,9 @@ def test_error_event_from_claude_mid_stream_is_redacted(pool) -> None:
     assert PAID not in text
 
 
-def test_error_event_mid_stream_is_redacted_of_any_configured_key(pool) -> None:
+def test_error_event_mid_stream_is_redacted_of_any_configured_key(claude_pool) -> None:
     odd_key = "gateway-7f3a9c1e5b2d4e6f"
-    served, _ = pool({odd_key: KeyBehaviour()}, ErrorMidStream)
+    served, _ = claude_pool({odd_key: KeyBehaviour()}, ErrorMidStream)
 
     text = raw_stream(served, {})
 
@@ -439,8 +419,8 @@ def test_error_event_mid_stream_is_redacted_of_any_configured_key(pool) -> None:
     assert odd_key not in text
 
 
-def test_openai_sdk_stream_raises_on_an_error_mid_stream(pool) -> None:
-    served, _ = pool({PAID: KeyBehaviour()}, ErrorMidStream)
+def test_openai_sdk_stream_raises_on_an_error_mid_stream(claude_pool) -> None:
+    served, _ = claude_pool({PAID: KeyBehaviour()}, ErrorMidStream)
 
     with pytest.raises(openai.APIError):
         for _ in client(served).chat.completions.create(model=HAIKU, messages=HELLO, stream=True):

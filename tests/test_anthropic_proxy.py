@@ -10,7 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import anthropic
@@ -18,10 +18,12 @@ import httpx
 import pytest
 from aiohttp import web
 
-from tests.conftest import Served
+from tests.conftest import (
+    PROXY_KEY,
+    Served,
+)
 from tests.fakes import FakeAnthropic, KeyBehaviour, StreamEvent, anthropic_error, sse_event
 
-PROXY_KEY = "pk-claude-proxy-key-7"
 PAID = "sk-ant-paid-0123456789"
 HAIKU = "claude-3-5-haiku-20241022"
 SONNET = "claude-sonnet-4-20250514"
@@ -31,41 +33,12 @@ MESSAGE = {"model": HAIKU, "max_tokens": 64, "messages": [{"role": "user", "cont
 # Fixtures and helpers ----------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _no_real_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The SDKs must never fall back to a real endpoint from the environment."""
-    for name in (
-        "ANTHROPIC_BASE_URL",
-        "ANTHROPIC_API_KEY",
-        "ANTHROPIC_AUTH_TOKEN",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    yield
-
 
 @pytest.fixture
 def claude(proxy_app: Callable[..., Served], fake_anthropic: FakeAnthropic) -> Served:
     """The proxy with one paid Claude key and a proxy key."""
     return proxy_app(ANTHROPIC_KEY=PAID, ANTHROPIC_BASE_URL=fake_anthropic.base_url, PROXY_KEY=PROXY_KEY)
 
-
-@pytest.fixture
-def pool(proxy_app: Callable[..., Served]) -> Iterator[Callable[..., tuple[Served, FakeAnthropic]]]:
-    """A factory: pool({secret: KeyBehaviour}) serves the proxy over a fake holding those keys."""
-    fakes: list[FakeAnthropic] = []
-
-    def start(keys: dict[str, KeyBehaviour], fake_class: type[FakeAnthropic] = FakeAnthropic, **env: str):
-        fake = fake_class(keys).start()
-        fakes.append(fake)
-        served = proxy_app(ANTHROPIC_KEY=",".join(keys), ANTHROPIC_BASE_URL=fake.base_url, PROXY_KEY=PROXY_KEY, **env)
-        return served, fake
-
-    yield start
-    for fake in fakes:
-        fake.stop()
 
 
 def sdk(served: Served, api_key: str = PROXY_KEY) -> anthropic.Anthropic:
@@ -227,8 +200,8 @@ def test_model_list_names_the_claude_models_in_anthropic_shape(claude: Served) -
     assert raw["first_id"] == raw["data"][0]["id"] and raw["last_id"] == raw["data"][-1]["id"]
 
 
-def test_model_list_keeps_to_the_allowed_families(pool) -> None:
-    served, _ = pool({PAID: KeyBehaviour()}, ALLOWED_MODEL_FAMILIES="claude-haiku")
+def test_model_list_keeps_to_the_allowed_families(claude_pool) -> None:
+    served, _ = claude_pool({PAID: KeyBehaviour()}, ALLOWED_MODEL_FAMILIES="claude-haiku")
 
     ids = {m.id for m in sdk(served).models.list().data}
 
@@ -338,9 +311,9 @@ def test_model_list_needs_the_proxy_key_too(claude: Served, fake_anthropic: Fake
 # The key pool -----------------------------------------------------------------------------------
 
 
-def test_revoked_key_is_never_used_again(pool) -> None:
+def test_revoked_key_is_never_used_again(claude_pool) -> None:
     revoked = "sk-ant-revoked-0000000000"
-    served, fake = pool({revoked: KeyBehaviour("revoked"), PAID: KeyBehaviour()})
+    served, fake = claude_pool({revoked: KeyBehaviour("revoked"), PAID: KeyBehaviour()})
 
     for _ in range(4):
         assert sdk(served).messages.create(**MESSAGE).content
@@ -349,9 +322,9 @@ def test_revoked_key_is_never_used_again(pool) -> None:
     assert sorted(key_status(served).values()) == ["active", "revoked"]
 
 
-def test_key_with_too_low_credit_balance_is_set_aside_as_over_quota(pool) -> None:
+def test_key_with_too_low_credit_balance_is_set_aside_as_over_quota(claude_pool) -> None:
     broke = "sk-ant-broke-0000000000"
-    served, fake = pool({broke: KeyBehaviour("over_quota"), PAID: KeyBehaviour()})
+    served, fake = claude_pool({broke: KeyBehaviour("over_quota"), PAID: KeyBehaviour()})
 
     for _ in range(4):
         assert sdk(served).messages.create(**MESSAGE).content
@@ -360,9 +333,9 @@ def test_key_with_too_low_credit_balance_is_set_aside_as_over_quota(pool) -> Non
     assert sorted(key_status(served).values()) == ["active", "over_quota"]
 
 
-def test_rate_limited_key_is_locked_out_for_its_retry_after(pool) -> None:
+def test_rate_limited_key_is_locked_out_for_its_retry_after(claude_pool) -> None:
     limited = "sk-ant-limited-0000000000"
-    served, fake = pool({limited: KeyBehaviour("rate_limited", reset_s=40), PAID: KeyBehaviour()})
+    served, fake = claude_pool({limited: KeyBehaviour("rate_limited", reset_s=40), PAID: KeyBehaviour()})
 
     for _ in range(4):
         assert sdk(served).messages.create(**MESSAGE).content
@@ -394,8 +367,8 @@ def test_rate_limited_key_is_locked_out_for_its_retry_after(pool) -> None:
     ],
     ids=["403", "disabled-organization", "402-billing", "billing-error", "usage-limit-reached"],
 )
-def test_key_refusals_set_the_key_aside_and_another_key_answers(pool, reply: tuple, state: str) -> None:
-    served, fake = pool({PAID: KeyBehaviour(), "sk-ant-other-9999999999": KeyBehaviour()})
+def test_key_refusals_set_the_key_aside_and_another_key_answers(claude_pool, reply: tuple, state: str) -> None:
+    served, fake = claude_pool({PAID: KeyBehaviour(), "sk-ant-other-9999999999": KeyBehaviour()})
     fake.next_status = [reply]
 
     message = sdk(served).messages.create(**MESSAGE)
@@ -405,8 +378,8 @@ def test_key_refusals_set_the_key_aside_and_another_key_answers(pool, reply: tup
     assert len(generation_requests(fake)) == 2
 
 
-def test_every_key_rate_limited_gives_a_rate_limit_error_with_retry_after(pool) -> None:
-    served, _ = pool({"sk-ant-limited-0000000000": KeyBehaviour("rate_limited", reset_s=20)})
+def test_every_key_rate_limited_gives_a_rate_limit_error_with_retry_after(claude_pool) -> None:
+    served, _ = claude_pool({"sk-ant-limited-0000000000": KeyBehaviour("rate_limited", reset_s=20)})
 
     with pytest.raises(anthropic.RateLimitError) as caught:
         sdk(served).messages.create(**MESSAGE)
@@ -415,9 +388,9 @@ def test_every_key_rate_limited_gives_a_rate_limit_error_with_retry_after(pool) 
     assert caught.value.body["type"] == "error"
 
 
-def test_overloaded_529_is_retried_on_another_key(pool) -> None:
+def test_overloaded_529_is_retried_on_another_key(claude_pool) -> None:
     broken = "sk-ant-broken-0000000000"
-    served, fake = pool({broken: KeyBehaviour("server_error"), PAID: KeyBehaviour()})
+    served, fake = claude_pool({broken: KeyBehaviour("server_error"), PAID: KeyBehaviour()})
 
     for _ in range(3):
         assert sdk(served).messages.create(**MESSAGE).content
@@ -426,8 +399,8 @@ def test_overloaded_529_is_retried_on_another_key(pool) -> None:
     assert set(key_status(served).values()) <= {"active", "unchecked"}  # overload says nothing against the key
 
 
-def test_overloaded_stream_is_retried_before_its_first_byte(pool) -> None:
-    served, fake = pool({"sk-ant-broken-0000000000": KeyBehaviour("server_error"), PAID: KeyBehaviour()})
+def test_overloaded_stream_is_retried_before_its_first_byte(claude_pool) -> None:
+    served, fake = claude_pool({"sk-ant-broken-0000000000": KeyBehaviour("server_error"), PAID: KeyBehaviour()})
 
     for _ in range(2):
         with sdk(served).messages.stream(**MESSAGE) as stream:
@@ -436,8 +409,8 @@ def test_overloaded_stream_is_retried_before_its_first_byte(pool) -> None:
     assert fake.calls_by_key[PAID] == 2
 
 
-def test_only_overloaded_keys_give_an_overloaded_error(pool) -> None:
-    served, _ = pool({"sk-ant-broken-0000000000": KeyBehaviour("server_error")})
+def test_only_overloaded_keys_give_an_overloaded_error(claude_pool) -> None:
+    served, _ = claude_pool({"sk-ant-broken-0000000000": KeyBehaviour("server_error")})
 
     with pytest.raises(anthropic.OverloadedError) as caught:
         sdk(served).messages.create(**MESSAGE)
@@ -445,9 +418,9 @@ def test_only_overloaded_keys_give_an_overloaded_error(pool) -> None:
     assert caught.value.body["error"]["type"] == "overloaded_error"
 
 
-def test_every_key_revoked_is_a_clear_error_that_shows_no_key(pool) -> None:
+def test_every_key_revoked_is_a_clear_error_that_shows_no_key(claude_pool) -> None:
     revoked = "sk-ant-revoked-0000000000"
-    served, _ = pool({revoked: KeyBehaviour("revoked")})
+    served, _ = claude_pool({revoked: KeyBehaviour("revoked")})
 
     with pytest.raises(anthropic.APIStatusError) as caught:
         sdk(served).messages.create(**MESSAGE)
@@ -457,8 +430,8 @@ def test_every_key_revoked_is_a_clear_error_that_shows_no_key(pool) -> None:
     assert revoked not in caught.value.response.text
 
 
-def test_status_lists_claude_keys_by_ant_id_and_never_the_secret(pool) -> None:
-    served, _ = pool({PAID: KeyBehaviour(), "sk-ant-other-9999999999": KeyBehaviour()})
+def test_status_lists_claude_keys_by_ant_id_and_never_the_secret(claude_pool) -> None:
+    served, _ = claude_pool({PAID: KeyBehaviour(), "sk-ant-other-9999999999": KeyBehaviour()})
 
     text = httpx.get(f"{served.url}/status", timeout=5).text
     keys = json.loads(text)["keys"]["anthropic"]
@@ -593,8 +566,8 @@ def stream_from(served: Served) -> str:
         return response.read().decode()
 
 
-def test_error_event_from_claude_mid_stream_is_the_streams_only_error(pool) -> None:
-    served, _ = pool({PAID: KeyBehaviour()}, ErrorMidStream)
+def test_error_event_from_claude_mid_stream_is_the_streams_only_error(claude_pool) -> None:
+    served, _ = claude_pool({PAID: KeyBehaviour()}, ErrorMidStream)
 
     events = sse_events(stream_from(served))
 
@@ -603,16 +576,16 @@ def test_error_event_from_claude_mid_stream_is_the_streams_only_error(pool) -> N
     assert events[-1][0] == "error"
 
 
-def test_sdk_stream_raises_on_claudes_error_event(pool) -> None:
-    served, _ = pool({PAID: KeyBehaviour()}, ErrorMidStream)
+def test_sdk_stream_raises_on_claudes_error_event(claude_pool) -> None:
+    served, _ = claude_pool({PAID: KeyBehaviour()}, ErrorMidStream)
 
     with pytest.raises(anthropic.APIStatusError), sdk(served).messages.stream(**MESSAGE) as stream:
         for _ in stream:
             pass
 
 
-def test_error_event_from_claude_mid_stream_is_redacted(pool) -> None:
-    served, _ = pool({PAID: KeyBehaviour()}, ErrorMidStream)
+def test_error_event_from_claude_mid_stream_is_redacted(claude_pool) -> None:
+    served, _ = claude_pool({PAID: KeyBehaviour()}, ErrorMidStream)
 
     text = stream_from(served)
 
@@ -624,8 +597,8 @@ def test_error_event_from_claude_mid_stream_is_redacted(pool) -> None:
 ODD_KEY = "gateway-7f3a9c1e5b2d4e6f"
 
 
-def test_error_event_mid_stream_is_redacted_of_any_configured_key(pool) -> None:
-    served, _ = pool({ODD_KEY: KeyBehaviour()}, ErrorMidStream)
+def test_error_event_mid_stream_is_redacted_of_any_configured_key(claude_pool) -> None:
+    served, _ = claude_pool({ODD_KEY: KeyBehaviour()}, ErrorMidStream)
 
     text = stream_from(served)
 
@@ -633,8 +606,8 @@ def test_error_event_mid_stream_is_redacted_of_any_configured_key(pool) -> None:
     assert ODD_KEY not in text
 
 
-def test_stream_ended_by_an_error_event_is_not_counted_as_a_success(pool) -> None:
-    served, _ = pool({PAID: KeyBehaviour()}, ErrorMidStream)
+def test_stream_ended_by_an_error_event_is_not_counted_as_a_success(claude_pool) -> None:
+    served, _ = claude_pool({PAID: KeyBehaviour()}, ErrorMidStream)
 
     stream_from(served)
     time.sleep(0.2)
@@ -708,8 +681,8 @@ class CachingClaude(FakeAnthropic):
         return await self._stream(request, [StreamEvent(e) for e in events], {})
 
 
-def test_cache_tokens_count_as_input_tokens(pool) -> None:
-    served, _ = pool({PAID: KeyBehaviour()}, CachingClaude)
+def test_cache_tokens_count_as_input_tokens(claude_pool) -> None:
+    served, _ = claude_pool({PAID: KeyBehaviour()}, CachingClaude)
 
     sdk(served).messages.create(**MESSAGE)
     usage = wait_for_usage(served, 1)
@@ -717,8 +690,8 @@ def test_cache_tokens_count_as_input_tokens(pool) -> None:
     assert usage["by_family"]["claude-haiku"] == {"requests": 1, "tokens_in": 1106, "tokens_out": 5}
 
 
-def test_streamed_cache_tokens_count_as_input_tokens(pool) -> None:
-    served, _ = pool({PAID: KeyBehaviour()}, CachingClaude)
+def test_streamed_cache_tokens_count_as_input_tokens(claude_pool) -> None:
+    served, _ = claude_pool({PAID: KeyBehaviour()}, CachingClaude)
 
     with sdk(served).messages.stream(**MESSAGE) as stream:
         stream.get_final_message()
@@ -727,8 +700,8 @@ def test_streamed_cache_tokens_count_as_input_tokens(pool) -> None:
     assert usage["by_family"]["claude-haiku"] == {"requests": 1, "tokens_in": 1106, "tokens_out": 7}
 
 
-def test_failed_request_is_not_counted_as_usage(pool) -> None:
-    served, _ = pool({"sk-ant-limited-0000000000": KeyBehaviour("rate_limited")})
+def test_failed_request_is_not_counted_as_usage(claude_pool) -> None:
+    served, _ = claude_pool({"sk-ant-limited-0000000000": KeyBehaviour("rate_limited")})
 
     with pytest.raises(anthropic.RateLimitError):
         sdk(served).messages.create(**MESSAGE)

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import PAID, PROXY_KEY, Served, make_settings, serve
+from tests.conftest import PAID, PROXY_KEY, Served
 from tests.fakes import FakeOpenAI, KeyBehaviour, openai_error
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello there"}]}
@@ -55,28 +55,6 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeOpenAI, Served]]:
-    """One fake and one proxy (with PROXY_KEY) for the tests that need no special settings."""
-    from proxy.server import create_app
-
-    with FakeOpenAI({PAID: KeyBehaviour()}) as fake:
-        settings = make_settings(
-            {"OPENAI_KEY": PAID, "OPENAI_BASE_URL": fake.base_url, "PROXY_KEY": PROXY_KEY},
-            tmp_path_factory.mktemp("proxy"),
-        )
-        with serve(create_app(settings), settings) as served:
-            yield fake, served
-
-
-@pytest.fixture
-def fake(shared: tuple[FakeOpenAI, Served]) -> FakeOpenAI:
-    """The shared fake, with nothing recorded and no knob left over from another test."""
-    upstream = shared[0]
-    upstream.reset()
-    upstream.next_status.clear()
-    upstream.hang_first_byte = 0.0
-    return upstream
 
 
 @pytest.fixture

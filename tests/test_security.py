@@ -8,14 +8,14 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 from aiohttp import web
 
-from tests.conftest import PAID, PROXY_KEY, Served, make_settings, serve
+from tests.conftest import PAID, PROXY_KEY, Served
 from tests.fakes import FakeOpenAI, KeyBehaviour, openai_error
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello there"}]}
@@ -68,26 +68,6 @@ def keys_anywhere(value: Any) -> set[str]:
     return set()
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeOpenAI, Served]]:
-    """One fake and one proxy (with PROXY_KEY) for the tests that need no special settings."""
-    from proxy.server import create_app
-
-    with FakeOpenAI({PAID: KeyBehaviour()}) as fake:
-        settings = make_settings(
-            {"OPENAI_KEY": PAID, "OPENAI_BASE_URL": fake.base_url, "PROXY_KEY": PROXY_KEY},
-            tmp_path_factory.mktemp("proxy"),
-        )
-        with serve(create_app(settings), settings) as served:
-            yield fake, served
-
-
-@pytest.fixture
-def fake(shared: tuple[FakeOpenAI, Served]) -> FakeOpenAI:
-    upstream = shared[0]
-    upstream.reset()
-    upstream.next_status.clear()
-    return upstream
 
 
 @pytest.fixture

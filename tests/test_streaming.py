@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from proxy.sse import SSEParser
-from tests.conftest import PAID, Served, make_settings, serve
+from tests.conftest import PAID, Served
 from tests.fakes import FakeOpenAI, KeyBehaviour, StreamEvent, sse_data
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello there"}], "stream": True}
@@ -23,28 +23,9 @@ COMPLETION = {"model": "gpt-4o", "prompt": "Say hello", "stream": True}
 ProxyApp = Callable[..., Served]
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeOpenAI, Served]]:
-    """One fake and one proxy for the tests that need no special settings."""
-    from proxy.server import create_app
-
-    with FakeOpenAI({PAID: KeyBehaviour()}) as fake:
-        settings = make_settings(
-            {"OPENAI_KEY": PAID, "OPENAI_BASE_URL": fake.base_url}, tmp_path_factory.mktemp("proxy")
-        )
-        with serve(create_app(settings), settings) as served:
-            yield fake, served
 
 
-@pytest.fixture
-def fake(shared: tuple[FakeOpenAI, Served]) -> FakeOpenAI:
-    """The shared fake with its default knobs and nothing recorded."""
-    upstream = shared[0]
-    upstream.reset()
-    upstream.stream_delay, upstream.chunks = 0.0, 5
-    upstream.drop_mid_stream, upstream.hang_first_byte = False, 0.0
-    upstream.next_status.clear()
-    return upstream
+SHARED_ENV: dict[str, str] = {}  # no proxy key for these
 
 
 @pytest.fixture
