@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from proxy import upstream
 from proxy.access.gatekeeper import Admission, Gatekeeper, credential_from
+from proxy.body import positive_int, read_json
 from proxy.errors import SHAPES, Kind, ProxyError, Redactor
 from proxy.families import family_of, is_allowed
 from proxy.keys.pool import Key, KeyPool, Outcome, Verdict
@@ -26,10 +27,6 @@ from proxy.usage import Usage, UsageEvent, UsageLedger, estimate_tokens
 
 log = logging.getLogger("proxy.access")
 
-# Body fields that could point a request elsewhere; dropped at any depth, except inside JSON
-# schemas, where names are the client's own data.
-REDIRECT_FIELDS = frozenset({"api_base", "base_url", "api_key", "user_config", "extra_headers", "extra_query"})
-SCHEMA_FIELDS = frozenset({"parameters", "input_schema", "schema", "json_schema"})
 # The upstream itself unreachable this many times: every key would fail the same way.
 MAX_UNREACHABLE = 3
 STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -142,7 +139,7 @@ class Pipeline:
         return response
 
     async def _generate(self, request: Request, service: Service, endpoint: Endpoint, caller, ctx: _Ctx) -> Response:
-        payload, ctx.body_len = await self._read_json(request)
+        payload, ctx.body_len = await read_json(request, self.max_body_bytes)
         model = payload.get("model")
         if not isinstance(model, str) or not model.strip():
             raise ProxyError(400, "The request body needs a 'model' (a string).", Kind.INVALID_REQUEST)
@@ -154,7 +151,7 @@ class Pipeline:
             )
         ctx.streamed = payload.get("stream") is True and endpoint.kind != "embeddings"
         max_tokens = payload.get("max_tokens") or payload.get("max_completion_tokens")
-        estimate = estimate_tokens(ctx.body_len) + _whole(max_tokens)
+        estimate = estimate_tokens(ctx.body_len) + positive_int(max_tokens)
         upstream_payload = self.door.request(payload) if endpoint.translated else payload
         state = service.dialect.prepare(endpoint, upstream_payload)
         body = json.dumps(upstream_payload, separators=(",", ":")).encode()
@@ -320,33 +317,6 @@ class Pipeline:
         return {str(m["id"]) for m in items or () if isinstance(m, dict) and m.get("id")}
 
     # Helpers -----------------------------------------------------------------------------------
-    async def _read_json(self, request: Request) -> tuple[dict, int]:
-        """The body as a JSON object (with redirecting fields dropped) and its size in bytes."""
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise _too_large(self.max_body_bytes)
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > self.max_body_bytes:
-                    raise _too_large(self.max_body_bytes)
-                chunks.append(chunk)
-        except ClientDisconnect:
-            raise ProxyError(400, "The request body was not received completely.", Kind.INVALID_REQUEST) from None
-        raw = b"".join(chunks)
-        if not raw.strip():
-            raise ProxyError(400, "The request body is empty; send a JSON object.", Kind.INVALID_REQUEST)
-        try:
-            payload = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ProxyError(400, f"The request body is not valid JSON: {exc}.", Kind.INVALID_REQUEST) from None
-        if not isinstance(payload, dict):
-            raise ProxyError(400, "The request body must be a JSON object.", Kind.INVALID_REQUEST)
-        drop_redirect_fields(payload)
-        return payload, len(raw)
-
     def _account(self, ctx: _Ctx, admission: Admission, usage: Usage, status: int) -> None:
         ctx.usage = usage
         if 200 <= status < 300 or status == 499:
@@ -424,27 +394,3 @@ class _Ctx:
 
 _OK = Outcome(Verdict.OK)
 _RETRYABLE = Outcome(Verdict.RETRYABLE)
-
-
-def _whole(value: Any) -> int:
-    """A non-negative int from a client field, or 0 when it is not one."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-def _too_large(limit: int) -> ProxyError:
-    return ProxyError(
-        413, f"The request body is larger than this proxy accepts ({limit} bytes).", Kind.TOO_LARGE
-    )
-
-
-def drop_redirect_fields(value: Any) -> None:
-    """Remove fields that could redirect a request (api_base, base_url, ...), at any depth."""
-    if isinstance(value, dict):
-        for name in [k for k in value if k in REDIRECT_FIELDS]:
-            del value[name]
-        for name, item in value.items():
-            if name not in SCHEMA_FIELDS:
-                drop_redirect_fields(item)
-    elif isinstance(value, list):
-        for item in value:
-            drop_redirect_fields(item)

@@ -1,0 +1,67 @@
+"""The client's request body: size limit, JSON object, and fields that must never travel on."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import ClientDisconnect, Request
+
+from proxy.errors import Kind, ProxyError
+
+# Body fields that could point a request elsewhere; dropped at any depth, except inside JSON
+# schemas, where names are the client's own data.
+REDIRECT_FIELDS = frozenset({"api_base", "base_url", "api_key", "user_config", "extra_headers", "extra_query"})
+SCHEMA_FIELDS = frozenset({"parameters", "input_schema", "schema", "json_schema"})
+
+
+async def read_json(request: Request, max_bytes: int) -> tuple[dict, int]:
+    """The body as a JSON object (with redirecting fields dropped) and its size in bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise too_large(max_bytes)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise too_large(max_bytes)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ProxyError(400, "The request body was not received completely.", Kind.INVALID_REQUEST) from None
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise ProxyError(400, "The request body is empty; send a JSON object.", Kind.INVALID_REQUEST)
+    try:
+        payload = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProxyError(400, f"The request body is not valid JSON: {exc}.", Kind.INVALID_REQUEST) from None
+    if not isinstance(payload, dict):
+        raise ProxyError(400, "The request body must be a JSON object.", Kind.INVALID_REQUEST)
+    drop_redirect_fields(payload)
+    return payload, len(raw)
+
+
+def positive_int(value: Any) -> int:
+    """A non-negative int from a client field, or 0 when it is not one."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def too_large(limit: int) -> ProxyError:
+    return ProxyError(
+        413, f"The request body is larger than this proxy accepts ({limit} bytes).", Kind.TOO_LARGE
+    )
+
+
+def drop_redirect_fields(value: Any) -> None:
+    """Remove fields that could redirect a request (api_base, base_url, ...), at any depth."""
+    if isinstance(value, dict):
+        for name in [k for k in value if k in REDIRECT_FIELDS]:
+            del value[name]
+        for name, item in value.items():
+            if name not in SCHEMA_FIELDS:
+                drop_redirect_fields(item)
+    elif isinstance(value, list):
+        for item in value:
+            drop_redirect_fields(item)
