@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from tests.conftest import PAID, Served
-from tests.fakes import FakeAnthropic, FakeOpenAI, KeyBehaviour
+from tests.fakes import FakeAnthropic, FakeOpenAI
 
 ADMIN = "admin-key-for-tests-0001"
 ROOT = Path(__file__).resolve().parent.parent
