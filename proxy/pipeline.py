@@ -222,7 +222,8 @@ class Pipeline:
             raise last
         headers_out = {"retry-after": str(int(no_key.retry_after + 0.999))} if no_key.retry_after else None
         kind = {429: Kind.RATE_LIMIT, 404: Kind.NOT_FOUND}.get(no_key.status, Kind.UNAVAILABLE)
-        raise ProxyError(no_key.status, no_key.message, kind, headers=headers_out)
+        code = "model_not_found" if no_key.status == 404 else None
+        raise ProxyError(no_key.status, no_key.message, kind, headers=headers_out, code=code)
 
     # Replies ----------------------------------------------------------------------------------
     async def _complete(
@@ -275,7 +276,8 @@ class Pipeline:
                 if not meter.finished:
                     status = 502
             except BaseException:
-                status = 499  # the client went away
+                # The client went away; if the whole answer had reached it, it was served all the same.
+                status = 200 if meter.finished else 499
                 raise
             finally:
                 usage = meter.usage

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -244,6 +245,37 @@ def test_an_error_event_inside_the_stream_is_its_last_word_and_never_shows_a_key
     assert len(errors) == 1 and errors[0] is events[-1]
     assert "hit an internal error" in errors[0]["error"]["message"]
     assert key not in "\n".join(lines)
+
+
+class LingeringOpenAI(FakeOpenAI):
+    """An upstream that sends its whole stream, [DONE] included, then waits before closing."""
+
+    async def _stream(self, request: web.Request, events, headers: dict[str, str]) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events:
+            await response.write(event.data)
+        await asyncio.sleep(1.0)
+        await response.write_eof()
+        return response
+
+
+def test_a_client_that_leaves_after_the_last_event_was_served_not_aborted(proxy_app: ProxyApp) -> None:
+    with LingeringOpenAI({PAID: KeyBehaviour()}) as fake:
+        served = proxy_app(OPENAI_KEY=PAID, OPENAI_BASE_URL=fake.base_url)
+        with (
+            httpx.Client(base_url=served.proxy(), timeout=10, trust_env=False) as client,
+            client.stream("POST", "/chat/completions", json=CHAT) as reply,
+        ):
+            for line in reply.iter_lines():
+                if line == "data: [DONE]":
+                    break  # like many clients: stop reading at [DONE] and hang up
+        deadline = time.monotonic() + 3
+        while not served.runtime.ledger.recent(1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    event = served.runtime.ledger.recent(1)[0]
+    assert event["status"] == 200
+    assert event["tokens_out"] == 5  # the upstream's own count, not an estimate
 
 
 # Parsing what arrives ----------------------------------------------------------------------------

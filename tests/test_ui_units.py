@@ -19,6 +19,7 @@ from ui.chat import (
     fetch_models,
     make_respond,
     normalise_history,
+    pick_model,
     service_for_model,
 )
 from ui.common import (
@@ -421,12 +422,20 @@ async def test_models_are_listed_with_the_typed_credential():
     assert "3 models" in note
 
 
-async def test_model_list_falls_back_to_public_families_when_refused():
+async def test_a_refused_model_list_offers_nothing_and_says_why():
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(401, json={"error": {"message": "nope"}})
 
     models, note = await fetch_models(make_ctx(transport=httpx.MockTransport(handler)), "bad")
-    assert "gpt-4o" in models and "401" in note
+    assert models == [] and "401" in note
+
+
+def test_the_preselected_model_is_a_chat_model_the_proxy_lists():
+    listed = ["dall-e-3", "ft:gpt-4o-mini:org::abc", "gpt-4", "gpt-4o-mini", "text-embedding-3-small"]
+    assert pick_model(listed, None) == "gpt-4o-mini"
+    assert pick_model(listed, "gpt-4") == "gpt-4"  # the visitor's own choice stays
+    assert pick_model(["text-embedding-3-small", "o3-mini"], "gone-model") == "o3-mini"
+    assert pick_model(["text-embedding-3-small"], None) is None
 
 
 # ---------------------------------------------------------------- admin

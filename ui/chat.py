@@ -20,7 +20,6 @@ from ui.common import (
     forwarded_headers,
     http_client,
     parse_body,
-    safe_status,
     service_path,
 )
 
@@ -114,11 +113,20 @@ def model_ids(data: Any) -> list[str]:
     return sorted(ids)
 
 
-def fallback_models(ctx: UIContext) -> list[str]:
-    """Model families from the public status, used until the real list can be fetched."""
-    keys = safe_status(ctx).get("keys") or {}
-    families = {str(f) for s in keys.values() if isinstance(s, dict) for f in s.get("families") or []}
-    return sorted(families)
+# Preselected when listed: cheap, capable chat models. Otherwise the first chat model listed.
+PREFERRED_MODELS = ("gpt-4o-mini", "gpt-4.1-mini", "gpt-4o", "claude-3-5-haiku-latest", "claude-3-5-haiku-20241022")
+NOT_CHAT = ("embedding", "ft:", "dall-e", "whisper", "tts", "moderation", "davinci", "babbage")
+
+
+def pick_model(models: list[str], current: str | None) -> str | None:
+    """Keep the visitor's choice if it is offered; else a sensible chat model; else nothing."""
+    if current and current in models:
+        return current
+    for preferred in PREFERRED_MODELS:
+        if preferred in models:
+            return preferred
+    chat = [m for m in models if not any(word in m.lower() for word in NOT_CHAT)]
+    return chat[0] if chat else None
 
 
 async def fetch_models(ctx: UIContext, credential: str, request: Any = None) -> tuple[list[str], str]:
@@ -142,10 +150,9 @@ async def fetch_models(ctx: UIContext, credential: str, request: Any = None) -> 
     if found:
         note = f"{len(found)} models available." + (" Not listed: " + " ".join(problems) if problems else "")
         return found, note
-    fallback = fallback_models(ctx)
     if not ctx.services:
-        return fallback, "No provider is configured."
-    return fallback, "Could not list models: " + " ".join(problems)
+        return [], "No provider is configured."
+    return [], "Could not list models: " + " ".join(problems)
 
 
 # ---------------------------------------------------------------- streaming
@@ -259,11 +266,10 @@ def make_respond(ctx: UIContext):
 class ChatPanel:
     def __init__(self, ctx: UIContext) -> None:
         self.ctx = ctx
-        initial = fallback_models(ctx)
         with gr.Row(elem_classes=["form-row"]):
             self.model = gr.Dropdown(
-                choices=initial,
-                value=initial[0] if initial else None,
+                choices=[],
+                value=None,
                 label="Model",
                 allow_custom_value=True,
                 scale=3,
@@ -284,7 +290,7 @@ class ChatPanel:
             make_respond(ctx),
             additional_inputs=[self.model, self.credential],
             chatbot=gr.Chatbot(height=460, show_label=False, elem_id="chat-box", feedback_options=None),
-            # The standard textbox, but with a plain placeholder (an i18n one is lost after a reply).
+            # The standard textbox with a plain placeholder (Gradio 6.31 clears it after the first reply).
             textbox=gr.Textbox(
                 placeholder="Type a message…",
                 show_label=False,
@@ -301,20 +307,17 @@ class ChatPanel:
 
     async def refresh_models(self, credential: str | None, current: str | None, request: gr.Request | None = None):
         if self.ctx.auth_mode != "none" and not (credential or "").strip():
-            return self.initial_models(current)
+            return await self.initial_models(current, request)
         models, note = await fetch_models(self.ctx, credential or "", request)
-        value = current if current in models else (models[0] if models else current)
-        return gr.Dropdown(choices=models, value=value), note
+        return gr.Dropdown(choices=models, value=pick_model(models, current)), note
 
-    def initial_models(self, current: str | None):
-        """On page load: model families from the public status, without calling upstream."""
-        models = fallback_models(self.ctx)
-        value = current if current in models else (models[0] if models else current)
+    async def initial_models(self, current: str | None, request: gr.Request | None = None):
+        """On page load: with no credential needed, the real list; otherwise ask for the credential."""
         if self.ctx.auth_mode == "none":
-            note = "Press ↻ to load every model the proxy offers."
-        else:
-            note = f"Enter your {credential_name(self.ctx.auth_mode)} and press ↻ to load the models."
-        return gr.Dropdown(choices=models, value=value), note
+            models, note = await fetch_models(self.ctx, "", request)
+            return gr.Dropdown(choices=models, value=pick_model(models, current)), note
+        note = f"Enter your {credential_name(self.ctx.auth_mode)} and press ↻ to load the models."
+        return gr.Dropdown(choices=[], value=current or None), note
 
     def wire(self, demo: gr.Blocks) -> None:
         common = dict(outputs=[self.model, self.note], api_visibility="private")

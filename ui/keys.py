@@ -106,6 +106,7 @@ class KeysPanel:
                     wrap=True,
                     show_label=False,
                     max_height=360,
+                    column_widths=["13%", "12%", "8%", "27%", "18%", "11%", "11%"],
                     elem_id=f"keys-table-{service}",
                 )
 

@@ -1,0 +1,112 @@
+"""Helpers for the browser tests: Debian's Chromium driven by Playwright, the whole app served
+on a port it knows in advance, and small readers for the Gradio page."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import uvicorn
+
+from proxy.config import Settings
+from tests.conftest import Served
+
+MISSING_CHROMIUM = (
+    "Chromium is missing: install it with `apt-get install -y chromium` (Debian) to run the browser tests."
+)
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--no-first-run",
+]
+
+# Records every distinct text of the last bot message, so a test sees each step of a stream
+# even if it polls slower than the chunks arrive.
+WATCH_BOT_JS = """() => {
+  const box = document.querySelector('#chat-box');
+  window.__botTexts = [];
+  const record = () => {
+    const bots = box.querySelectorAll('[data-testid="bot"]');
+    const text = bots.length ? bots[bots.length - 1].innerText.trim() : '';
+    const seen = window.__botTexts;
+    if (text && seen[seen.length - 1] !== text) seen.push(text);
+  };
+  new MutationObserver(record).observe(box, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def chromium_path() -> str | None:
+    """The system Chromium (Debian's `chromium` package); Playwright's own builds are never used."""
+    return shutil.which("chromium")
+
+
+def launch_chromium(playwright: Any, executable: str) -> Any:
+    """A headless browser with a fresh temporary profile (Playwright makes one per launch)."""
+    return playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+
+
+@contextmanager
+def serve_whole_app(settings: Settings) -> Iterator[Served]:
+    """Serve `build_app(settings, self_url)` on 127.0.0.1. The socket is bound first, because the
+    page's test chat and admin tab call the server's own URL, which holds the port."""
+    from app import build_app
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    app = build_app(settings, self_url=url)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise RuntimeError("the app did not start")
+        time.sleep(0.02)
+    try:
+        yield Served(url, app, settings, server)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+# ---------------------------------------------------------------- reading and driving the page
+
+
+def field(page: Any, elem_id: str) -> Any:
+    """The text field inside a gr.Textbox (an <input> or a <textarea>, depending on its lines)."""
+    return page.locator(f"#{elem_id} input, #{elem_id} textarea").first
+
+
+def table_row(page: Any, elem_id: str, text: str) -> Any:
+    """The visible row of a gr.Dataframe holding `text` (Gradio also renders hidden sizing rows)."""
+    return page.locator(f"#{elem_id}").get_by_role("row").filter(has_text=text)
+
+
+def open_tab(page: Any, name: str) -> None:
+    page.get_by_role("tab", name=name, exact=True).click()
+
+
+def pick_model(page: Any, model: str) -> None:
+    """Open the model dropdown and click an option of the list."""
+    page.locator("#chat-model input").click()
+    page.get_by_role("option", name=model, exact=True).click()
+
+
+def send_chat(page: Any, text: str) -> None:
+    page.locator("#chat-input textarea").fill(text)
+    page.locator("#chat-input textarea").press("Enter")
