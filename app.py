@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from typing import TYPE_CHECKING
 
@@ -55,7 +56,18 @@ def main() -> int:
 
     configure_logging(settings.log_level, Redactor(settings.secrets))
     app = build_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, proxy_headers=settings.on_space)
+    # Gradio's large, long-lived heap made every garbage collection walk it: freezing it took
+    # ~30% off the proxy's CPU per request (bench/README.md).
+    gc.collect()
+    gc.freeze()
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        proxy_headers=settings.on_space,
+        access_log=False,  # the pipeline logs one line per proxy request itself
+    )
     return 0
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 
+from proxy import jsonx
 from proxy.errors import Kind, ProxyError
 
 # Body fields that could point a request elsewhere; dropped at any depth, except inside JSON
@@ -34,7 +34,7 @@ async def read_json(request: Request, max_bytes: int) -> tuple[dict, int]:
     if not raw.strip():
         raise ProxyError(400, "The request body is empty; send a JSON object.", Kind.INVALID_REQUEST)
     try:
-        payload = json.loads(raw)
+        payload = jsonx.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProxyError(400, f"The request body is not valid JSON: {exc}.", Kind.INVALID_REQUEST) from None
     if not isinstance(payload, dict):

@@ -14,7 +14,7 @@ import aiohttp
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from proxy import upstream
+from proxy import jsonx, upstream
 from proxy.access.gatekeeper import Admission, Gatekeeper, credential_from
 from proxy.body import positive_int, read_json
 from proxy.errors import SHAPES, Kind, ProxyError, Redactor
@@ -97,12 +97,20 @@ class Pipeline:
         self.client_ip = client_ip
         self.door = Door(default_max_tokens)
 
+    def serves(self, method: str, raw_path: bytes) -> bool:
+        """Whether (method, raw path) is on the allow-list, so that `handle` answers it."""
+        try:
+            self.router.match(method, raw_path)
+        except ProxyError:
+            return False
+        return True
+
     # The entry point -----------------------------------------------------------------------
     async def handle(self, request: Request) -> Response:
         started = time.perf_counter()
-        raw_path: bytes = request.scope.get("raw_path") or request.url.path.encode()
+        raw_path: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
         shape = self.router.shape_for(raw_path)
-        ctx = _Ctx(started=started, method=request.method, path=request.url.path)
+        ctx = _Ctx(started=started, method=request.method, path=request.scope["path"])
         if request.method == "OPTIONS":
             return Response(status_code=204, headers=CORS_PREFLIGHT)
         try:
@@ -154,7 +162,7 @@ class Pipeline:
         estimate = estimate_tokens(ctx.body_len) + positive_int(max_tokens)
         upstream_payload = self.door.request(payload) if endpoint.translated else payload
         state = service.dialect.prepare(endpoint, upstream_payload)
-        body = json.dumps(upstream_payload, separators=(",", ":")).encode()
+        body = jsonx.dumps(upstream_payload)
         admission = self.gatekeeper.admit(caller, family, estimate)
         try:
             reply = await self._forward(service, endpoint, request.headers, body, model)
@@ -239,13 +247,13 @@ class Pipeline:
         finally:
             response.release()
         try:
-            body = json.loads(raw)
+            body = jsonx.loads(raw)
         except ValueError:
             body = None
         usage = service.dialect.usage_of(body) or Usage()
         self._account(ctx, admission, usage, response.status)
         if endpoint.translated and isinstance(body, dict):
-            raw = json.dumps(self.door.response(body)).encode()
+            raw = jsonx.dumps(self.door.response(body))
         headers = upstream.pick_headers(response.headers, service.dialect.response_headers)
         return Response(raw, response.status, headers=headers, media_type="application/json")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from proxy import jsonx
+
 
 @dataclass(slots=True)
 class Event:
@@ -17,7 +19,7 @@ class Event:
     def json(self) -> object | None:
         """The data as JSON, or None when it is not JSON (e.g. '[DONE]')."""
         try:
-            return json.loads(self.data)
+            return jsonx.loads(self.data)
         except ValueError:
             return None
 

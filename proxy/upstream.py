@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 
 import aiohttp
 
+from proxy import jsonx
 from proxy.config import Settings
 from proxy.errors import Redactor
 from proxy.providers.base import StreamMeter
@@ -58,7 +58,7 @@ async def read_error_body(response: aiohttp.ClientResponse) -> tuple[bytes, obje
     finally:
         response.release()
     try:
-        return raw, json.loads(raw) if raw else None
+        return raw, jsonx.loads(raw) if raw else None
     except ValueError:
         return raw, None
 
