@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import gc
+import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from proxy.config import ConfigError, Settings, load_settings
@@ -21,6 +23,7 @@ def build_app(settings: Settings, self_url: str | None = None) -> FastAPI:
     import gradio as gr
 
     from proxy.server import build_runtime, create_app
+    from ui.admin import MAX_IMPORT_BYTES
     from ui.blocks import CSS, UIContext, build_theme, build_ui
 
     runtime = build_runtime(settings)
@@ -37,10 +40,37 @@ def build_app(settings: Settings, self_url: str | None = None) -> FastAPI:
         auth_mode=settings.auth_mode,
         status=runtime.status,
         recent=runtime.ledger.recent,
+        client_headers=runtime.page_headers,
     )
-    return gr.mount_gradio_app(
-        app, build_ui(ctx), path="/", ssr_mode=False, theme=build_theme(), css=CSS, footer_links=[]
+    blocks = build_ui(ctx)
+    app = gr.mount_gradio_app(
+        app,
+        blocks,
+        path="/",
+        ssr_mode=False,
+        theme=build_theme(),
+        css=CSS,
+        footer_links=[],
+        allowed_paths=[],  # nothing beyond Gradio's own cache, uploads, CWD and temp dir
+        blocked_paths=blocked_paths(settings),
+        max_file_size=MAX_IMPORT_BYTES,  # the only upload is the Admin tab's import, bounded the same
     )
+    # Gradio checks the file paths an event's inputs name (only files it received as uploads) and
+    # its outputs name (no blocked path) only once `has_launched` is set, which `launch()` does and
+    # `mount_gradio_app` does not: without it a crafted event could have any file copied to the
+    # cache and served (processing_utils._check_allowed).
+    blocks.has_launched = True
+    return app
+
+
+def blocked_paths(settings: Settings) -> list[str]:
+    """Paths Gradio must never move to its cache nor serve: the data directory (the database and
+    its WAL hold user tokens), the .env file, and any GRADIO_BLOCKED_PATHS (which `launch()` reads
+    and `mount_gradio_app` does not)."""
+    paths = [Path(settings.data_dir).resolve(), Path(".env").resolve()]
+    extra = os.environ.get("GRADIO_BLOCKED_PATHS", "")
+    paths += [Path(item.strip()).resolve() for item in extra.split(",") if item.strip()]
+    return [str(p) for p in dict.fromkeys(paths)]
 
 
 def main() -> int:
@@ -65,7 +95,7 @@ def main() -> int:
         host=settings.host,
         port=settings.port,
         log_config=None,
-        proxy_headers=settings.on_space,
+        proxy_headers=False,  # whose forwarded-for to believe is decided in Runtime.client_ip
         access_log=False,  # the pipeline logs one line per proxy request itself
     )
     return 0

@@ -37,9 +37,14 @@ async def read_json(request: Request, max_bytes: int) -> tuple[dict, int]:
         payload = jsonx.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProxyError(400, f"The request body is not valid JSON: {exc}.", Kind.INVALID_REQUEST) from None
+    except RecursionError:
+        raise ProxyError(400, "The request body is nested too deeply.", Kind.INVALID_REQUEST) from None
     if not isinstance(payload, dict):
         raise ProxyError(400, "The request body must be a JSON object.", Kind.INVALID_REQUEST)
-    drop_redirect_fields(payload)
+    try:
+        drop_redirect_fields(payload)
+    except RecursionError:
+        raise ProxyError(400, "The request body is nested too deeply.", Kind.INVALID_REQUEST) from None
     return payload, len(raw)
 
 
@@ -65,3 +70,16 @@ def drop_redirect_fields(value: Any) -> None:
     elif isinstance(value, list):
         for item in value:
             drop_redirect_fields(item)
+
+
+# Reserved against a quota for the reply when the client sets no max_tokens: without it, a burst
+# of requests could each reserve almost nothing and together overshoot a limit by far.
+DEFAULT_OUTPUT_RESERVE = 1024
+
+
+def output_reserve(kind: str, payload: dict) -> int:
+    """Tokens a reply may use: max_tokens (or the default) for each of the `n` choices."""
+    if kind == "embeddings":
+        return 0
+    limit = positive_int(payload.get("max_tokens")) or positive_int(payload.get("max_completion_tokens"))
+    return (limit or DEFAULT_OUTPUT_RESERVE) * max(1, positive_int(payload.get("n")))

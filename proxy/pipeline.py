@@ -16,7 +16,8 @@ from starlette.responses import Response, StreamingResponse
 
 from proxy import jsonx, upstream
 from proxy.access.gatekeeper import Admission, Gatekeeper, credential_from
-from proxy.body import positive_int, read_json
+from proxy.body import output_reserve, read_json
+from proxy.client import ClientGone, unless_client_leaves
 from proxy.errors import SHAPES, Kind, ProxyError, Redactor
 from proxy.families import family_of, is_allowed
 from proxy.keys.pool import Key, KeyPool, Outcome, Verdict
@@ -137,6 +138,8 @@ class Pipeline:
             response = self.error_response(shape, exc)
         except UpstreamReply as exc:
             response = self._pass_error(shape, exc)
+        except ClientGone:
+            response = Response(status_code=499)  # nobody is listening; for the log line only
         except Exception:
             log.exception("unexpected error on %s %s", ctx.method, ctx.path[:120])
             error = ProxyError(500, "The proxy failed to handle this request; it has been logged.", Kind.UPSTREAM)
@@ -157,22 +160,32 @@ class Pipeline:
             raise ProxyError(
                 403, f"The model '{model}' (family {family}) is not served by this proxy.", Kind.PERMISSION
             )
-        ctx.streamed = payload.get("stream") is True and endpoint.kind != "embeddings"
-        max_tokens = payload.get("max_tokens") or payload.get("max_completion_tokens")
-        estimate = estimate_tokens(ctx.body_len) + positive_int(max_tokens)
+        stream = payload.get("stream", False)
+        if stream is not None and not isinstance(stream, bool):
+            raise ProxyError(400, "'stream' must be true or false.", Kind.INVALID_REQUEST)
+        ctx.streamed = stream is True and endpoint.kind != "embeddings"
+        estimate = estimate_tokens(ctx.body_len) + output_reserve(endpoint.kind, payload)
         upstream_payload = self.door.request(payload) if endpoint.translated else payload
         state = service.dialect.prepare(endpoint, upstream_payload)
         body = jsonx.dumps(upstream_payload)
         admission = self.gatekeeper.admit(caller, family, estimate)
         try:
-            reply = await self._forward(service, endpoint, request.headers, body, model)
+            reply = await unless_client_leaves(
+                request, self._forward(service, endpoint, request.headers, body, model)
+            )
+            ctx.key_id = reply.key.id
+            if "text/event-stream" in reply.response.headers.get("content-type", ""):
+                ctx.streamed = True  # metered whatever the client asked: usage must be counted
+                response = self._stream(service, endpoint, reply, state, admission, ctx, payload)
+            else:
+                response = await unless_client_leaves(
+                    request, self._complete(service, endpoint, reply, admission, ctx)
+                )
         except BaseException:
-            self.gatekeeper.release(admission)
+            self.gatekeeper.release(admission)  # a no-op once settled
             raise
-        ctx.key_id = reply.key.id
-        if ctx.streamed and "text/event-stream" in reply.response.headers.get("content-type", ""):
-            return self._stream(service, endpoint, reply, state, admission, ctx, payload)
-        return await self._complete(service, endpoint, reply, admission, ctx)
+        response.headers.update(admission.headers)
+        return response
 
     # Forwarding with retries ------------------------------------------------------------------
     async def _forward(
@@ -241,7 +254,6 @@ class Pipeline:
         try:
             raw = await response.read()
         except (TimeoutError, *upstream.NETWORK_ERRORS) as exc:
-            self.gatekeeper.release(admission)
             status, kind = (504, Kind.TIMEOUT) if isinstance(exc, asyncio.TimeoutError) else (502, Kind.UPSTREAM)
             raise ProxyError(status, f"The {service.dialect.name} upstream broke off its reply.", kind) from None
         finally:
@@ -250,7 +262,11 @@ class Pipeline:
             body = jsonx.loads(raw)
         except ValueError:
             body = None
-        usage = service.dialect.usage_of(body) or Usage()
+        try:
+            usage = service.dialect.usage_of(body) or Usage()
+        except (TypeError, ValueError, AttributeError):
+            log.warning("the %s upstream sent a malformed usage object", service.dialect.name)
+            usage = Usage(estimate_tokens(ctx.body_len), estimate_tokens(len(raw)), estimated=True)
         self._account(ctx, admission, usage, response.status)
         if endpoint.translated and isinstance(body, dict):
             raw = jsonx.dumps(self.door.response(body))

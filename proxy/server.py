@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from fastapi import FastAPI
@@ -30,6 +33,10 @@ from proxy.usage import UsageEvent, UsageLedger
 
 log = logging.getLogger("proxy")
 
+LOOPBACK = frozenset({"127.0.0.1", "::1"})
+INTERNAL_HEADER = "x-proxy-internal"  # never forwarded upstream: not on any header allow-list
+CLIENT_IP_HEADER = "x-proxy-client-ip"
+
 PROXY_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
@@ -46,6 +53,32 @@ class Runtime:
     started_at: float = field(default_factory=time.time)
     session: aiohttp.ClientSession | None = None
     checker: KeyChecker | None = None
+    # Lets the page's own calls (from this machine) say which visitor they act for.
+    internal_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+
+    def client_ip(self, request: Any) -> str:
+        """The caller's IP, for per-IP limits and lockouts.
+
+        Believed, in order: the page's own calls, which prove themselves with a per-process secret
+        and arrive from this machine; on a Space, the last X-Forwarded-For entry (the one the
+        Space's front proxy added: earlier entries are whatever the client sent); else the peer.
+        """
+        peer = request.client.host if request.client else "unknown"
+        headers = request.headers
+        if peer in LOOPBACK:
+            vouched = headers.get(CLIENT_IP_HEADER)
+            proof = headers.get(INTERNAL_HEADER)
+            if vouched and proof and hmac.compare_digest(proof.encode(), self.internal_secret.encode()):
+                return vouched[:64]
+        if self.settings.on_space:
+            forwarded = headers.get("x-forwarded-for")
+            if forwarded:
+                return forwarded.rsplit(",", 1)[-1].strip()[:64] or peer
+        return peer
+
+    def page_headers(self, request: Any) -> dict[str, str]:
+        """Headers the page adds to the calls it makes for a visitor: who the visitor is, vouched."""
+        return {CLIENT_IP_HEADER: self.client_ip(request), INTERNAL_HEADER: self.internal_secret}
 
     def get_session(self) -> aiohttp.ClientSession:
         if self.session is None or self.session.closed:
@@ -103,13 +136,13 @@ def build_runtime(settings: Settings) -> Runtime:
     redactor = Redactor(settings.secrets)
     access = build_access(settings)
     services: dict[str, Service] = {}
-    for dialect, base_url, secrets, env in (
+    for dialect, base_url, keys, env in (
         (OpenAI(), settings.openai_base_url, settings.openai_keys, "OPENAI_KEY"),
         (Anthropic(), settings.anthropic_base_url, settings.anthropic_keys, "ANTHROPIC_KEY"),
     ):
-        if dialect.name == "anthropic" and not secrets:
+        if dialect.name == "anthropic" and not keys:
             continue  # Claude routes exist only when a Claude key is configured
-        pool = KeyPool(dialect.name, secrets, dialect.key_prefix, family_filter=settings.model_family_filter)
+        pool = KeyPool(dialect.name, keys, dialect.key_prefix, family_filter=settings.model_family_filter)
         pool.restore(access.store.load_key_states(dialect.name))  # what earlier runs learned
         pool.on_change = _saving(access, pool)
         services[dialect.name] = Service(dialect, base_url, pool, env, family_filter=settings.model_family_filter)
@@ -152,15 +185,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     """The proxy app without the UI: /health, /status and everything under /proxy."""
     runtime = runtime or build_runtime(settings)
 
-    def client_ip(request: Request) -> str:
-        """The caller's IP. A forwarded-for header is believed only from a front proxy we know:
-        Hugging Face's on a Space, or this machine (the page's own test chat, a local nginx)."""
-        peer = request.client.host if request.client else "unknown"
-        if settings.on_space or peer in ("127.0.0.1", "::1"):
-            forwarded = request.headers.get("x-forwarded-for")
-            if forwarded:
-                return forwarded.split(",")[0].strip() or peer
-        return peer
+    client_ip = runtime.client_ip
+
     pipeline = Pipeline(
         runtime.services,
         runtime.gatekeeper,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -10,6 +11,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from aiohttp import web
 
 from tests.conftest import PAID, PROXY_KEY, Served
 from tests.fakes import FakeOpenAI, KeyBehaviour, openai_error
@@ -350,3 +352,55 @@ def test_the_sdk_gets_embeddings(served: Served) -> None:
     reply = sdk(served).embeddings.create(model="text-embedding-3-small", input=["one two", "three"])
     assert [item.embedding for item in reply.data] == [[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]]
     assert reply.usage.prompt_tokens == 3
+
+
+# Hardening -------------------------------------------------------------------------------------
+
+
+class SlowOpenAI(FakeOpenAI):
+    """Takes three seconds to answer, and notes when the proxy gave up on it."""
+
+    cancelled = 0
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        try:
+            await asyncio.sleep(3)
+        except asyncio.CancelledError:
+            type(self).cancelled += 1
+            raise
+        return await super()._dispatch(request)
+
+
+def test_a_client_that_hangs_up_on_a_non_streamed_request_cancels_the_upstream_request(proxy_app) -> None:
+    with SlowOpenAI({PAID: KeyBehaviour()}) as slow:
+        served = proxy_app(OPENAI_KEY=PAID, OPENAI_BASE_URL=slow.base_url)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{served.proxy()}/chat/completions", json=CHAT, timeout=0.5)
+        assert slow.wait_for(lambda: SlowOpenAI.cancelled == 1, timeout=2)
+    assert served.runtime.ledger.snapshot()["requests"] == 0  # nothing was served, nothing counted
+
+
+@pytest.mark.parametrize("stream", ["yes", 1, [], {}])
+def test_a_stream_flag_that_is_not_a_boolean_is_refused(fake: FakeOpenAI, shared, stream) -> None:
+    served = shared[1]
+    reply = httpx.post(
+        f"{served.proxy()}/chat/completions",
+        json={**CHAT, "stream": stream},
+        headers={"authorization": f"Bearer {PROXY_KEY}"},
+    )
+    assert reply.status_code == 400
+    assert "stream" in reply.json()["error"]["message"]
+    assert fake.requests == []
+
+
+def test_a_body_nested_too_deeply_is_a_clear_400(fake: FakeOpenAI, shared) -> None:
+    served = shared[1]
+    deep = '{"model": "gpt-4o", "messages": [], "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    reply = httpx.post(
+        f"{served.proxy()}/chat/completions",
+        content=deep,
+        headers={"authorization": f"Bearer {PROXY_KEY}", "content-type": "application/json"},
+    )
+    assert reply.status_code == 400
+    assert "error" in reply.json()
+    assert fake.requests == []

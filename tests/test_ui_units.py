@@ -23,7 +23,6 @@ from ui.chat import (
     service_for_model,
 )
 from ui.common import (
-    client_ip,
     describe_error,
     esc,
     forwarded_headers,
@@ -190,13 +189,13 @@ def test_public_url_prefers_space_then_request_then_self_url():
     assert public_base_url(make_ctx(), FakeRequest({"host": "bad host"})) == "http://127.0.0.1:7860"
 
 
-def test_visitor_ip_is_forwarded_on_calls_made_for_them():
-    assert client_ip(FakeRequest({}, peer="203.0.113.7")) == "203.0.113.7"
-    assert client_ip(FakeRequest({"x-forwarded-for": "198.51.100.2, 10.0.0.1"})) == "198.51.100.2"
-    assert client_ip(FakeRequest({"x-forwarded-for": "<junk>"}, peer="2001:db8::1")) == "2001:db8::1"
-    assert client_ip(None) is None
-    assert forwarded_headers(FakeRequest({}, peer="203.0.113.7")) == {"X-Forwarded-For": "203.0.113.7"}
-    assert forwarded_headers(FakeRequest({}, peer="testclient")) == {}
+def test_visitor_identity_comes_from_the_server_and_never_from_the_visitors_own_headers():
+    vouch = lambda request: {"x-proxy-client-ip": request.client.host, "x-proxy-internal": "s"}  # noqa: E731
+    ctx = make_ctx(client_headers=vouch)
+    spoofing = FakeRequest({"x-forwarded-for": "198.51.100.2"}, peer="203.0.113.7")
+    assert forwarded_headers(ctx, spoofing) == {"x-proxy-client-ip": "203.0.113.7", "x-proxy-internal": "s"}
+    assert forwarded_headers(make_ctx(), spoofing) == {}  # no server hook: nothing is claimed
+    assert forwarded_headers(ctx, None) == {}
 
 
 def test_share_urls_per_service():
@@ -353,8 +352,9 @@ async def test_chat_streams_through_the_proxy_with_the_typed_credential():
         body = sse(delta("Hel"), delta("lo"), "[DONE]")
         return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
 
-    respond = make_respond(make_ctx(transport=httpx.MockTransport(handler)))
-    visitor = FakeRequest({}, peer="203.0.113.7")
+    vouch = lambda request: {"x-proxy-client-ip": request.client.host}  # noqa: E731
+    respond = make_respond(make_ctx(transport=httpx.MockTransport(handler), client_headers=vouch))
+    visitor = FakeRequest({"x-forwarded-for": "198.51.100.9"}, peer="203.0.113.7")
     out = await collect(
         respond("hi", [{"role": "user", "content": "before"}], "claude-3-5-haiku", "typed-key", visitor)
     )
@@ -362,7 +362,8 @@ async def test_chat_streams_through_the_proxy_with_the_typed_credential():
     request = seen[0]
     assert str(request.url) == "http://127.0.0.1:7860/proxy/anthropic/v1/chat/completions"
     assert request.headers["authorization"] == "Bearer typed-key"
-    assert request.headers["x-forwarded-for"] == "203.0.113.7"
+    assert request.headers["x-proxy-client-ip"] == "203.0.113.7"
+    assert "x-forwarded-for" not in request.headers
     sent = json.loads(request.content)
     assert sent["stream"] is True and sent["model"] == "claude-3-5-haiku"
     assert sent["messages"] == [{"role": "user", "content": "before\n\nhi"}]

@@ -109,17 +109,21 @@ def test_a_client_that_aborts_a_stream_is_charged_what_was_streamed(
 def test_out_of_quota_is_refused_with_a_message_that_says_quota_and_reaches_no_upstream(
     served: Served, fake_openai: FakeOpenAI
 ) -> None:
-    # Room for one request: its estimate (~20 tokens) fits in 30, but not what is left after it.
+    # Room for one request: its estimate (~20 prompt + 5 reply tokens) fits in 30, but not what
+    # is left after it.
     user = new_user(served, token_limits={"gpt-4o": 30})
     client = openai.OpenAI(base_url=served.proxy(), api_key=user["token"], max_retries=0)
-    client.chat.completions.create(model="gpt-4o", messages=HELLO)
+    client.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=5)
     fake_openai.reset()
 
     with pytest.raises(openai.RateLimitError) as refused:
-        client.chat.completions.create(model="gpt-4o", messages=HELLO)
+        client.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=5)
 
     assert "quota" in str(refused.value).lower()
     assert fake_openai.requests == []
+    # Without max_tokens, a default reply allowance is reserved: far more than is left.
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="gpt-4o", messages=HELLO)
     # Another family has no limit and still works.
     assert client.chat.completions.create(model="gpt-4o-mini", messages=HELLO).choices
 
@@ -177,6 +181,8 @@ def test_per_user_rate_limit_answers_429_with_retry_after(proxy_app, fake_openai
     replies = [httpx.post(f"{served.proxy()}/chat/completions", json=body, headers=headers) for _ in range(3)]
 
     assert [r.status_code for r in replies] == [200, 200, 429]
+    assert replies[0].headers["x-ratelimit-limit"] == "2"
+    assert replies[1].headers["x-ratelimit-remaining"] == "0"
     assert int(replies[2].headers["retry-after"]) >= 1
     assert replies[2].headers["x-ratelimit-limit"] == "2"
     assert replies[2].headers["x-ratelimit-remaining"] == "0"

@@ -135,7 +135,7 @@ async def fetch_models(ctx: UIContext, credential: str, request: Any = None) -> 
     problems: list[str] = []
     for service in ctx.services:
         url = ctx.self_url.rstrip("/") + service_path(service) + "/models"
-        headers = {**forwarded_headers(request), **auth_headers(credential, x_api_key=service == "anthropic")}
+        headers = {**forwarded_headers(ctx, request), **auth_headers(credential, x_api_key=service == "anthropic")}
         try:
             async with http_client(ctx, 15.0) as client:
                 response = await client.get(url, headers=headers)
@@ -220,7 +220,7 @@ def make_respond(ctx: UIContext):
         service = service_for_model(model, ctx.services)
         messages = normalise_history(history, message)
         url = ctx.self_url.rstrip("/") + service_path(service) + "/chat/completions"
-        headers = {**forwarded_headers(request), **auth_headers(credential, x_api_key=service == "anthropic")}
+        headers = {**forwarded_headers(ctx, request), **auth_headers(credential, x_api_key=service == "anthropic")}
         reply = ""
         try:
             async with (

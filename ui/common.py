@@ -4,7 +4,6 @@ public base URLs and the small HTTP helper every panel uses to call the proxy.""
 from __future__ import annotations
 
 import html
-import ipaddress
 import json
 import re
 import time
@@ -36,6 +35,9 @@ class UIContext:
     recent: Callable[[int], list[dict]]
     # Tests swap the network for an httpx.MockTransport; None means a real connection.
     transport: httpx.AsyncBaseTransport | None = None
+    # Headers that tell the proxy which visitor a page call acts for, vouched by the server's own
+    # secret (the server computes them; the page never sees them). None: send nothing.
+    client_headers: Callable[[Any], dict[str, str]] | None = None
 
 
 # ---------------------------------------------------------------- escaping / formatting
@@ -155,26 +157,13 @@ def request_base_url(headers: Mapping[str, str] | None, scheme: str = "http") ->
     return f"{proto}://{host}"
 
 
-def client_ip(request: Any) -> str | None:
-    """The browser's IP as this server saw it: the first X-Forwarded-For entry (a Space's front
-    proxy sets it), else the socket peer. None when unknown or not an IP address."""
-    if request is None:
-        return None
-    candidates = [_first_header(getattr(request, "headers", None), "x-forwarded-for")]
-    candidates.append(str(getattr(getattr(request, "client", None), "host", "") or ""))
-    for candidate in candidates:
-        try:
-            return str(ipaddress.ip_address(candidate.strip()))
-        except ValueError:
-            continue
-    return None
-
-
-def forwarded_headers(request: Any) -> dict[str, str]:
-    """X-Forwarded-For for calls the UI makes on a visitor's behalf, so per-IP limits and the
-    admin lockout see the visitor, not 127.0.0.1 (the proxy trusts it only where configured)."""
-    ip = client_ip(request)
-    return {"X-Forwarded-For": ip} if ip else {}
+def forwarded_headers(ctx: UIContext, request: Any) -> dict[str, str]:
+    """For calls the UI makes on a visitor's behalf: the visitor's IP, vouched by the server, so
+    per-IP limits and the admin lockout see the visitor, not 127.0.0.1. A visitor's own
+    X-Forwarded-For is never passed on."""
+    if ctx.client_headers is None or request is None or getattr(request, "client", None) is None:
+        return {}
+    return ctx.client_headers(request)
 
 
 def public_base_url(ctx: UIContext, request: Any = None) -> str:
@@ -244,7 +233,7 @@ async def call_json(
     """Call this server over HTTP like any client, and never raise for network trouble.
     `request` is the visitor's gr.Request, used only to forward their IP."""
     url = ctx.self_url.rstrip("/") + path
-    headers = {**forwarded_headers(request), **auth_headers(credential, x_api_key=x_api_key)}
+    headers = {**forwarded_headers(ctx, request), **auth_headers(credential, x_api_key=x_api_key)}
     try:
         async with http_client(ctx, timeout) as client:
             response = await client.request(method, url, headers=headers, json=json_body)

@@ -1,0 +1,80 @@
+"""Whose IP a request counts against: a visitor cannot choose it by sending X-Forwarded-For."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import httpx
+
+from proxy.server import CLIENT_IP_HEADER, INTERNAL_HEADER, build_runtime
+from tests.conftest import PAID, make_settings
+
+ADMIN = "admin-key-for-ip-tests"
+
+
+@dataclass
+class Peer:
+    host: str
+
+
+@dataclass
+class FakeRequest:
+    peer: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def client(self) -> Peer:
+        return Peer(self.peer)
+
+
+def runtime(tmp_path, **env):
+    return build_runtime(make_settings({"OPENAI_KEY": PAID, **env}, tmp_path))
+
+
+def test_a_forwarded_for_header_is_ignored_off_a_space_even_from_this_machine(tmp_path) -> None:
+    rt = runtime(tmp_path)
+    assert rt.client_ip(FakeRequest("203.0.113.5", {"x-forwarded-for": "198.51.100.1"})) == "203.0.113.5"
+    assert rt.client_ip(FakeRequest("127.0.0.1", {"x-forwarded-for": "198.51.100.1"})) == "127.0.0.1"
+
+
+def test_on_a_space_the_entry_the_front_proxy_added_counts_not_what_the_client_sent(tmp_path) -> None:
+    rt = runtime(tmp_path, SPACE_ID="me/proxy", SYSTEM="spaces")
+    spoofed = FakeRequest("10.0.0.2", {"x-forwarded-for": "198.51.100.1, 203.0.113.9"})
+    assert rt.client_ip(spoofed) == "203.0.113.9"
+
+
+def test_only_the_page_itself_may_say_which_visitor_a_call_is_for(tmp_path) -> None:
+    rt = runtime(tmp_path)
+    vouched = rt.page_headers(FakeRequest("203.0.113.7"))
+    assert vouched[CLIENT_IP_HEADER] == "203.0.113.7"
+    assert rt.client_ip(FakeRequest("127.0.0.1", vouched)) == "203.0.113.7"
+    forged = {CLIENT_IP_HEADER: "198.51.100.1", INTERNAL_HEADER: "guess"}
+    assert rt.client_ip(FakeRequest("127.0.0.1", forged)) == "127.0.0.1"
+    assert rt.client_ip(FakeRequest("203.0.113.5", vouched)) == "203.0.113.5"  # only from this machine
+    rt.access.store.close()
+
+
+def test_rotating_forwarded_for_headers_does_not_escape_the_admin_lockout(proxy_app) -> None:
+    served = proxy_app(OPENAI_KEY=PAID, GATEKEEPER="user_token", ADMIN_KEY=ADMIN)
+    statuses = [
+        httpx.get(
+            f"{served.url}/admin/api/users",
+            headers={"authorization": "Bearer wrong", "x-forwarded-for": f"198.51.100.{i}"},
+        ).status_code
+        for i in range(12)
+    ]
+    assert statuses[0] == 401
+    assert statuses[-1] == 429
+    right_key = httpx.get(f"{served.url}/admin/api/users", headers={"authorization": f"Bearer {ADMIN}"})
+    assert right_key.status_code == 429  # locked out for a while, even with the right key
+
+
+def test_the_internal_secret_never_reaches_the_upstream_or_the_status(proxy_app, fake_openai) -> None:
+    served = proxy_app(OPENAI_KEY=PAID, OPENAI_BASE_URL=fake_openai.base_url)
+    secret = served.runtime.internal_secret
+    headers = {INTERNAL_HEADER: secret, CLIENT_IP_HEADER: "203.0.113.7"}
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.post(f"{served.proxy()}/chat/completions", json=body, headers=headers).status_code == 200
+    sent = fake_openai.requests[-1].headers
+    assert INTERNAL_HEADER not in sent and CLIENT_IP_HEADER not in sent
+    assert secret not in httpx.get(f"{served.url}/status").text
