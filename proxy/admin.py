@@ -27,6 +27,7 @@ from proxy.access.gatekeeper import Gatekeeper, credential_from
 from proxy.access.ratelimit import FailureGuard
 from proxy.access.users import User, UserService, next_refill
 from proxy.access.validation import CREATE_FIELDS, PATCH_FIELDS, UserError, parse_record
+from proxy.errors import ProxyError
 from proxy.store import Store
 from proxy.usage import UsageLedger
 
@@ -272,18 +273,26 @@ def _valid_totals(totals: dict) -> bool:
     )
 
 
-def me_router(gatekeeper: Gatekeeper, *, clock: Callable[[], float] = time.time) -> APIRouter:
+def me_router(
+    gatekeeper: Gatekeeper,
+    *,
+    client_ip: Callable[[Request], str] = _peer,
+    clock: Callable[[], float] = time.time,
+) -> APIRouter:
     """`GET /proxy/me`: a friend's own user, token masked, with quota left per family.
 
-    Include it before the pipeline's catch-all `/proxy/{path}` route."""
+    Under the same guessing lockout as the proxy routes. Include it before the pipeline's
+    catch-all `/proxy/{path}` route."""
     router = APIRouter(route_class=_JSONErrorRoute)
 
     @router.get("/proxy/me")
     async def me(request: Request) -> JSONResponse:
         if gatekeeper.users is None:
             raise AdminError(404, "This proxy does not use per-user tokens.", "not_found")
-        credential = credential_from(request.headers)
-        user = gatekeeper.users.find(credential) if credential else None
+        try:
+            user = gatekeeper.user_for(credential_from(request.headers), client_ip(request))
+        except ProxyError as exc:
+            raise AdminError(exc.status, exc.message, "rate_limit", exc.headers) from None
         if user is None:
             raise AdminError(401, "Send your user token as 'Authorization: Bearer <token>'.", "authentication")
         return JSONResponse(_own_view(gatekeeper, user, clock()))

@@ -236,6 +236,9 @@ class Pipeline:
             if outcome.verdict is Verdict.CLIENT_ERROR:
                 raise UpstreamReply(response.status, parsed, raw)
             if outcome.verdict is Verdict.RETRYABLE:
+                if response.status < 500 and isinstance(last, UpstreamReply) and last.status == response.status:
+                    # Two keys refused alike (a 403 the request itself provokes): the rest would too.
+                    raise UpstreamReply(response.status, parsed, raw)
                 last = UpstreamReply(response.status, parsed, raw)
             # Key problems (revoked, over quota, rate-limited, model missing) are the pool's to explain.
         no_key = pool.why_none(model, tried)

@@ -241,7 +241,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         ),
         prefix="/admin/api",
     )
-    app.include_router(me_router(runtime.gatekeeper))  # before the /proxy catch-all below
+    app.include_router(me_router(runtime.gatekeeper, client_ip=client_ip))  # before the /proxy catch-all
     app.router.routes.append(Route("/proxy/{path:path}", pipeline.handle, methods=PROXY_METHODS))
     app.router.routes.append(Route("/proxy", pipeline.handle, methods=PROXY_METHODS))
     return app

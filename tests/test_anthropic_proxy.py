@@ -349,7 +349,10 @@ def test_rate_limited_key_is_locked_out_for_its_retry_after(claude_pool) -> None
 @pytest.mark.parametrize(
     ("reply", "state"),
     [
-        ((403, anthropic_error("permission_error", "Your API key does not have permission")), "revoked"),
+        # A 403 at request time may be about the request (a beta the org lacks): the key is set
+        # aside briefly, not revoked, unless the 403 says the key or its organization is disabled.
+        ((403, anthropic_error("permission_error", "Your API key does not have permission")), "unchecked"),
+        ((403, anthropic_error("permission_error", "This organization has been disabled.")), "revoked"),
         ((400, anthropic_error("invalid_request_error", "This organization has been disabled.")), "revoked"),
         ((402, anthropic_error("billing_error", "There is an issue with your billing.")), "over_quota"),
         ((400, anthropic_error("billing_error", "Please add a payment method.")), "over_quota"),
@@ -365,7 +368,7 @@ def test_rate_limited_key_is_locked_out_for_its_retry_after(claude_pool) -> None
             "over_quota",
         ),
     ],
-    ids=["403", "disabled-organization", "402-billing", "billing-error", "usage-limit-reached"],
+    ids=["403", "403-disabled", "disabled-organization", "402-billing", "billing-error", "usage-limit-reached"],
 )
 def test_key_refusals_set_the_key_aside_and_another_key_answers(claude_pool, reply: tuple, state: str) -> None:
     served, fake = claude_pool({PAID: KeyBehaviour(), "sk-ant-other-9999999999": KeyBehaviour()})
@@ -707,3 +710,24 @@ def test_failed_request_is_not_counted_as_usage(claude_pool) -> None:
         sdk(served).messages.create(**MESSAGE)
 
     assert status(served)["usage"]["requests"] == 0
+
+
+def test_oauth_betas_never_reach_the_upstream_but_other_betas_do(claude: Served, fake_anthropic: FakeAnthropic) -> None:
+    headers = {"x-api-key": PROXY_KEY, "anthropic-beta": "oauth-2025-04-20, prompt-caching-2024-07-31"}
+    reply = httpx.post(f"{claude.proxy('anthropic')}/messages", json=MESSAGE, headers=headers)
+    assert reply.status_code == 200
+    assert fake_anthropic.requests[-1].headers["anthropic-beta"] == "prompt-caching-2024-07-31"
+
+
+def test_a_refusal_the_request_itself_provokes_is_not_tried_on_every_key(claude_pool) -> None:
+    keys = {f"sk-ant-key{i}-0123456789": KeyBehaviour() for i in range(5)}
+    served, fake = claude_pool(keys)
+    refusal = anthropic_error("permission_error", "This beta is not available to your organization.")
+    fake.next_status.extend([(403, refusal)] * 5)
+    headers = {"x-api-key": PROXY_KEY, "anthropic-version": "2023-06-01"}
+
+    reply = httpx.post(f"{served.proxy('anthropic')}/messages", json=MESSAGE, headers=headers)
+
+    assert reply.status_code == 403
+    assert len(fake.requests) == 2  # two keys refused alike: the rest would too
+    assert httpx.get(f"{served.url}/status").json()["keys"]["anthropic"]["revoked"] == 0

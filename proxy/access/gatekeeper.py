@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -11,11 +12,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from proxy.access.ratelimit import SlidingWindow
+from proxy.access.ratelimit import FailureGuard, SlidingWindow, network_of
 from proxy.access.users import MAX_REMEMBERED_IPS, User, UserService, next_refill
 from proxy.config import Settings
 from proxy.errors import Kind, ProxyError
 from proxy.usage import Usage
+
+log = logging.getLogger("proxy.access")
+
+# Guessing the proxy key (a password a human chose) or a user token: this many wrong ones from one
+# address (an IPv4 address or an IPv6 /64) within the window lock that address out, even with the
+# right credential, for the lockout. Successes reset nothing: a valid token must not launder guesses.
+GUESS_LIMIT = 20
+GUESS_WINDOW_S = 300.0
+GUESS_LOCKOUT_S = 300.0
 
 
 @dataclass(slots=True)
@@ -80,6 +90,7 @@ class Gatekeeper:
         settings: Settings,
         users: UserService | None = None,
         clock: Callable[[], float] = time.time,
+        guesses: FailureGuard | None = None,
     ) -> None:
         self.mode = settings.auth_mode
         self._proxy_key = settings.proxy_key.encode()
@@ -94,23 +105,68 @@ class Gatekeeper:
         )
         self._reserved: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
+        self._guesses = guesses or FailureGuard(GUESS_LIMIT, GUESS_WINDOW_S, GUESS_LOCKOUT_S, clock)
+        self._guess_lock = threading.Lock()
 
     # Identity
     def identify(self, credential: str | None, ip: str) -> Caller:
-        """Raise a 401 ProxyError unless the credential is accepted, 403 when it is refused."""
+        """Raise a 401 ProxyError unless the credential is accepted, 403 when it is refused, and
+        429 while `ip` is locked out for guessing (see GUESS_LIMIT)."""
         if self.mode == "none":
             return Caller(label="anon", ip=ip)
+        client = self._not_locked_out(ip)
         if self.mode == "proxy_key":
             if credential is None:
                 raise ProxyError(
                     401, "This proxy needs a proxy key: send it as 'Authorization: Bearer <key>'.", Kind.AUTHENTICATION
                 )
             if not hmac.compare_digest(credential.encode(), self._proxy_key):
+                self._guessed(client)
                 raise ProxyError(401, "The proxy key is not valid.", Kind.AUTHENTICATION)
             return Caller(label="proxy-key", ip=ip)
-        return self._identify_user(credential, ip)
+        return self._identify_user(credential, ip, client)
 
-    def _identify_user(self, credential: str | None, ip: str) -> Caller:
+    def user_for(self, credential: str | None, ip: str) -> User | None:
+        """The user a token names, for routes off the proxy path (such as /proxy/me), under the
+        same guessing lockout as `identify`: None for a missing or unknown token (an unknown one
+        counts as a guess), a 429 ProxyError while `ip` is locked out. Nothing else is checked."""
+        if self.users is None:
+            return None
+        client = self._not_locked_out(ip)
+        if credential is None:
+            return None
+        user = self.users.find(credential)
+        if user is None:
+            self._guessed(client)
+        return user
+
+    def _not_locked_out(self, ip: str) -> str:
+        """The address `ip` is counted under for guessing; a 429 ProxyError while it is locked out."""
+        client = network_of(ip)
+        wait = self._guesses.retry_after(client)
+        if wait is not None:
+            what = "proxy keys" if self.mode == "proxy_key" else "user tokens"
+            raise ProxyError(
+                429,
+                f"Too many wrong {what} from this address; try again in {wait} s.",
+                Kind.RATE_LIMIT,
+                headers={"Retry-After": str(wait)},
+            )
+        return client
+
+    def _guessed(self, client: str) -> None:
+        """Count a wrong credential from `client` (never the credential itself: not even in logs)."""
+        with self._guess_lock:
+            locked = self._guesses.failed(client)
+        if locked:
+            log.warning(
+                "access: %s locked out for %.0f s after %d wrong credentials",
+                client,
+                self._guesses.lockout_s,
+                self._guesses.limit,
+            )
+
+    def _identify_user(self, credential: str | None, ip: str, client: str) -> Caller:
         assert self.users is not None
         if credential is None:
             raise ProxyError(
@@ -120,6 +176,7 @@ class Gatekeeper:
             )
         user = self.users.find(credential)
         if user is None:
+            self._guessed(client)
             raise ProxyError(401, "This user token is not valid.", Kind.AUTHENTICATION)
         if user.disabled:
             reason = user.disabled_reason or "no reason given"

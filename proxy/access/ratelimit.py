@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -56,7 +57,11 @@ class SlidingWindow:
 
     def hit(self, key: str) -> None:
         now = self._clock()
-        self._hits.setdefault(key, deque()).append(now)
+        hits = self._hits.get(key)
+        if hits is None:
+            # Only the latest `limit` hits ever decide anything: older ones need no memory.
+            hits = self._hits[key] = deque(maxlen=self.limit if self.limit > 0 else None)
+        hits.append(now)
         if now >= self._next_sweep:
             self._sweep(now)
 
@@ -83,7 +88,8 @@ class FailureGuard:
     """Locks out a client after `limit` failures within `window_s`, for `lockout_s` seconds.
 
     While locked out, the client is refused even with the right credential, so guessing a key
-    costs `lockout_s` per `limit` guesses."""
+    costs `lockout_s` per `limit` guesses. Every call is O(1) (amortized): ended lockouts and
+    quiet counters are swept once per window, not on each call."""
 
     def __init__(
         self,
@@ -98,6 +104,7 @@ class FailureGuard:
         self._clock = clock
         self._failures = SlidingWindow(limit, window_s, clock)
         self._locked_until: dict[str, float] = {}
+        self._next_sweep = 0.0
 
     def retry_after(self, client: str) -> int | None:
         """Seconds until `client` may try again, or None when it is not locked out."""
@@ -106,17 +113,43 @@ class FailureGuard:
             return None
         remaining = until - self._clock()
         if remaining <= 0:
-            del self._locked_until[client]
+            if self._locked_until.get(client) == until:
+                self._locked_until.pop(client, None)
             return None
         return max(math.ceil(remaining), 1)
 
-    def failed(self, client: str) -> None:
+    def failed(self, client: str) -> bool:
+        """Count one failure; True when it starts a lockout."""
         now = self._clock()
         self._failures.hit(client)
+        started = False
         if not self._failures.check(client).allowed:
+            started = self._locked_until.get(client, 0.0) <= now
             self._locked_until[client] = now + self.lockout_s
-        if len(self._locked_until) > 1000:  # forget lockouts that have ended
+        if now >= self._next_sweep:  # forget lockouts that have ended
             self._locked_until = {c: t for c, t in self._locked_until.items() if t > now}
+            self._next_sweep = now + min(self.window_s, self.lockout_s)
+        return started
 
     def succeeded(self, client: str) -> None:
+        """Forget `client`'s failures. Only for a credential no one else holds (the admin key):
+        where many credentials are valid, a success must not launder another guess."""
         self._failures.forget(client)
+
+
+def network_of(ip: str) -> str:
+    """The unit a per-address limit should count: an IPv4 address, or an IPv6 address's /64
+    (one host commonly holds a whole /64, so counting single addresses would not hold it back).
+    On every request's path, so done with inet_pton (the ipaddress module is 30 times slower)."""
+    if ":" not in ip:
+        return ip
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, ip.split("%", 1)[0])
+    except (OSError, ValueError):
+        return ip
+    if packed[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
+
+
+_V4_MAPPED = bytes(10) + b"\xff\xff"

@@ -23,6 +23,7 @@ log = logging.getLogger("proxy.keys")
 DEFAULT_LOCKOUT = 10.0  # seconds a rate-limited key rests when the upstream names no wait
 COOLDOWN_BASE = 2.0  # a key that failed transiently is tried last for this long, doubling
 COOLDOWN_MAX = 120.0
+MAX_LOST_MODELS = 256  # models an unlisted key is remembered to lack; client-chosen names, so bounded
 
 
 class KeyState(StrEnum):
@@ -228,9 +229,9 @@ class KeyPool:
             key.locked_until = max(key.locked_until, now + (outcome.retry_after or DEFAULT_LOCKOUT))
             if key.state is KeyState.UNCHECKED:
                 key.state = KeyState.ACTIVE
-        elif verdict is Verdict.MODEL_MISSING and model:
+        elif verdict is Verdict.MODEL_MISSING and model and self._worth_losing(key, model):
             key.lost_models = key.lost_models | {model}
-            log.info("key %s cannot use model %s", key.id, model)
+            log.info("key %s cannot use model %s", key.id, model[:100])
         elif verdict is Verdict.RETRYABLE:
             key.failures += 1
             key.cooldown_until = now + min(COOLDOWN_MAX, COOLDOWN_BASE * 2 ** (key.failures - 1))
@@ -240,6 +241,25 @@ class KeyPool:
                 key.state = KeyState.ACTIVE
         self._changed(key, before, saved)
 
+    @staticmethod
+    def _worth_losing(key: Key, model: str) -> bool:
+        """Whether to remember that `key` lacks `model`. Model names come from clients, so: when
+        the key's list is known, only a model it lists (any other it already does not serve);
+        while unknown, at most MAX_LOST_MODELS of them (each one is saved to the store)."""
+        if model in key.lost_models:
+            return False
+        if key.models is not None:
+            return model in key.models or _alias_listed(model, key.models)
+        return len(key.lost_models) < MAX_LOST_MODELS
+
+    @staticmethod
+    def _bounded_lost(key: Key, lost: Iterable[str]) -> frozenset[str]:
+        """`lost` cut down to what is worth remembering for `key` (see `_worth_losing`)."""
+        models = key.models
+        if models is not None:
+            return frozenset(m for m in lost if m in models or _alias_listed(m, models))
+        return frozenset(sorted(lost)[:MAX_LOST_MODELS])
+
     def checked(self, key: Key, result: CheckResult) -> None:
         """Record what a check found: state, tier, models, limits, lockout."""
         now = self.clock()
@@ -248,6 +268,7 @@ class KeyPool:
         verdict = result.verdict
         if result.models is not None:
             key.models = frozenset(result.models)
+            key.lost_models = self._bounded_lost(key, key.lost_models)  # drop names it never listed
         if result.limits:
             key.limits = dict(result.limits)
         if result.tier:
@@ -313,7 +334,7 @@ class KeyPool:
             if isinstance(data.get("models"), list):
                 key.models = frozenset(str(m) for m in data["models"])
             if isinstance(data.get("lost_models"), list):
-                key.lost_models = frozenset(str(m) for m in data["lost_models"])
+                key.lost_models = self._bounded_lost(key, (str(m) for m in data["lost_models"]))
             if isinstance(data.get("limits"), dict):
                 key.limits = {str(k): int(v) for k, v in data["limits"].items() if isinstance(v, int | float)}
             if isinstance(data.get("locked_until"), int | float):

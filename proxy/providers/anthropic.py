@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -14,9 +15,29 @@ from proxy.sse import Event
 from proxy.usage import Usage
 
 DEFAULT_VERSION = "2023-06-01"
-# Refusals Anthropic sends as a plain 400 that are about the key, not the request.
-OVER_QUOTA_HINTS = ("credit balance", "reached your specified api usage limits", "usage blocked until")
-REVOKED_HINTS = ("organization has been disabled", "disabled organization")
+# What Anthropic says about the key itself (not the request), in a 400 or 403. A message counts
+# only when it is Anthropic's own statement: validation errors echo client text (field names
+# before ": ", quoted values, backticked header values), and a client must not be able to write
+# "organization has been disabled" into one and so take every key down.
+KEY_DISABLED = (
+    re.compile(
+        r"^(?:this |your )?(?:organi[sz]ation|account|workspace|api key|key)"
+        r" (?:has been|is|was|is currently) (?:disabled|deactivated|suspended|revoked|banned)\b"
+    ),
+    re.compile(r"\bdisabled organi[sz]ation\b"),
+)
+OVER_QUOTA = (
+    re.compile(r"^your credit balance is too low\b"),
+    re.compile(r"^you have reached your specified api usage limits\b"),
+    re.compile(r"\busage blocked until\b"),
+)
+_ECHOED = re.compile(r"[`'\"{}\[\]<>]|: ")
+
+
+def says(message: str, patterns: Iterable[re.Pattern[str]]) -> bool:
+    """Whether `message` (lower case) is one of Anthropic's statements matched by `patterns`."""
+    message = message.strip()
+    return not _ECHOED.search(message) and any(p.search(message) for p in patterns)
 
 
 class AnthropicStreamMeter(StreamMeter):
@@ -91,15 +112,30 @@ class Anthropic(Dialect):
     def outbound_headers(self, client_headers: Mapping[str, str], secret: str) -> dict[str, str]:
         headers = super().outbound_headers(client_headers, secret)
         headers.setdefault("anthropic-version", DEFAULT_VERSION)
+        beta = headers.pop("anthropic-beta", None)
+        if beta:
+            # OAuth betas change how the key is read (and may draw a 401 that revokes it).
+            kept = [b.strip() for b in beta.split(",") if b.strip() and not b.strip().lower().startswith("oauth")]
+            if kept:
+                headers["anthropic-beta"] = ",".join(kept)
         return headers
 
     def classify(self, status: int, headers: Mapping[str, str], body: Any) -> Outcome:
+        """What a reply to a client's request says about the key that sent it.
+
+        401 revokes the key. A 403 does only when it says the key or its organization is
+        disabled: otherwise it is about this request (a beta, a model or a feature the org lacks,
+        often provoked by what the client sent), so the key is only set aside briefly and the
+        request tries another. The checker's own probe treats any 403 as revoked
+        (`proxy.keys.anthropic_check`)."""
         message = error_message(body).lower()
-        if status in (401, 403) or (status == 400 and any(hint in message for hint in REVOKED_HINTS)):
+        if status == 401 or (status in (400, 403) and says(message, KEY_DISABLED)):
             return Outcome(Verdict.REVOKED)
+        if status == 403:
+            return Outcome(Verdict.RETRYABLE)
         if status == 402 or _error_type(body) == "billing_error":
             return Outcome(Verdict.OVER_QUOTA)
-        if status == 400 and any(hint in message for hint in OVER_QUOTA_HINTS):
+        if status == 400 and says(message, OVER_QUOTA):
             return Outcome(Verdict.OVER_QUOTA)
         if status == 429:
             wait = retry_after(headers, time.time(), "anthropic-ratelimit-requests-reset")
