@@ -324,6 +324,9 @@ class AdminPanel:
         api = AdminAPI(self.ctx, request)
         if not file_path:
             return {self.status: "Choose a JSON file first."}
+        checked = await api.list_users(key)  # the admin key first: no file is touched without it
+        if not checked.ok:
+            return {self.status: failure(checked, "import")}
         try:
             if os.path.getsize(file_path) > MAX_IMPORT_BYTES:
                 return {self.status: "That file is too large."}
