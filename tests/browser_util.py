@@ -4,17 +4,11 @@ on a port it knows in advance, and small readers for the Gradio page."""
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
-import uvicorn
-
 from proxy.config import Settings
-from tests.conftest import Served
+from tests.conftest import Served, serve
 
 MISSING_CHROMIUM = (
     "Chromium is missing: install it with `apt-get install -y chromium` (Debian) to run the browser tests."
@@ -55,35 +49,11 @@ def launch_chromium(playwright: Any, executable: str) -> Any:
     return playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
 
 
-@contextmanager
-def serve_whole_app(settings: Settings) -> Iterator[Served]:
-    """Serve `build_app(settings, self_url)` on 127.0.0.1. The socket is bound first, because the
-    page's test chat and admin tab call the server's own URL, which holds the port."""
+def serve_whole_app(settings: Settings) -> AbstractContextManager[Served]:
+    """Serve `build_app(settings, self_url)` on 127.0.0.1: the page calls the server's own URL."""
     from app import build_app
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    app = build_app(settings, self_url=url)
-    config = uvicorn.Config(
-        app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2, proxy_headers=False
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            sock.close()
-            raise RuntimeError("the app did not start")
-        time.sleep(0.02)
-    try:
-        yield Served(url, app, settings, server)
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    return serve(lambda url: build_app(settings, self_url=url), settings)
 
 
 # ---------------------------------------------------------------- reading and driving the page

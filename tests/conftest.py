@@ -40,11 +40,16 @@ class Served:
 
 @contextmanager
 def serve(app: Any, settings: Settings) -> Iterator[Served]:
-    """Serve an ASGI app on 127.0.0.1 (OS-assigned port) until the block ends."""
+    """Serve an ASGI app on 127.0.0.1 (OS-assigned port) until the block ends.
+
+    `app` may also be a builder taking the server's own URL (the whole app needs it: the page's
+    test chat and admin tab call the server over HTTP), called once the socket is bound."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    if not hasattr(app, "router"):
+        app = app(url)
     config = uvicorn.Config(
         app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2, proxy_headers=False
     )
@@ -54,10 +59,11 @@ def serve(app: Any, settings: Settings) -> Iterator[Served]:
     deadline = time.monotonic() + 20
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
             raise RuntimeError("the app did not start")
         time.sleep(0.02)
     try:
-        yield Served(f"http://127.0.0.1:{port}", app, settings, server)
+        yield Served(url, app, settings, server)
     finally:
         server.should_exit = True
         thread.join(10)
