@@ -21,6 +21,7 @@ from proxy.client import ClientGone, unless_client_leaves
 from proxy.errors import SHAPES, Kind, ProxyError, Redactor
 from proxy.families import family_of, is_allowed
 from proxy.keys.pool import Key, KeyPool, Outcome, Verdict
+from proxy.logs import log_safe
 from proxy.providers.base import Dialect, Endpoint
 from proxy.routing import Router
 from proxy.translate_door import Door
@@ -141,7 +142,7 @@ class Pipeline:
         except ClientGone:
             response = Response(status_code=499)  # nobody is listening; for the log line only
         except Exception:
-            log.exception("unexpected error on %s %s", ctx.method, ctx.path[:120])
+            log.exception("unexpected error on %s %s", ctx.method, log_safe(ctx.path))
             error = ProxyError(500, "The proxy failed to handle this request; it has been logged.", Kind.UPSTREAM)
             response = self.error_response(shape, error)
         response.headers["access-control-allow-origin"] = "*"
@@ -273,8 +274,8 @@ class Pipeline:
         self._account(ctx, admission, usage, response.status)
         if endpoint.translated and isinstance(body, dict):
             raw = jsonx.dumps(self.door.response(body))
-        headers = upstream.pick_headers(response.headers, service.dialect.response_headers)
-        return Response(raw, response.status, headers=headers, media_type="application/json")
+        headers = self.redact.headers(upstream.pick_headers(response.headers, service.dialect.response_headers))
+        return Response(self.redact.body(raw), response.status, headers=headers, media_type="application/json")
 
     def _stream(
         self,
@@ -317,7 +318,7 @@ class Pipeline:
                 self._account(ctx, admission, usage, status)
                 self._log(ctx, status)
 
-        headers = upstream.pick_headers(reply.response.headers, dialect.response_headers)
+        headers = self.redact.headers(upstream.pick_headers(reply.response.headers, dialect.response_headers))
         headers.update(STREAM_HEADERS)
         return StreamingResponse(body(), 200, headers=headers, media_type="text/event-stream")
 
@@ -391,8 +392,8 @@ class Pipeline:
         log.info(
             "%s %s model=%s status=%d %.0fms key=%s user=%s stream=%s tokens=%s/%s",
             ctx.method,
-            ctx.path[:120],
-            ctx.model or "-",
+            log_safe(ctx.path),
+            log_safe(ctx.model) if ctx.model else "-",
             status,
             (time.perf_counter() - ctx.started) * 1000,
             ctx.key_id or "-",

@@ -59,7 +59,7 @@ async def read_error_body(response: aiohttp.ClientResponse) -> tuple[bytes, obje
         response.release()
     try:
         return raw, jsonx.loads(raw) if raw else None
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
         return raw, None
 
 
@@ -73,15 +73,17 @@ async def relay_events(
     meter: StreamMeter,
     render: Callable[[list], list[bytes]] | None,
     stream_error: Callable[[str], bytes],
-    redact: Callable[[str], str] = _KEY_SHAPED,
+    redact: Redactor = _KEY_SHAPED,
 ) -> AsyncIterator[bytes]:
     """Relay an SSE reply event by event as it arrives.
 
-    `meter` reads usage and may hold events back; `render` (for translated streams) turns accepted
-    events into the client's format. An error event from the upstream is passed on redacted (by
-    `redact`; by default anything shaped like a key) and is the stream's last word. A drop
-    mid-stream ends with one error event in the client's format. Cancellation (the client went
-    away) closes the upstream connection at once.
+    Every event passes `redact` (by default: anything shaped like a key) before the meter, the
+    renderer or the client sees it: one cheap check of its bytes, and only an event that may hold
+    a secret is rewritten (its JSON data scrubbed, keys and values, and re-serialised; other data
+    redacted as text). `meter` reads usage and may hold events back; `render` (for translated
+    streams) turns accepted events into the client's format. An error event from the upstream is
+    the stream's last word. A drop mid-stream ends with one error event in the client's format.
+    Cancellation (the client went away) closes the upstream connection at once.
     """
     parser = SSEParser()
     upstream_failed = False
@@ -89,9 +91,14 @@ async def relay_events(
     def admit(events: list[Event]) -> list[Event]:
         nonlocal upstream_failed
         accepted = []
+        # One look at all the events that arrived together; each on its own only if needed.
+        dirty = bool(events) and redact.suspicious(
+            events[0].raw if len(events) == 1 else b"".join(event.raw for event in events)
+        )
         for event in events:
+            if dirty and redact.suspicious(event.raw):
+                event = redacted_event(event, redact)
             if _is_error(event):
-                event = _redacted(event, redact)
                 upstream_failed = True
             if meter.accept(event):
                 accepted.append(event)
@@ -131,9 +138,32 @@ def _is_error(event: Event) -> bool:
     return isinstance(data, dict) and ("error" in data or data.get("type") == "error")
 
 
-def _redacted(event: Event, redact: Callable[[str], str]) -> Event:
-    raw = redact(event.raw.decode("utf-8", errors="replace")).encode()
-    return Event(event.event, redact(event.data), raw)
+def redacted_event(event: Event, redact: Redactor) -> Event:
+    """`event` with no secret left in any of its fields: the data as JSON (scrubbed, keys and
+    values, and re-serialised) or as text; the name and other fields as text. Comment lines are
+    dropped. The same event when there was nothing to redact."""
+    data = redact.payload(event.data)
+    changed = data != event.data
+    lines: list[str] = []
+    data_written = False
+    for line in event.raw.decode("utf-8", errors="replace").split("\n"):
+        if not line:
+            continue
+        if line.startswith(":"):
+            changed = True
+            continue
+        field = line.partition(":")[0]
+        if field == "data":
+            if not data_written:
+                lines.extend("data: " + part for part in data.split("\n"))
+                data_written = True
+        else:
+            cleaned = redact(line)
+            changed = changed or cleaned != line
+            lines.append(cleaned)
+    if not changed:
+        return event
+    return Event(redact(event.event), data, ("\n".join(lines) + "\n\n").encode())
 
 
 class RedirectNotFollowed(aiohttp.ClientError):

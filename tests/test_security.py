@@ -478,3 +478,33 @@ def test_no_log_line_ever_holds_a_key_the_proxy_key_or_a_client_credential(
     logged = "\n".join(lines) + caplog.text
     for secret in (PAID, REVOKED, PROXY_KEY, wrong):
         assert secret not in logged
+
+
+class EchoingOpenAI(FakeOpenAI):
+    """An OpenAI-compatible server that answers 200 with the key it was sent, in the body and a header."""
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        key = request.headers.get("authorization", "").removeprefix("Bearer ")
+        escaped = "".join(f"\\u{ord(c):04x}" for c in key)
+        reply = {
+            "id": "x",
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": f"your key is {key}"}}],
+            "note": "ESCAPED",
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+        }
+        body = json.dumps(reply).replace("ESCAPED", escaped)
+        return web.Response(text=body, content_type="application/json", headers={"x-request-id": f"req-{key}"})
+
+
+def test_a_successful_reply_that_echoes_a_key_of_any_shape_is_redacted(proxy_app) -> None:
+    key = "local-llm-token-7f3a9c1e5b2d"
+    with EchoingOpenAI({key: KeyBehaviour()}) as fake:
+        served = proxy_app(OPENAI_KEY=key, OPENAI_BASE_URL=fake.base_url)
+        chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+        reply = httpx.post(f"{served.proxy()}/chat/completions", json=chat)
+    assert reply.status_code == 200
+    assert key not in reply.text
+    assert key not in json.dumps(reply.json())  # the \u-escaped copy decodes to the key: it must be gone too
+    assert key not in reply.headers.get("x-request-id", "")
+    assert reply.json()["usage"] == {"prompt_tokens": 1, "completion_tokens": 1}
