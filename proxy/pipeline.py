@@ -264,7 +264,7 @@ class Pipeline:
             response.release()
         try:
             body = jsonx.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             body = None
         try:
             usage = service.dialect.usage_of(body) or Usage()

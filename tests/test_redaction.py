@@ -263,6 +263,44 @@ def test_the_openai_door_to_claude_never_shows_an_escaped_key(claude_pool, key: 
     assert data_of(text)[-1] == "[DONE]"
 
 
+# Non-streamed replies and relayed headers (the pipeline's `redact.body` / `redact.headers`) ------
+
+
+@pytest.mark.parametrize("key", [PAID, ODD], ids=["sk-key", "odd-key"])
+def test_a_non_streamed_reply_never_shows_a_key_in_body_or_headers(proxy_app: ProxyApp, key: str) -> None:
+    with FakeOpenAI({key: KeyBehaviour()}) as fake:
+        served = proxy_app(OPENAI_KEY=key, OPENAI_BASE_URL=fake.base_url, PROXY_KEY=PROXY_KEY)
+        reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": f"k {key}"}}], key: STRANGER}
+        fake.next_status.append((200, reply, {"x-request-id": f"Bearer {key}"}))
+        with httpx.Client(base_url=served.proxy(), headers=AUTH, timeout=10, trust_env=False) as client:
+            response = client.post("/chat/completions", json={**CHAT, "stream": False})
+    assert response.status_code == 200
+    shown = every_reading(response.text) + str(response.headers)
+    assert key not in shown and STRANGER not in shown
+    assert response.json()["choices"][0]["message"]["content"] == "k [redacted]"
+    assert response.headers["x-request-id"] == "Bearer [redacted]"
+
+
+def test_a_non_streamed_reply_through_the_openai_door_never_shows_a_key(claude_pool) -> None:
+    served, fake = claude_pool({CLAUDE: KeyBehaviour()})
+    message = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-3-5-haiku-20241022",
+        "content": [{"type": "text", "text": f"key {CLAUDE}"}],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 3, "output_tokens": 2},
+    }
+    fake.next_status.append((200, message))
+    payload = {**CHAT, "model": "claude-3-5-haiku-20241022", "stream": False}
+    with httpx.Client(timeout=10, trust_env=False) as client:
+        response = client.post(served.proxy("anthropic") + "/chat/completions", json=payload, headers=AUTH)
+    assert response.status_code == 200
+    assert CLAUDE not in every_reading(response.text)
+    assert response.json()["choices"][0]["message"]["content"] == "key [redacted]"
+
+
 # The Redactor ---------------------------------------------------------------------------------
 
 
