@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import gc
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -65,11 +64,8 @@ def build_app(settings: Settings, self_url: str | None = None) -> FastAPI:
 
 def blocked_paths(settings: Settings) -> list[str]:
     """Paths Gradio must never move to its cache nor serve: the data directory (the database and
-    its WAL hold user tokens), the .env file, and any GRADIO_BLOCKED_PATHS (which `launch()` reads
-    and `mount_gradio_app` does not)."""
+    its WAL hold user tokens) and the .env file."""
     paths = [Path(settings.data_dir).resolve(), Path(".env").resolve()]
-    extra = os.environ.get("GRADIO_BLOCKED_PATHS", "")
-    paths += [Path(item.strip()).resolve() for item in extra.split(",") if item.strip()]
     return [str(p) for p in dict.fromkeys(paths)]
 
 
