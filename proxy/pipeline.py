@@ -170,18 +170,23 @@ class Pipeline:
         state = service.dialect.prepare(endpoint, upstream_payload)
         body = jsonx.dumps(upstream_payload)
         admission = self.gatekeeper.admit(caller, family, estimate)
-        try:
-            reply = await unless_client_leaves(
-                request, self._forward(service, endpoint, request.headers, body, model)
-            )
+        async def deliver() -> tuple[Upstream, Response | None]:
+            """Forward, then read a non-streamed reply: one watch on the client covers both."""
+            reply = await self._forward(service, endpoint, request.headers, body, model)
             ctx.key_id = reply.key.id
             if "text/event-stream" in reply.response.headers.get("content-type", ""):
+                return reply, None
+            try:
+                return reply, await self._complete(service, endpoint, reply, admission, ctx)
+            except BaseException:
+                reply.response.close()
+                raise
+
+        try:
+            reply, response = await unless_client_leaves(request, deliver())
+            if response is None:
                 ctx.streamed = True  # metered whatever the client asked: usage must be counted
                 response = self._stream(service, endpoint, reply, state, admission, ctx, payload)
-            else:
-                response = await unless_client_leaves(
-                    request, self._complete(service, endpoint, reply, admission, ctx)
-                )
         except BaseException:
             self.gatekeeper.release(admission)  # a no-op once settled
             raise
