@@ -81,5 +81,9 @@ def output_reserve(kind: str, payload: dict) -> int:
     """Tokens a reply may use: max_tokens (or the default) for each of the `n` choices."""
     if kind == "embeddings":
         return 0
-    limit = positive_int(payload.get("max_tokens")) or positive_int(payload.get("max_completion_tokens"))
+    limit = (
+        positive_int(payload.get("max_tokens"))
+        or positive_int(payload.get("max_completion_tokens"))
+        or positive_int(payload.get("max_output_tokens"))  # the Responses API's name
+    )
     return (limit or DEFAULT_OUTPUT_RESERVE) * max(1, positive_int(payload.get("n")))

@@ -41,6 +41,7 @@ class Settings(BaseModel):
     upstream_read_timeout: float = Field(300.0, gt=0)
     retry_time_budget: float = Field(30.0, gt=0)
     anthropic_default_max_tokens: int = Field(4096, gt=0)
+    openai_responses_store: bool = False
 
     # Server
     host: str = Field("0.0.0.0", validation_alias=AliasChoices("HOST", "GRADIO_SERVER_NAME"))

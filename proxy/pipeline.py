@@ -133,6 +133,9 @@ class Pipeline:
             if endpoint.kind == "models":
                 self.gatekeeper.admit(caller, None)
                 response = await self._models(service, ctx)
+            elif endpoint.kind == "model":
+                self.gatekeeper.admit(caller, None)
+                response = await self._model(service, match.arg or "")
             else:
                 response = await self._generate(request, service, endpoint, caller, ctx)
         except ProxyError as exc:
@@ -166,13 +169,22 @@ class Pipeline:
             raise ProxyError(400, "'stream' must be true or false.", Kind.INVALID_REQUEST)
         ctx.streamed = stream is True and endpoint.kind != "embeddings"
         estimate = estimate_tokens(ctx.body_len) + output_reserve(endpoint.kind, payload)
+        if endpoint.kind == "count_tokens":
+            estimate = 0  # counting is free: rate-limited, never charged
         upstream_payload = self.door.request(payload) if endpoint.translated else payload
         state = service.dialect.prepare(endpoint, upstream_payload)
         body = jsonx.dumps(upstream_payload)
         admission = self.gatekeeper.admit(caller, family, estimate)
+        reviser = self.door if endpoint.translated else service.dialect
+
+        def revise(status: int, parsed: Any) -> bytes | None:
+            """The request fixed after an upstream 400 that names what to change (learned per model)."""
+            changed = reviser.revise(endpoint, upstream_payload, status, parsed)
+            return jsonx.dumps(upstream_payload) if changed else None
+
         async def deliver() -> tuple[Upstream, Response | None]:
             """Forward, then read a non-streamed reply: one watch on the client covers both."""
-            reply = await self._forward(service, endpoint, request.headers, body, model)
+            reply = await self._forward(service, endpoint, request.headers, body, model, revise)
             ctx.key_id = reply.key.id
             if "text/event-stream" in reply.response.headers.get("content-type", ""):
                 return reply, None
@@ -195,7 +207,13 @@ class Pipeline:
 
     # Forwarding with retries ------------------------------------------------------------------
     async def _forward(
-        self, service: Service, endpoint: Endpoint, headers: Any, body: bytes | None, model: str | None
+        self,
+        service: Service,
+        endpoint: Endpoint,
+        headers: Any,
+        body: bytes | None,
+        model: str | None,
+        revise: Callable[[int, Any], bytes | None] | None = None,
     ) -> Upstream:
         """Send to the best key; on a key problem or a transient failure, try another key.
 
@@ -208,8 +226,9 @@ class Pipeline:
         tried: set[str] = set()
         unreachable = 0
         last: Exception | None = None  # the failure to report if no key is left to try
+        again: Key | None = None  # the key to retry a revised request on, once
         while time.monotonic() < deadline and unreachable < MAX_UNREACHABLE:
-            key = pool.select(model, tried)
+            key, again = again or pool.select(model, tried), None
             if key is None:
                 break
             tried.add(key.id)
@@ -240,7 +259,11 @@ class Pipeline:
             outcome = dialect.classify(response.status, response.headers, parsed)
             pool.apply(key, outcome, model)
             if outcome.verdict is Verdict.CLIENT_ERROR:
-                raise UpstreamReply(response.status, parsed, raw)
+                revised = revise(response.status, parsed) if revise is not None else None
+                if revised is None:
+                    raise UpstreamReply(response.status, parsed, raw)
+                body, revise, again = revised, None, key  # once, on the same key
+                continue
             if outcome.verdict is Verdict.RETRYABLE:
                 if response.status < 500 and isinstance(last, UpstreamReply) and last.status == response.status:
                     # Two keys refused alike (a 403 the request itself provokes): the rest would too.
@@ -295,7 +318,7 @@ class Pipeline:
         dialect = service.dialect
         meter = dialect.meter(endpoint, state)
         render = None
-        stream_error = dialect.stream_error
+        stream_error = getattr(meter, "stream_error", None) or dialect.stream_error
         if endpoint.translated:
             render, stream_error = self.door.stream(payload)
 
@@ -329,6 +352,21 @@ class Pipeline:
 
     async def _models(self, service: Service, ctx: _Ctx) -> Response:
         """Answered from the models the live keys can use; before any check, asked upstream once."""
+        allowed = await self._served_models(service)
+        return Response(json.dumps(service.dialect.model_list(allowed)), 200, media_type="application/json")
+
+    async def _model(self, service: Service, model: str) -> Response:
+        """One model's card (`models.retrieve`), if a live key serves it; 404 in the provider's shape."""
+        dialect = service.dialect
+        if model not in await self._served_models(service):
+            raise ProxyError(
+                404, f"The model '{model[:200]}' does not exist or is not served by this proxy.",
+                Kind.NOT_FOUND, code="model_not_found",
+            )  # fmt: skip
+        card = dialect.model_list([model])["data"][0]
+        return Response(json.dumps(card), 200, media_type="application/json")
+
+    async def _served_models(self, service: Service) -> set[str]:
         dialect = service.dialect
         models = service.pool.models()
         if models is None:
@@ -336,8 +374,7 @@ class Pipeline:
                 if service.cached_models is None and service.pool:
                     service.cached_models = await self._fetch_models(service)
             models = service.cached_models or set()
-        allowed = {m for m in models if is_allowed(family_of(m, dialect.name), service.family_filter)}
-        return Response(json.dumps(dialect.model_list(allowed)), 200, media_type="application/json")
+        return {m for m in models if is_allowed(family_of(m, dialect.name), service.family_filter)}
 
     async def _fetch_models(self, service: Service) -> set[str]:
         endpoint = next(e for e in service.dialect.endpoints if e.kind == "models")
@@ -371,6 +408,8 @@ class Pipeline:
                 status=status,
                 key_id=ctx.key_id,
                 user=ctx.user if ctx.user not in (None, "anon", "proxy-key") else None,
+                cached_in=usage.cached,
+                reasoning_out=usage.reasoning,
             )
         )
 

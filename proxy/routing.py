@@ -12,6 +12,7 @@ from proxy.providers.base import Dialect, Endpoint
 class Match:
     service: str
     endpoint: Endpoint
+    arg: str | None = None  # the path segment an endpoint's "*" stood for (a model id)
 
 
 @dataclass
@@ -35,12 +36,18 @@ class Router:
         segments = self._segments(raw_path)
         service = segments[1] if len(segments) > 1 else ""
         rest = segments[2:]
+        if rest[:2] == ["v1", "v1"] and service in DOUBLED_V1_ACCEPTED:
+            rest = rest[1:]  # a base URL pasted with /v1 into an SDK that adds its own
         if rest and rest[0] == "v1":
             rest = rest[1:]
         endpoint = self._table.get((service, method.upper(), tuple(rest)))
-        if endpoint is None:
-            raise not_found(method, raw_path)
-        return Match(service, endpoint)
+        if endpoint is not None:
+            return Match(service, endpoint, rest[-1] if "*" in endpoint.path else None)
+        if rest:
+            endpoint = self._table.get((service, method.upper(), (*rest[:-1], "*")))
+            if endpoint is not None:
+                return Match(service, endpoint, rest[-1])
+        raise not_found(method, raw_path)
 
     def shape_for(self, raw_path: bytes) -> str:
         """The error shape a client at this path expects, even when the path itself is refused."""
@@ -63,11 +70,21 @@ class Router:
         return segments
 
 
+# Services whose SDKs add `/v1` to the base URL themselves (the anthropic SDK, litellm's
+# `anthropic/`): `…/proxy/anthropic/v1` pasted there gives `/v1/v1/messages`, accepted as meant.
+DOUBLED_V1_ACCEPTED = frozenset({"anthropic"})
+
+
 def not_found(method: str, raw_path: bytes) -> ProxyError:
     shown = raw_path.decode("ascii", errors="replace")[:200]
-    return ProxyError(
-        404,
+    message = (
         f"{method.upper()} {shown} is not available through this proxy. "
-        "Allowed: model lists and chat/text completions, embeddings and messages.",
-        Kind.NOT_FOUND,
+        "Allowed: model lists and chat/text completions, responses, embeddings and messages."
     )
+    segments = [s for s in shown.split("/") if s]
+    if segments[2:4] == ["v1", "v1"]:
+        message += (
+            f" The base URL holds /v1 twice: use /proxy/{segments[1]}/v1 as the base URL "
+            "(without another /v1)."
+        )
+    return ProxyError(404, message, Kind.NOT_FOUND)

@@ -137,7 +137,12 @@ def build_runtime(settings: Settings) -> Runtime:
     access = build_access(settings)
     services: dict[str, Service] = {}
     for dialect, base_url, keys, env in (
-        (OpenAI(), settings.openai_base_url, settings.openai_keys, "OPENAI_KEY"),
+        (
+            OpenAI(allow_stored_responses=settings.openai_responses_store),
+            settings.openai_base_url,
+            settings.openai_keys,
+            "OPENAI_KEY",
+        ),
         (Anthropic(), settings.anthropic_base_url, settings.anthropic_keys, "ANTHROPIC_KEY"),
     ):
         if dialect.name == "anthropic" and not keys:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 
 from proxy import sse
 from proxy.errors import Kind, ProxyError, openai_error
+from proxy.providers.base import error_message
 from proxy.sse import Event
 from proxy.translate import (
     AnthropicToOpenAIStream,
@@ -15,18 +17,39 @@ from proxy.translate import (
     anthropic_to_openai_response,
     openai_to_anthropic_request,
 )
+from proxy.translate.reasoning import switch_thinking_form
 from proxy.upstream import StreamAbort
+
+MAX_LEARNED_MODELS = 512  # client-chosen model names: the memory is bounded
 
 
 class Door:
     def __init__(self, default_max_tokens: int) -> None:
         self.default_max_tokens = default_max_tokens
+        self.thinking_forms: OrderedDict[str, str] = OrderedDict()  # model -> form Claude accepted
 
     def request(self, payload: dict) -> dict:
+        form = self.thinking_forms.get(str(payload.get("model")))
         try:
-            return openai_to_anthropic_request(payload, default_max_tokens=self.default_max_tokens)
+            return openai_to_anthropic_request(
+                payload, default_max_tokens=self.default_max_tokens, thinking_form=form
+            )
         except TranslationError as exc:
             raise ProxyError(400, str(exc), Kind.INVALID_REQUEST) from None
+
+    def revise(self, endpoint: object, payload: dict, status: int, body: object) -> bool:
+        """Claude refused the thinking form (budget vs adaptive): switch it for one retry, and remember."""
+        if status != 400:
+            return False
+        form = switch_thinking_form(payload, error_message(body))
+        if form is None:
+            return False
+        model = str(payload.get("model"))
+        self.thinking_forms[model] = form
+        self.thinking_forms.move_to_end(model)
+        while len(self.thinking_forms) > MAX_LEARNED_MODELS:
+            self.thinking_forms.popitem(last=False)
+        return True
 
     def response(self, body: dict) -> dict:
         return anthropic_to_openai_response(body, created=int(time.time()))

@@ -15,6 +15,8 @@ class Usage:
     tokens_in: int = 0
     tokens_out: int = 0
     estimated: bool = False
+    cached: int = 0  # of tokens_in, read from the provider's cache
+    reasoning: int = 0  # of tokens_out, spent thinking
 
     @property
     def total(self) -> int:
@@ -36,6 +38,8 @@ class UsageEvent:
     status: int
     key_id: str | None = None
     user: str | None = None
+    cached_in: int = 0
+    reasoning_out: int = 0
 
     def public(self) -> dict:
         data = asdict(self)

@@ -366,7 +366,6 @@ def test_openai_only_fields_are_ignored() -> None:
         seed=7,
         logprobs=True,
         top_logprobs=3,
-        response_format={"type": "json_object"},
         service_tier="auto",
     )
     assert set(out) == {"model", "max_tokens", "messages"}
@@ -853,6 +852,8 @@ def test_stream_with_tool_use_yields_tool_call_deltas() -> None:
     chunks, _ = run(TOOL_STREAM)
     assert deltas(chunks) == [
         {"role": "assistant", "content": ""},
+        {"reasoning_content": "Need weather."},
+        {"thinking_blocks": [{"type": "thinking", "thinking": "Need weather.", "signature": "EqQB"}]},
         {"content": "Checking."},
         {"tool_calls": [{"index": 0, "id": "toolu_1", "type": "function",
                          "function": {"name": "get_weather", "arguments": ""}}]},
@@ -1046,10 +1047,8 @@ def test_tool_calls_fed_back_reproduce_the_original_tool_use_blocks() -> None:
         ],
         tools=[WEATHER_TOOL],
     )
-    original = [
-        b for b in TOOL_USE_MESSAGE["content"] if b["type"] in ("text", "tool_use")
-    ]
-    assert follow_up["messages"][1] == {"role": "assistant", "content": original}
+    # Thinking with its signature included: Claude needs it back before the tool results.
+    assert follow_up["messages"][1] == {"role": "assistant", "content": TOOL_USE_MESSAGE["content"]}
     assert [b["tool_use_id"] for b in follow_up["messages"][2]["content"]] == [
         "toolu_1",
         "toolu_2",

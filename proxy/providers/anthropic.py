@@ -79,11 +79,22 @@ class AnthropicStreamMeter(StreamMeter):
                 self._counts[name] = value
         self.usage.tokens_in = _input_tokens(self._counts)
         self.usage.tokens_out = self._counts.get("output_tokens", 0)
+        self.usage.cached = self._counts.get("cache_read_input_tokens", 0)
+        thinking = _thinking_tokens(usage)
+        if thinking is not None:
+            self.usage.reasoning = thinking
 
 
 def _error_type(body: Any) -> str:
     error = body.get("error") if isinstance(body, dict) else None
     return str(error.get("type") or "") if isinstance(error, dict) else ""
+
+
+def _thinking_tokens(usage: dict) -> int | None:
+    """Output tokens spent thinking (`output_tokens_details.thinking_tokens`), when Claude says."""
+    details = usage.get("output_tokens_details")
+    value = details.get("thinking_tokens") if isinstance(details, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _input_tokens(usage: dict) -> int:
@@ -101,6 +112,8 @@ class Anthropic(Dialect):
         Endpoint("GET", ("models",), None, "models", "anthropic"),
         Endpoint("POST", ("messages",), "/messages", "messages", "anthropic"),
         Endpoint("POST", ("chat", "completions"), "/messages", "chat", "openai", translated=True),
+        Endpoint("POST", ("messages", "count_tokens"), "/messages/count_tokens", "count_tokens", "anthropic"),
+        Endpoint("GET", ("models", "*"), None, "model", "anthropic"),
     )
     forward_headers = frozenset({"accept", "anthropic-version", "anthropic-beta"})
     response_headers = frozenset({"request-id"})
@@ -150,7 +163,12 @@ class Anthropic(Dialect):
         usage = body.get("usage") if isinstance(body, dict) else None
         if not isinstance(usage, dict):
             return None
-        return Usage(_input_tokens(usage), int(usage.get("output_tokens") or 0))
+        return Usage(
+            _input_tokens(usage),
+            int(usage.get("output_tokens") or 0),
+            cached=int(usage.get("cache_read_input_tokens") or 0),
+            reasoning=_thinking_tokens(usage) or 0,
+        )
 
     def meter(self, endpoint: Endpoint, state: dict) -> StreamMeter:
         return AnthropicStreamMeter()

@@ -20,7 +20,7 @@ class Endpoint:
     method: str
     path: tuple[str, ...]
     upstream_path: str | None  # None: answered by the proxy itself (model lists)
-    kind: str  # "chat" | "completions" | "embeddings" | "messages" | "models"
+    kind: str  # "chat" | "completions" | "embeddings" | "messages" | "models" | "model" | "responses" | "count_tokens"
     shape: str  # the client's API shape for errors: "openai" | "anthropic"
     translated: bool = False  # OpenAI format in and out, translated to this provider's API
 
@@ -71,6 +71,10 @@ class Dialect:
     def prepare(self, endpoint: Endpoint, payload: dict) -> dict:
         """Adjust a request before forwarding (e.g. ask for stream usage). Returns state for the meter."""
         return {}
+
+    def revise(self, endpoint: Endpoint, payload: dict, status: int, body: Any) -> bool:
+        """After a client-error reply: whether `payload` was fixed (in place) for one more try."""
+        return False
 
     def meter(self, endpoint: Endpoint, state: dict) -> StreamMeter:
         raise NotImplementedError

@@ -10,6 +10,8 @@ from proxy import sse
 from proxy.errors import Kind, openai_error
 from proxy.keys.pool import Outcome, Verdict
 from proxy.providers.base import Dialect, Endpoint, StreamMeter, error_message, retry_after
+from proxy.providers.openai_responses import ResponsesStreamMeter, enforce_store_policy, responses_usage
+from proxy.providers.reasoning import ParameterMemory
 from proxy.sse import Event
 from proxy.usage import Usage
 
@@ -42,7 +44,7 @@ class OpenAIStreamMeter(StreamMeter):
             return True
         usage = chunk.get("usage")
         if isinstance(usage, dict):
-            self.usage = Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+            self.usage = chat_usage(usage)
             self.seen_usage = True
             if not chunk.get("choices") and not self.client_wants_usage:
                 return False
@@ -66,8 +68,14 @@ class OpenAI(Dialect):
         Endpoint("POST", ("chat", "completions"), "/chat/completions", "chat", "openai"),
         Endpoint("POST", ("completions",), "/completions", "completions", "openai"),
         Endpoint("POST", ("embeddings",), "/embeddings", "embeddings", "openai"),
+        Endpoint("POST", ("responses",), "/responses", "responses", "openai"),
+        Endpoint("GET", ("models", "*"), None, "model", "openai"),
     )
     response_headers = frozenset({"x-request-id", "openai-processing-ms"})
+
+    def __init__(self, *, allow_stored_responses: bool = False) -> None:
+        self.allow_stored_responses = allow_stored_responses
+        self.parameters = ParameterMemory()
 
     def auth_headers(self, secret: str) -> dict[str, str]:
         return {"authorization": f"Bearer {secret}"}
@@ -93,12 +101,19 @@ class OpenAI(Dialect):
         usage = body.get("usage") if isinstance(body, dict) else None
         if not isinstance(usage, dict):
             return None
-        prompt = int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
-        completion = int(usage.get("completion_tokens") or usage.get("output_tokens") or 0)
-        return Usage(prompt, completion)
+        if "input_tokens" in usage and "prompt_tokens" not in usage:
+            return responses_usage(usage)
+        return chat_usage(usage)
 
     def prepare(self, endpoint: Endpoint, payload: dict) -> dict:
-        """Ask for usage in streams, remembering whether the client asked for it itself."""
+        """Ask for usage in streams, remembering whether the client asked for it itself.
+
+        Responses: the stored-state policy. Chat: what reasoning models refuse, renamed or dropped."""
+        if endpoint.kind == "responses":
+            enforce_store_policy(payload, self.allow_stored_responses)
+            return {}
+        if endpoint.kind == "chat" and isinstance(payload.get("model"), str):
+            self.parameters.prepare(payload["model"], payload)
         if not payload.get("stream") or endpoint.kind not in ("chat", "completions"):
             return {}
         options = payload.get("stream_options")
@@ -106,7 +121,16 @@ class OpenAI(Dialect):
         payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         return {"client_wants_usage": wants}
 
+    def revise(self, endpoint: Endpoint, payload: dict, status: int, body: Any) -> bool:
+        """A chat request a reasoning model refused for a parameter: fixed for one retry, and learned."""
+        model = payload.get("model")
+        if endpoint.kind != "chat" or not isinstance(model, str):
+            return False
+        return self.parameters.learn(model, payload, status, body)
+
     def meter(self, endpoint: Endpoint, state: dict) -> StreamMeter:
+        if endpoint.kind == "responses":
+            return ResponsesStreamMeter()
         return OpenAIStreamMeter(state.get("client_wants_usage", True))
 
     def stream_error(self, message: str) -> bytes:
@@ -117,3 +141,15 @@ class OpenAI(Dialect):
             "object": "list",
             "data": [{"id": m, "object": "model", "created": 0, "owned_by": "openai"} for m in sorted(models)],
         }
+
+
+def chat_usage(usage: dict) -> Usage:
+    """Chat/completions usage, with cached prompt and reasoning tokens when the upstream gives them."""
+    prompt_details = usage.get("prompt_tokens_details")
+    completion_details = usage.get("completion_tokens_details")
+    return Usage(
+        int(usage.get("prompt_tokens") or 0),
+        int(usage.get("completion_tokens") or 0),
+        cached=int(prompt_details.get("cached_tokens") or 0) if isinstance(prompt_details, dict) else 0,
+        reasoning=int(completion_details.get("reasoning_tokens") or 0) if isinstance(completion_details, dict) else 0,
+    )

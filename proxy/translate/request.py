@@ -27,8 +27,12 @@ class TranslationError(ValueError):
     """A request that cannot be expressed in the target API; message is shown to the client (400)."""
 
 
-def openai_to_anthropic_request(body: dict, *, default_max_tokens: int = 4096) -> dict:
-    """OpenAI chat.completions request -> Anthropic /v1/messages request."""
+def openai_to_anthropic_request(
+    body: dict, *, default_max_tokens: int = 4096, thinking_form: str | None = None
+) -> dict:
+    """OpenAI chat.completions request -> Anthropic /v1/messages request.
+
+    `thinking_form` ("adaptive" | "enabled"): how this model was learned to take thinking."""
     if not isinstance(body, dict):
         raise TranslationError("The request body must be a JSON object.")
     model = body.get("model")
@@ -54,7 +58,20 @@ def openai_to_anthropic_request(body: dict, *, default_max_tokens: int = 4096) -
     if isinstance(user, str) and user:
         out["metadata"] = {"user_id": user}
     _copy_tools(body, out)
+    _apply_extras(body, out, raw_messages, default_max_tokens, thinking_form)
     return out
+
+
+def _apply_extras(body: dict, out: dict, raw_messages: list, default_max_tokens: int, form: str | None) -> None:
+    """Thinking, response_format and cache_control (proxy/translate/reasoning.py)."""
+    from proxy.translate import reasoning
+
+    system = reasoning.system_blocks(raw_messages)
+    if system is not None:
+        out["system"] = system
+    reasoning.copy_tool_cache_control(body, out)
+    reasoning.apply_thinking(body, out, form=form, default_max_tokens=default_max_tokens)
+    reasoning.apply_response_format(body, out)
 
 
 # -- top-level fields ---------------------------------------------------------
@@ -231,7 +248,10 @@ def _strip_final_assistant_whitespace(turns: list[Message]) -> None:
 def _assistant_blocks(message: dict, i: int) -> list[Block]:
     if message.get("function_call") is not None:
         raise TranslationError(_LEGACY_FUNCTIONS_MESSAGE)
-    blocks = _content_blocks(message.get("content"), f"messages[{i}]", assistant=True)
+    from proxy.translate.reasoning import thinking_blocks
+
+    blocks = thinking_blocks(message, f"messages[{i}]")  # Claude's own thinking opens its turn
+    blocks += _content_blocks(message.get("content"), f"messages[{i}]", assistant=True)
     for j, call in enumerate(message.get("tool_calls") or []):
         blocks.append(_tool_use_block(call, f"messages[{i}].tool_calls[{j}]"))
     return blocks

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from proxy.translate.reasoning import JSON_TOOL
+
 __all__ = [
     "anthropic_error_to_openai",
     "anthropic_to_openai_response",
@@ -81,23 +83,33 @@ def openai_usage(usage: dict | None) -> dict[str, Any]:
     }
     if cache_read:
         result["prompt_tokens_details"] = {"cached_tokens": cache_read}
+    details = usage.get("output_tokens_details")
+    thinking = details.get("thinking_tokens") if isinstance(details, dict) else None
+    if isinstance(thinking, int) and thinking > 0:
+        result["completion_tokens_details"] = {"reasoning_tokens": thinking}
     return result
 
 
 def anthropic_to_openai_response(body: dict, *, created: int) -> dict:
     """Anthropic message -> OpenAI chat.completion.
 
-    Text blocks are concatenated; thinking, redacted thinking and server-tool blocks are
-    omitted (OpenAI chat completions has no place for them); tool_use blocks become
-    ``tool_calls`` with JSON-string arguments.
+    Text blocks are concatenated; tool_use blocks become ``tool_calls`` with JSON-string
+    arguments, except the response_format tool, whose input is the content. Thinking comes back
+    as ``reasoning_content`` (what OpenAI-format clients read) and, with signatures and redacted
+    thinking, as ``thinking_blocks`` to send back in a later turn. Server-tool blocks are omitted.
     """
     texts: list[str] = []
     tool_calls: list[dict[str, Any]] = []
+    thinking: list[dict[str, Any]] = []
     for block in body.get("content") or []:
         if block.get("type") == "text":
             texts.append(block.get("text") or "")
+        elif block.get("type") == "tool_use" and block.get("name") == JSON_TOOL:
+            texts.append(json.dumps(block.get("input") or {}, ensure_ascii=False))
         elif block.get("type") == "tool_use":
             tool_calls.append(_tool_call(block))
+        elif block.get("type") in ("thinking", "redacted_thinking"):
+            thinking.append(block)
     text = "".join(texts)
     message: dict[str, Any] = {
         "role": "assistant",
@@ -106,6 +118,14 @@ def anthropic_to_openai_response(body: dict, *, created: int) -> dict:
     }
     if tool_calls:
         message["tool_calls"] = tool_calls
+    if thinking:
+        reasoning = "".join(b.get("thinking") or "" for b in thinking if b.get("type") == "thinking")
+        message["reasoning_content"] = reasoning
+        message["thinking_blocks"] = thinking
+    stop_reason = body.get("stop_reason")
+    json_answer = any(b.get("type") == "tool_use" and b.get("name") == JSON_TOOL for b in body.get("content") or [])
+    if stop_reason == "tool_use" and json_answer and not tool_calls:
+        stop_reason = "end_turn"  # only the response_format tool: an answer, not a call
     return {
         "id": completion_id(body.get("id")),
         "object": "chat.completion",
@@ -116,7 +136,7 @@ def anthropic_to_openai_response(body: dict, *, created: int) -> dict:
                 "index": 0,
                 "message": message,
                 "logprobs": None,
-                "finish_reason": finish_reason(body.get("stop_reason")) or "stop",
+                "finish_reason": finish_reason(stop_reason) or "stop",
             }
         ],
         "usage": openai_usage(body.get("usage")),

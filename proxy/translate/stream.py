@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy.translate.reasoning import JSON_TOOL
 from proxy.translate.response import completion_id, finish_reason, openai_usage
 
 __all__ = ["AnthropicToOpenAIStream", "UpstreamStreamError"]
@@ -30,8 +31,11 @@ class UpstreamStreamError(Exception):
 class AnthropicToOpenAIStream:
     """Feeds on Anthropic SSE events, yields OpenAI chat.completion.chunk dicts.
 
-    One instance per response. Thinking, signature and citation deltas and server-tool
-    blocks are dropped; the caller writes ``data: [DONE]`` after the last chunk.
+    One instance per response. Thinking streams as ``delta.reasoning_content``; each thinking
+    block, once complete with its signature (and each redacted one), comes as
+    ``delta.thinking_blocks`` for the client to send back. The response_format tool's JSON
+    streams as content. Citation deltas and server-tool blocks are dropped; the caller writes
+    ``data: [DONE]`` after the last chunk.
     """
 
     def __init__(self, *, model: str, created: int, include_usage: bool) -> None:
@@ -42,10 +46,12 @@ class AnthropicToOpenAIStream:
         self._started = False
         self._finished = False
         self._done = False
-        self._usage: dict[str, int] = {}
+        self._usage: dict[str, Any] = {}
         self._tool_index: dict[
             int, int
         ] = {}  # Anthropic block index -> OpenAI tool call index
+        self._json_blocks: set[int] = set()  # blocks of the response_format tool: content
+        self._thinking: dict[int, dict[str, str]] = {}  # open thinking blocks by index
 
     @property
     def usage(self) -> tuple[int, int]:
@@ -83,6 +89,15 @@ class AnthropicToOpenAIStream:
         block = data.get("content_block") or {}
         if block.get("type") == "text" and block.get("text"):
             return [self._chunk({"content": block["text"]})]
+        if block.get("type") == "thinking":
+            self._thinking[data.get("index", -1)] = {"thinking": "", "signature": ""}
+            return []
+        if block.get("type") == "redacted_thinking":
+            redacted = {"type": "redacted_thinking", "data": block.get("data") or ""}
+            return [self._chunk({"thinking_blocks": [redacted]})]
+        if block.get("type") == "tool_use" and block.get("name") == JSON_TOOL:
+            self._json_blocks.add(data.get("index", -1))
+            return []
         if block.get("type") != "tool_use":
             return []
         tool_index = len(self._tool_index)
@@ -99,6 +114,15 @@ class AnthropicToOpenAIStream:
         delta = data.get("delta") or {}
         if delta.get("type") == "text_delta" and delta.get("text"):
             return [self._chunk({"content": delta["text"]})]
+        open_thinking = self._thinking.get(data.get("index", -1))
+        if open_thinking is not None and delta.get("type") in ("thinking_delta", "signature_delta"):
+            field = "thinking" if delta["type"] == "thinking_delta" else "signature"
+            piece = delta.get(field) or ""
+            open_thinking[field] += piece
+            return [self._chunk({"reasoning_content": piece})] if field == "thinking" and piece else []
+        if data.get("index", -1) in self._json_blocks:
+            piece = delta.get("partial_json") if delta.get("type") == "input_json_delta" else None
+            return [self._chunk({"content": piece})] if piece else []
         if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
             tool_index = self._tool_index.get(data.get("index", -1))
             if tool_index is None:
@@ -110,9 +134,18 @@ class AnthropicToOpenAIStream:
             return [self._chunk({"tool_calls": [call]})]
         return []
 
+    def _on_block_stop(self, data: dict) -> list[Chunk]:
+        block = self._thinking.pop(data.get("index", -1), None)
+        if block is None:
+            return []
+        return [self._chunk({"thinking_blocks": [{"type": "thinking", **block}]})]
+
     def _on_message_delta(self, data: dict) -> list[Chunk]:
         self._update_usage(data.get("usage"))
-        reason = finish_reason((data.get("delta") or {}).get("stop_reason"))
+        stop_reason = (data.get("delta") or {}).get("stop_reason")
+        if stop_reason == "tool_use" and self._json_blocks and not self._tool_index:
+            stop_reason = "end_turn"  # only the response_format tool: an answer, not a call
+        reason = finish_reason(stop_reason)
         if reason is None or self._finished:
             return []
         self._finished = True
@@ -140,6 +173,8 @@ class AnthropicToOpenAIStream:
         for key, value in (usage or {}).items():
             if isinstance(value, int) and not isinstance(value, bool):
                 self._usage[key] = value
+            elif key == "output_tokens_details" and isinstance(value, dict):
+                self._usage[key] = value  # type: ignore[assignment]
 
     def _chunk(
         self, delta: dict[str, Any], *, finish_reason: str | None = None
@@ -171,6 +206,7 @@ class AnthropicToOpenAIStream:
 _HANDLERS = {
     "content_block_start": AnthropicToOpenAIStream._on_block_start,
     "content_block_delta": AnthropicToOpenAIStream._on_block_delta,
+    "content_block_stop": AnthropicToOpenAIStream._on_block_stop,
     "message_delta": AnthropicToOpenAIStream._on_message_delta,
     "message_stop": AnthropicToOpenAIStream._on_message_stop,
 }
