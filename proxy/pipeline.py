@@ -31,6 +31,8 @@ log = logging.getLogger("proxy.access")
 
 # The upstream itself unreachable this many times: every key would fail the same way.
 MAX_UNREACHABLE = 3
+# A request the upstream refused for a parameter it names is fixed and retried, once per parameter.
+MAX_REVISIONS = 3
 STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 # Browser clients (RisuAI, web front-ends) call the proxy directly. Credentials travel in
 # headers, never cookies, so any origin may call.
@@ -226,7 +228,8 @@ class Pipeline:
         tried: set[str] = set()
         unreachable = 0
         last: Exception | None = None  # the failure to report if no key is left to try
-        again: Key | None = None  # the key to retry a revised request on, once
+        again: Key | None = None  # the key to retry a revised request on
+        revisions = 0
         while time.monotonic() < deadline and unreachable < MAX_UNREACHABLE:
             key, again = again or pool.select(model, tried), None
             if key is None:
@@ -259,10 +262,12 @@ class Pipeline:
             outcome = dialect.classify(response.status, response.headers, parsed)
             pool.apply(key, outcome, model)
             if outcome.verdict is Verdict.CLIENT_ERROR:
-                revised = revise(response.status, parsed) if revise is not None else None
+                fixable = revise is not None and revisions < MAX_REVISIONS
+                revised = revise(response.status, parsed) if fixable else None
                 if revised is None:
                     raise UpstreamReply(response.status, parsed, raw)
-                body, revise, again = revised, None, key  # once, on the same key
+                # Retried on the same key: once per thing the upstream refused (each learned for good).
+                body, again, revisions = revised, key, revisions + 1
                 continue
             if outcome.verdict is Verdict.RETRYABLE:
                 if response.status < 500 and isinstance(last, UpstreamReply) and last.status == response.status:

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json as jsonlib
 import math
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -463,6 +464,7 @@ class FakeOpenAI(FakeUpstream):
         "gpt-4",
         "gpt-3.5-turbo",
         "o3-mini",
+        "gpt-5",
         "text-embedding-3-small",
         "ft:gpt-4o-mini:org::abc123",
         "dall-e-3",
@@ -473,7 +475,11 @@ class FakeOpenAI(FakeUpstream):
         "/v1/chat/completions": "chat",
         "/v1/completions": "completion",
         "/v1/embeddings": "embedding",
+        "/v1/responses": "responses",
     }
+    # Models that refuse max_tokens and non-default sampling values, as OpenAI's reasoning models do.
+    REASONING = re.compile(r"^(o\d|gpt-5)")
+    reasoning_models: ClassVar[frozenset[str]] = frozenset()  # more, by exact id (a "new family")
 
     def _common_headers(self) -> dict[str, str]:
         return {
@@ -563,6 +569,11 @@ class FakeOpenAI(FakeUpstream):
             )
         if route == "embedding":
             return self._embeddings(body, behaviour)
+        if route == "responses":
+            return await self._responses(request, body, behaviour)
+        refused = self._reasoning_refusal(body) if route == "chat" else None
+        if refused is not None:
+            return self._json(refused, 400, self._ratelimit_headers(behaviour))
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
             param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
@@ -623,6 +634,119 @@ class FakeOpenAI(FakeUpstream):
                 500,
             )
         return None
+
+    def is_reasoning(self, model: str) -> bool:
+        return bool(self.REASONING.match(model)) or model in self.reasoning_models
+
+    def _reasoning_refusal(self, body: Json) -> Json | None:
+        """OpenAI's 400 for a parameter a reasoning model refuses (one at a time, as OpenAI does)."""
+        if not self.is_reasoning(body["model"]):
+            return None
+        if "max_tokens" in body:
+            return openai_error(
+                "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                "Use 'max_completion_tokens' instead.",
+                "invalid_request_error", "unsupported_parameter", "max_tokens",
+            )  # fmt: skip
+        for name in ("temperature", "top_p"):
+            value = body.get(name)
+            if value is not None and value != 1:
+                return openai_error(
+                    f"Unsupported value: '{name}' does not support {value} with this model. "
+                    "Only the default (1) value is supported.",
+                    "invalid_request_error", "unsupported_value", name,
+                )  # fmt: skip
+        return None
+
+    async def _responses(self, request: web.Request, body: Json, b: KeyBehaviour) -> web.StreamResponse:
+        """POST /v1/responses: a message (and a reasoning item for reasoning models), streamed or not."""
+        model = body["model"]
+        if body.get("previous_response_id"):
+            return self._json(
+                openai_error(
+                    f"Previous response with id '{body['previous_response_id']}' not found.",
+                    "invalid_request_error", "previous_response_not_found", "previous_response_id",
+                ),
+                400,
+            )  # fmt: skip
+        raw = body.get("input")
+        if isinstance(raw, str):
+            prompt = count_words(raw)
+        elif isinstance(raw, list):
+            prompt = sum(content_words(item.get("content")) + 3 for item in raw if isinstance(item, dict))
+        else:
+            return self._json(openai_error("Missing required parameter: 'input'.", "invalid_request_error",
+                                           "missing_required_parameter", "input"), 400)  # fmt: skip
+        prompt += count_words(body.get("instructions") or "")
+        n, cut = self._chunk_count(body.get("max_output_tokens"))
+        reasoning = 3 if self.is_reasoning(model) else 0
+        usage = {
+            "input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": min(prompt, 2)},
+            "output_tokens": n + reasoning,
+            "output_tokens_details": {"reasoning_tokens": reasoning},
+            "total_tokens": prompt + n + reasoning,
+        }
+        ident = f"resp_fake{self._next_id()}"
+        text = "".join(f"tok{i} " for i in range(n))
+        message = {
+            "type": "message", "id": f"msg_{ident}", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+        }  # fmt: skip
+        output: list[Json] = []
+        if reasoning:
+            output.append({"type": "reasoning", "id": f"rs_{ident}", "summary": [],
+                           "encrypted_content": "gAAAAfake"})  # fmt: skip
+        output.append(message)
+
+        def response(status: str, with_output: bool) -> Json:
+            return {
+                "id": ident, "object": "response", "created_at": CREATED, "status": status, "error": None,
+                "incomplete_details": {"reason": "max_output_tokens"} if cut and with_output else None,
+                "instructions": body.get("instructions"), "model": model,
+                "output": output if with_output else [], "parallel_tool_calls": True,
+                "store": body.get("store", True), "tool_choice": "auto", "tools": [],
+                "usage": usage if with_output else None,
+            }  # fmt: skip
+
+        final_status = "incomplete" if cut else "completed"
+        headers = self._ratelimit_headers(b, prompt)
+        if not body.get("stream"):
+            return self._json(response(final_status, True), 200, headers)
+        sequence = itertools.count()
+
+        def ev(kind: str, content: bool = False, **fields: Any) -> StreamEvent:
+            payload = {"type": kind, "sequence_number": next(sequence), **fields}
+            return StreamEvent(f"event: {kind}\ndata: {jsonlib.dumps(payload)}\n\n".encode(), content)
+
+        index = len(output) - 1
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        events = [
+            ev("response.created", response=response("in_progress", False)),
+            ev("response.in_progress", response=response("in_progress", False)),
+        ]
+        if reasoning:
+            events.append(ev("response.output_item.added", output_index=0, item=output[0]))
+            events.append(ev("response.output_item.done", output_index=0, item=output[0]))
+        events += [
+            ev("response.output_item.added", output_index=index,
+               item={**message, "status": "in_progress", "content": []}),
+            ev("response.content_part.added", item_id=message["id"], output_index=index, content_index=0, part=part),
+        ]  # fmt: skip
+        events += [
+            ev("response.output_text.delta", True, item_id=message["id"], output_index=index, content_index=0,
+               delta=f"tok{i} ", logprobs=[])
+            for i in range(n)
+        ]  # fmt: skip
+        events += [
+            ev("response.output_text.done", item_id=message["id"], output_index=index, content_index=0,
+               text=text, logprobs=[]),
+            ev("response.content_part.done", item_id=message["id"], output_index=index, content_index=0,
+               part={**part, "text": text}),
+            ev("response.output_item.done", output_index=index, item=message),
+            ev(f"response.{final_status}", response=response(final_status, True)),
+        ]  # fmt: skip
+        return await self._stream(request, events, headers)
 
     def _models(self, path: str, b: KeyBehaviour) -> web.Response:
         models = self._models_for(b)
@@ -837,8 +961,17 @@ class FakeAnthropic(FakeUpstream):
         "claude-sonnet-4-20250514",
         "claude-opus-4-20250514",
         "claude-3-haiku-20240307",
+        "claude-opus-4-6",
+        "claude-mythos-5",
     ]
     TOOL_INPUT = '{"city": "Paris"}'
+    # Thinking: which models take the adaptive form, and which refuse the budget form.
+    ADAPTIVE: ClassVar[frozenset[str]] = frozenset({"claude-opus-4-6", "claude-mythos-5"})
+    ADAPTIVE_ONLY: ClassVar[frozenset[str]] = frozenset({"claude-mythos-5"})
+    THINKING = "Let me think about this."
+    SIGNATURE = "sig_fake_EqQBCkgIARABGAIiQL"
+    REDACTED = "EmwKAhgBEgy3va3pzix/LafPsn4aDFIT2Xlxh0L5L8rLVyIwxtE3rAFBa8cr3qpP"
+    THINKING_TOKENS = 5
 
     def _key_of(self, headers: dict[str, str]) -> str | None:
         return headers.get("x-api-key") or _bearer(headers)
@@ -935,7 +1068,44 @@ class FakeAnthropic(FakeUpstream):
                 400,
                 self._ratelimit_headers(behaviour, prompt),
             )
+        refused = self._thinking_refusal(body)
+        if refused is not None:
+            return self._json(anthropic_error("invalid_request_error", refused), 400)
         return await self._message(request, body, behaviour, prompt)
+
+    def _thinking_refusal(self, body: Json) -> str | None:
+        """Claude's 400s around extended thinking, and for thinking blocks sent back altered."""
+        for i, message in enumerate(body["messages"]):
+            content = message.get("content") if isinstance(message, dict) else None
+            for j, block in enumerate(content if isinstance(content, list) else ()):
+                kind = block.get("type") if isinstance(block, dict) else None
+                if kind == "thinking" and block.get("signature") != self.SIGNATURE:
+                    return f"messages.{i}.content.{j}: Invalid `signature` in `thinking` block"
+                if kind == "redacted_thinking" and block.get("data") != self.REDACTED:
+                    return f"messages.{i}.content.{j}: Invalid `data` in `redacted_thinking` block"
+        thinking = body.get("thinking")
+        kind = thinking.get("type") if isinstance(thinking, dict) else None
+        if kind not in ("enabled", "adaptive"):
+            return None
+        model = body["model"]
+        if kind == "enabled" and model in self.ADAPTIVE_ONLY:
+            return (
+                '"thinking.type.enabled" is not supported for this model. Use "thinking.type.adaptive" and '
+                '"output_config.effort" to control thinking behavior.'
+            )
+        if kind == "adaptive" and model not in self.ADAPTIVE:
+            return "adaptive thinking is not supported on this model"
+        if kind == "enabled":
+            budget = thinking.get("budget_tokens")
+            if not isinstance(budget, int) or budget < 1024:
+                return "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+            if budget >= body["max_tokens"]:
+                return "`max_tokens` must be greater than `thinking.budget_tokens`."
+        if body.get("temperature") not in (None, 1):
+            return "`temperature` may only be set to 1 when thinking is enabled or in adaptive mode."
+        if isinstance(body.get("tool_choice"), dict) and body["tool_choice"].get("type") in ("any", "tool"):
+            return "Thinking may not be enabled when tool_choice forces tool use."
+        return None
 
     def _refuse(self, key: str, b: KeyBehaviour) -> web.Response | None:
         """The key's failure on messages/count_tokens, if it has one."""
@@ -1012,7 +1182,8 @@ class FakeAnthropic(FakeUpstream):
     async def _message(self, request: web.Request, body: Json, b: KeyBehaviour, prompt: int) -> web.StreamResponse:
         model = body["model"]
         n, cut = self._chunk_count(body["max_tokens"])
-        tool = self._wants_tool(body)
+        choice = body.get("tool_choice") if isinstance(body.get("tool_choice"), dict) else {}
+        tool = choice.get("name") if choice.get("type") == "tool" else self._wants_tool(body)
         stop_reason = "max_tokens" if cut else "tool_use" if tool else "end_turn"
         headers = self._ratelimit_headers(b, prompt)
         ident = f"msg_fake{self._next_id()}"
@@ -1023,17 +1194,29 @@ class FakeAnthropic(FakeUpstream):
                 "name": tool,
                 "input": {"city": "Paris"},
             }
+        elif (body.get("output_config") or {}).get("format"):
+            block = {"type": "text", "text": self.TOOL_INPUT}
         else:
             block = {"type": "text", "text": "Hello from fake claude"}
+        thinks = (body.get("thinking") or {}).get("type") in ("enabled", "adaptive")
+        opening: list[Json] = []
+        if thinks:
+            opening.append({"type": "thinking", "thinking": self.THINKING, "signature": self.SIGNATURE})
+            if "redact" in jsonlib.dumps(body["messages"][-1]).lower():
+                opening.append({"type": "redacted_thinking", "data": self.REDACTED})
+        usage: Json = {"input_tokens": prompt, "output_tokens": n}
+        if thinks:
+            usage = {"input_tokens": prompt, "output_tokens": n + self.THINKING_TOKENS,
+                     "output_tokens_details": {"thinking_tokens": self.THINKING_TOKENS}}  # fmt: skip
         message: Json = {
             "id": ident,
             "type": "message",
             "role": "assistant",
             "model": model,
-            "content": [block],
+            "content": [*opening, block],
             "stop_reason": stop_reason,
             "stop_sequence": None,
-            "usage": {"input_tokens": prompt, "output_tokens": n},
+            "usage": usage,
         }
         if not body.get("stream"):
             return self._json(message, 200, headers)
@@ -1049,13 +1232,29 @@ class FakeAnthropic(FakeUpstream):
         else:
             start_block = {"type": "text", "text": ""}
             deltas = [{"type": "text_delta", "text": f"tok{i} "} for i in range(n)]
-        events = [
-            StreamEvent(sse_event({"type": "message_start", "message": start})),
+        events = [StreamEvent(sse_event({"type": "message_start", "message": start}))]
+        for index, thought in enumerate(opening):
+            if thought["type"] == "redacted_thinking":
+                events.append(StreamEvent(sse_event({"type": "content_block_start", "index": index,
+                                                     "content_block": thought})))  # fmt: skip
+            else:
+                empty = {"type": "thinking", "thinking": "", "signature": ""}
+                events.append(StreamEvent(sse_event({"type": "content_block_start", "index": index,
+                                                     "content_block": empty})))  # fmt: skip
+                for word in self.THINKING.split(" "):
+                    delta = {"type": "thinking_delta", "thinking": word + " "}
+                    events.append(StreamEvent(sse_event({"type": "content_block_delta", "index": index,
+                                                         "delta": delta})))  # fmt: skip
+                delta = {"type": "signature_delta", "signature": self.SIGNATURE}
+                events.append(StreamEvent(sse_event({"type": "content_block_delta", "index": index, "delta": delta})))
+            events.append(StreamEvent(sse_event({"type": "content_block_stop", "index": index})))
+        main = len(opening)
+        events += [
             StreamEvent(
                 sse_event(
                     {
                         "type": "content_block_start",
-                        "index": 0,
+                        "index": main,
                         "content_block": start_block,
                     }
                 )
@@ -1064,19 +1263,20 @@ class FakeAnthropic(FakeUpstream):
         ]
         events += [
             StreamEvent(
-                sse_event({"type": "content_block_delta", "index": 0, "delta": delta}),
+                sse_event({"type": "content_block_delta", "index": main, "delta": delta}),
                 content=True,
             )
             for delta in deltas
         ]
+        final_usage = {k: v for k, v in usage.items() if k != "input_tokens"}
         events += [
-            StreamEvent(sse_event({"type": "content_block_stop", "index": 0})),
+            StreamEvent(sse_event({"type": "content_block_stop", "index": main})),
             StreamEvent(
                 sse_event(
                     {
                         "type": "message_delta",
                         "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-                        "usage": {"output_tokens": n},
+                        "usage": final_usage,
                     }
                 )
             ),
