@@ -962,7 +962,6 @@ class FakeAnthropic(FakeUpstream):
         "claude-opus-4-20250514",
         "claude-3-haiku-20240307",
         "claude-opus-4-6",
-        "claude-mythos-5",
     ]
     TOOL_INPUT = '{"city": "Paris"}'
     # Thinking: which models take the adaptive form, and which refuse the budget form.

@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from proxy.translate.reasoning import takes_adaptive
 from tests.conftest import PROXY_KEY, Served
 from tests.fakes import FakeAnthropic, KeyBehaviour
 
@@ -360,3 +361,23 @@ def test_a_claude_code_shaped_streamed_request_with_thinking_is_relayed_whole(cl
     assert "signature_delta" in text and FakeAnthropic.SIGNATURE in text and "event: message_stop" in text
     assert fake.requests[-1].json == body
     assert "x-app" not in fake.requests[-1].headers
+
+
+@pytest.mark.parametrize(
+    ("model", "adaptive"),
+    [("claude-opus-4-6", True), ("claude-sonnet-4-6-20260101", True), ("claude-mythos-5", True),
+     ("claude-opus-4-5-20251101", False), ("claude-sonnet-4-20250514", False),
+     ("claude-3-7-sonnet-20250219", False), ("claude-haiku-4-5-20251001", False), ("claude-nova", False)],
+)  # fmt: skip
+def test_claude_4_6_and_later_take_adaptive_thinking_by_their_version(model: str, adaptive: bool) -> None:
+    assert takes_adaptive(model) is adaptive
+
+
+def test_an_unknown_reasoning_effort_is_refused_naming_the_accepted_values(claude) -> None:
+    served, fake = claude
+    with pytest.raises(openai.BadRequestError) as refused:
+        door(served).chat.completions.create(model=SONNET, messages=HELLO, reasoning_effort="extreme")
+    door(served).chat.completions.create(model=SONNET, messages=HELLO, reasoning_effort="auto")
+
+    assert "minimal" in refused.value.body["message"] and "xhigh" in refused.value.body["message"]
+    assert len(fake.requests) == 1 and "thinking" not in sent(fake)

@@ -55,10 +55,10 @@ def apply_thinking(body: dict, out: dict, *, form: str | None, default_max_token
         out["thinking"] = body["thinking"]
     else:
         effort = body.get("reasoning_effort")
-        if effort is None or effort == "none":
+        if effort in (None, "none", "auto"):  # "auto" (SillyTavern): the model's own default
             return
         if effort not in BUDGETS:
-            allowed = ", ".join(["none", *BUDGETS])
+            allowed = ", ".join(["none", "auto", *BUDGETS])
             raise TranslationError(f"'reasoning_effort' must be one of {allowed}.")
         budget = BUDGETS[effort]
         completion = body.get("max_completion_tokens")
