@@ -381,3 +381,55 @@ def test_an_unknown_reasoning_effort_is_refused_naming_the_accepted_values(claud
 
     assert "minimal" in refused.value.body["message"] and "xhigh" in refused.value.body["message"]
     assert len(fake.requests) == 1 and "thinking" not in sent(fake)
+
+
+def test_streamed_thinking_blocks_sent_back_keep_a_multi_turn_conversation_valid(claude) -> None:
+    served, fake = claude
+    history: list[dict[str, Any]] = [{"role": "user", "content": "please redact your thoughts"}]
+    chunks = list(door(served).chat.completions.create(model=SONNET, messages=history, reasoning_effort="low",
+                                                       stream=True))  # fmt: skip
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    blocks = [b for d in deltas for b in (getattr(d, "thinking_blocks", None) or [])]
+    assert [b["type"] for b in blocks] == ["thinking", "redacted_thinking"]
+    assert blocks[1]["data"] == FakeAnthropic.REDACTED
+
+    content = "".join(d.content or "" for d in deltas)
+    history += [
+        {"role": "assistant", "content": content, "thinking_blocks": blocks},
+        {"role": "user", "content": "go on"},
+    ]
+    reply = door(served).chat.completions.create(model=SONNET, messages=history, reasoning_effort="low")
+
+    assert reply.choices[0].message.content == "Hello from fake claude"  # signatures and data intact
+    assert [b["type"] for b in sent(fake)["messages"][1]["content"]] == ["thinking", "redacted_thinking", "text"]
+
+
+def test_a_model_that_refuses_adaptive_thinking_is_switched_to_a_budget_and_remembered(claude_pool) -> None:
+    class OddAnthropic(FakeAnthropic):
+        DEFAULT_MODELS = [*FakeAnthropic.DEFAULT_MODELS, "claude-sonnet-4-9"]  # adaptive by its version, yet not
+
+    served, fake = claude_pool({PAID: KeyBehaviour()}, fake_class=OddAnthropic)
+    for _ in range(2):
+        reply = door(served).chat.completions.create(
+            model="claude-sonnet-4-9", messages=HELLO, reasoning_effort="medium"
+        )
+        assert reply.choices[0].message.reasoning_content == FakeAnthropic.THINKING
+
+    assert [r.json["thinking"] for r in fake.requests] == [
+        {"type": "adaptive"},
+        {"type": "enabled", "budget_tokens": 8192},
+        {"type": "enabled", "budget_tokens": 8192},
+    ]
+    assert "output_config" not in fake.requests[1].json
+
+
+def test_response_format_beside_client_tools_asks_for_a_tool_call_or_the_json_answer() -> None:
+    from proxy.translate import openai_to_anthropic_request
+
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": SCHEMA}}
+    out = openai_to_anthropic_request(
+        {"model": HAIKU, "messages": HELLO, "tools": [weather], "response_format": {"type": "json_object"}}
+    )
+
+    assert [t["name"] for t in out["tools"]] == ["get_weather", "openai_json_response"]
+    assert out["tool_choice"] == {"type": "any"}
