@@ -83,8 +83,10 @@ def not_found(method: str, raw_path: bytes) -> ProxyError:
     )
     segments = [s for s in shown.split("/") if s]
     if segments[2:4] == ["v1", "v1"]:
+        message += f" The base URL holds /v1 twice: use /proxy/{segments[1]}/v1 as the base URL"
         message += (
-            f" The base URL holds /v1 twice: use /proxy/{segments[1]}/v1 as the base URL "
-            "(without another /v1)."
+            " (or /proxy/anthropic with the Anthropic SDK, which adds /v1 itself)."
+            if segments[1] == "anthropic"
+            else " (without another /v1)."
         )
     return ProxyError(404, message, Kind.NOT_FOUND)

@@ -308,3 +308,16 @@ def test_a_streamed_request_is_retried_too_and_streams(served: Served, fake_open
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "tok0 tok1 tok2 "
     calls = chat_calls(fake_openai)
     assert [(c.get("temperature"), c.get("top_p")) for c in calls] == [(0.7, 0.5), (None, 0.5), (None, None)]
+
+
+def test_a_400_that_only_mentions_a_parameter_in_its_message_teaches_nothing(
+    served: Served, fake_openai: FakeOpenAI
+) -> None:
+    echoed = {"error": {"message": "Unsupported parameter: 'temperature' is what you wrote in your prompt",
+                        "type": "invalid_request_error", "param": None, "code": None}}  # fmt: skip
+    fake_openai.next_status.append((400, echoed))
+    with pytest.raises(openai.BadRequestError):
+        sdk(served).chat.completions.create(model="gpt-4o", **OLD_PRESET)
+    sdk(served).chat.completions.create(model="gpt-4o", **OLD_PRESET)
+
+    assert [c.get("temperature") for c in chat_calls(fake_openai)] == [0.7, 0.7]

@@ -27,7 +27,6 @@ SAMPLING = frozenset(
      "top_k", "min_p", "repetition_penalty", "seed"}
 )  # fmt: skip
 _REFUSAL_CODES = frozenset({"unsupported_parameter", "unsupported_value"})
-_NAMED = re.compile(r"unsupported (?:parameter|value): '([a-z_]+)'", re.IGNORECASE)
 MAX_MODELS = 512  # learned models kept; client-chosen names, so bounded
 
 
@@ -72,15 +71,21 @@ class ParameterMemory:
 
 
 def refused_parameter(status: int, body: Any) -> str | None:
-    """The top-level parameter an OpenAI 400 refuses, or None."""
+    """The top-level parameter an OpenAI 400 refuses, or None.
+
+    Only the structured fields count (`param`, and `code` or a message that opens with OpenAI's
+    "Unsupported parameter/value"): a message may echo client text, and what is learned here
+    changes every later request to that model, for everyone."""
     if status != 400 or not isinstance(body, dict) or not isinstance(body.get("error"), dict):
         return None
     error = body["error"]
     param = error.get("param")
-    if error.get("code") in _REFUSAL_CODES and isinstance(param, str) and param:
+    if not isinstance(param, str) or not param:
+        return None
+    message = str(error.get("message") or "")
+    if error.get("code") in _REFUSAL_CODES or message.startswith(("Unsupported parameter", "Unsupported value")):
         return param
-    found = _NAMED.search(str(error.get("message") or ""))
-    return found.group(1) if found else None
+    return None
 
 
 def _rename_max_tokens(payload: dict) -> None:
