@@ -1087,6 +1087,14 @@ class FakeAnthropic(FakeUpstream):
         if kind not in ("enabled", "adaptive"):
             return None
         model = body["model"]
+        assistants = [m for m in body["messages"] if isinstance(m, dict) and m.get("role") == "assistant"]
+        last = assistants[-1].get("content") if assistants else None
+        calls_tool = isinstance(last, list) and any(isinstance(b, dict) and b.get("type") == "tool_use" for b in last)
+        if calls_tool and not (isinstance(last[0], dict) and last[0].get("type") in ("thinking", "redacted_thinking")):
+            return (
+                "messages.1.content.0.type: Expected `thinking` or `redacted_thinking`, but found `tool_use`. "
+                "When `thinking` is enabled, a final `assistant` message must start with a thinking block."
+            )
         if kind == "enabled" and model in self.ADAPTIVE_ONLY:
             return (
                 '"thinking.type.enabled" is not supported for this model. Use "thinking.type.adaptive" and '

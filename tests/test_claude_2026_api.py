@@ -433,3 +433,20 @@ def test_response_format_beside_client_tools_asks_for_a_tool_call_or_the_json_an
 
     assert [t["name"] for t in out["tools"]] == ["get_weather", "openai_json_response"]
     assert out["tool_choice"] == {"type": "any"}
+
+
+def test_a_tool_loop_from_a_client_that_drops_thinking_blocks_still_gets_an_answer(claude) -> None:
+    served, fake = claude
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": SCHEMA}}
+    history = [
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+        ]},
+        {"role": "tool", "tool_call_id": "toolu_1", "content": "sunny"},
+    ]  # fmt: skip
+    reply = door(served).chat.completions.create(model=SONNET, messages=history, tools=[weather],
+                                                 reasoning_effort="low")  # fmt: skip
+
+    assert reply.choices[0].message.content == "Hello from fake claude"
+    assert "thinking" not in sent(fake)  # this turn goes without thinking rather than failing

@@ -60,6 +60,10 @@ def apply_thinking(body: dict, out: dict, *, form: str | None, default_max_token
         if effort not in BUDGETS:
             allowed = ", ".join(["none", "auto", *BUDGETS])
             raise TranslationError(f"'reasoning_effort' must be one of {allowed}.")
+        if tool_turn_without_thinking(out.get("messages")):
+            # Claude refuses thinking when the tool call being answered came without its thinking
+            # (a client that does not keep `thinking_blocks`): this turn goes without thinking.
+            return
         budget = BUDGETS[effort]
         completion = body.get("max_completion_tokens")
         if isinstance(completion, int) and not isinstance(completion, bool):
@@ -85,6 +89,18 @@ def apply_thinking(body: dict, out: dict, *, form: str | None, default_max_token
         out.pop("top_k", None)
         if out.get("top_p", 1.0) < 0.95:
             out.pop("top_p")
+
+
+def tool_turn_without_thinking(messages: object) -> bool:
+    """Whether the last assistant turn calls a tool but does not open with Claude's thinking."""
+    turns = [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+    last = next((m for m in reversed(turns) if m.get("role") == "assistant"), None)
+    content = last.get("content") if last is not None else None
+    if not isinstance(content, list) or not content:
+        return False
+    calls_tool = any(isinstance(b, dict) and b.get("type") == "tool_use" for b in content)
+    opens_with_thinking = isinstance(content[0], dict) and content[0].get("type") in ("thinking", "redacted_thinking")
+    return calls_tool and not opens_with_thinking
 
 
 def _visible(body: dict, default: int) -> int:
