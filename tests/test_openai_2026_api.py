@@ -321,3 +321,21 @@ def test_a_400_that_only_mentions_a_parameter_in_its_message_teaches_nothing(
     sdk(served).chat.completions.create(model="gpt-4o", **OLD_PRESET)
 
     assert [c.get("temperature") for c in chat_calls(fake_openai)] == [0.7, 0.7]
+
+
+def test_the_responses_meter_reads_events_named_only_in_their_data() -> None:
+    from proxy.providers.openai_responses import ResponsesStreamMeter
+    from proxy.sse import SSEParser
+
+    stream = (
+        b'data: {"type":"response.output_text.delta","sequence_number":3,"delta":"hello"}\n\n'
+        b'data: {"type":"response.completed","sequence_number":4,"response":{"usage":{"input_tokens":7,'
+        b'"input_tokens_details":{"cached_tokens":4},"output_tokens":9,"output_tokens_details":'
+        b'{"reasoning_tokens":6},"total_tokens":16}}}\n\n'
+    )
+    meter = ResponsesStreamMeter()
+    assert all(meter.accept(event) for event in SSEParser().feed(stream))
+
+    assert meter.finished and meter.seen_usage and meter.text_chars == 5
+    assert (meter.usage.tokens_in, meter.usage.tokens_out, meter.usage.cached, meter.usage.reasoning) == (7, 9, 4, 6)
+    assert b'"sequence_number":4' in meter.stream_error("cut")

@@ -68,15 +68,18 @@ class ResponsesStreamMeter(StreamMeter):
         self.sequence = 0
 
     def accept(self, event: Event) -> bool:
-        name = event.event
-        if name in DELTAS:
+        name, data = event.event, None
+        if not name and '"response.' in event.data:  # a compatible server that names events in data only
             data = event.json()
+            name = str(data.get("type") or "") if isinstance(data, dict) else ""
+        if name in DELTAS:
+            data = data if data is not None else event.json()
             if isinstance(data, dict) and isinstance(data.get("delta"), str):
                 self.text_chars += len(data["delta"])
                 self.sequence = _sequence(data, self.sequence)
             return True
-        if name in TERMINAL or (not name and any(f'"{t}"' in event.data for t in TERMINAL)):
-            data = event.json()
+        if name in TERMINAL:
+            data = data if data is not None else event.json()
             response = data.get("response") if isinstance(data, dict) else None
             usage = responses_usage(response.get("usage")) if isinstance(response, dict) else None
             if usage is not None:
