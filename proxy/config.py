@@ -42,6 +42,21 @@ class Settings(BaseModel):
     retry_time_budget: float = Field(30.0, gt=0)
     anthropic_default_max_tokens: int = Field(4096, gt=0)
     openai_responses_store: bool = False
+    google_ai_key: str = Field("", repr=False)
+    google_ai_base_url: str = "https://generativelanguage.googleapis.com"
+    deepseek_key: str = Field("", repr=False)
+    deepseek_base_url: str = "https://api.deepseek.com/v1"
+    xai_key: str = Field("", repr=False)
+    xai_base_url: str = "https://api.x.ai/v1"
+    mistral_ai_key: str = Field("", repr=False)
+    mistral_ai_base_url: str = "https://api.mistral.ai/v1"
+    openrouter_key: str = Field("", repr=False)
+    openrouter_base_url: str = "https://openrouter.ai/api/v1"
+    groq_key: str = Field("", repr=False)
+    groq_base_url: str = "https://api.groq.com/openai/v1"
+    custom_upstreams: str = ""
+    # <NAME>_KEY of each CUSTOM_UPSTREAMS entry, by name; filled by load_settings, not a variable.
+    custom_keys: dict[str, str] = Field(default_factory=dict, repr=False)
 
     # Server
     host: str = Field("0.0.0.0", validation_alias=AliasChoices("HOST", "GRADIO_SERVER_NAME"))
@@ -77,12 +92,18 @@ class Settings(BaseModel):
     space_title: str = ""
     system: str = ""
 
-    @field_validator("openai_base_url", "anthropic_base_url")
+    @field_validator(
+        "openai_base_url", "anthropic_base_url", "google_ai_base_url", "deepseek_base_url", "xai_base_url",
+        "mistral_ai_base_url", "openrouter_base_url", "groq_base_url",
+    )  # fmt: skip
     @classmethod
     def _http_url(cls, value: str) -> str:
-        value = value.strip().rstrip("/")
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError("must be an http:// or https:// URL")
+        return http_url(value)
+
+    @field_validator("custom_upstreams")
+    @classmethod
+    def _custom_upstreams(cls, value: str) -> str:
+        parse_custom_upstreams(value)  # raises ValueError naming the bad entry
         return value
 
     @field_validator("gatekeeper", "quota_refresh_period", "log_level", mode="before")
@@ -120,7 +141,15 @@ class Settings(BaseModel):
     def secrets(self) -> list[str]:
         """Every configured secret, for redaction."""
         values = [self.proxy_key, self.admin_key, self.hf_token, *self.openai_keys, *self.anthropic_keys]
+        for raw in (self.google_ai_key, self.deepseek_key, self.xai_key, self.mistral_ai_key, self.openrouter_key,
+                    self.groq_key, *self.custom_keys.values()):  # fmt: skip
+            values += split_keys(raw)
         return [v for v in values if v]
+
+    @property
+    def custom_upstream_list(self) -> list[tuple[str, str]]:
+        """CUSTOM_UPSTREAMS as (name, base URL) pairs, in the order given."""
+        return parse_custom_upstreams(self.custom_upstreams)
 
     @property
     def on_space(self) -> bool:
@@ -140,6 +169,44 @@ class Settings(BaseModel):
         return {f.strip().lower() for f in self.allowed_model_families.split(",") if f.strip()}
 
 
+# Route names taken by built-in services (and /proxy/me): a custom upstream may not use them.
+RESERVED_NAMES = frozenset(
+    {"openai", "anthropic", "google-ai", "deepseek", "xai", "mistral-ai", "openrouter", "groq", "me"}
+)
+_NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+
+
+def http_url(value: str) -> str:
+    value = value.strip().rstrip("/")
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+def key_variable(name: str) -> str:
+    """The variable holding a custom upstream's keys: `lab` -> LAB_KEY, `my-vllm` -> MY_VLLM_KEY."""
+    return name.upper().replace("-", "_") + "_KEY"
+
+
+def parse_custom_upstreams(raw: str) -> list[tuple[str, str]]:
+    """`lab=http://10.0.0.5:8000/v1,home=http://127.0.0.1:11434/v1` -> [(name, url), ...]."""
+    out: list[tuple[str, str]] = []
+    for entry in (e.strip() for e in (raw or "").split(",")):
+        if not entry:
+            continue
+        name, sep, url = entry.partition("=")
+        name = name.strip().lower()
+        if not sep or not _NAME.match(name):
+            raise ValueError(f"'{entry[:60]}' is not name=url (a name is a-z, 0-9 and '-', starting with a letter)")
+        if name in RESERVED_NAMES or any(name == n for n, _ in out):
+            raise ValueError(f"the name '{name}' is taken")
+        try:
+            out.append((name, http_url(url)))
+        except ValueError:
+            raise ValueError(f"the URL of '{name}' must be an http:// or https:// URL") from None
+    return out
+
+
 def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env") -> Settings:
     """Read settings from `environ` (default: the process environment) and an optional .env file.
 
@@ -155,10 +222,17 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path
         alias = field.validation_alias
         if isinstance(alias, AliasChoices):
             names.update(str(choice).upper() for choice in alias.choices)
+    names.discard("CUSTOM_KEYS")  # filled below from each custom upstream's own variable
     values = {k.upper(): v for k, v in source.items() if k.upper() in names}
     chosen = _by_field(values)
+    upper = {k.upper(): v for k, v in source.items()}
     try:
-        return Settings(**{name: value for name, (_, value) in chosen.items()})
+        custom = parse_custom_upstreams(values.get("CUSTOM_UPSTREAMS", ""))
+    except ValueError:
+        custom = []  # reported by the validator below, with the variable's name
+    custom_keys = {name: upper[key_variable(name)] for name, _ in custom if upper.get(key_variable(name))}
+    try:
+        return Settings(**{name: value for name, (_, value) in chosen.items()}, custom_keys=custom_keys)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, {name: variable for name, (variable, _) in chosen.items()})) from None
 

@@ -88,7 +88,27 @@ def anthropic_error(message: str, kind: Kind, code: str | None = None) -> dict:
     return {"type": "error", "error": {"type": _ANTHROPIC_TYPES[kind], "message": message}}
 
 
-SHAPES = {"openai": openai_error, "anthropic": anthropic_error}
+_GOOGLE_STATUS = {
+    Kind.INVALID_REQUEST: (400, "INVALID_ARGUMENT"),
+    Kind.AUTHENTICATION: (401, "UNAUTHENTICATED"),
+    Kind.PERMISSION: (403, "PERMISSION_DENIED"),
+    Kind.NOT_FOUND: (404, "NOT_FOUND"),
+    Kind.TOO_LARGE: (400, "INVALID_ARGUMENT"),
+    Kind.RATE_LIMIT: (429, "RESOURCE_EXHAUSTED"),
+    Kind.QUOTA: (429, "RESOURCE_EXHAUSTED"),
+    Kind.UPSTREAM: (502, "UNAVAILABLE"),
+    Kind.TIMEOUT: (504, "DEADLINE_EXCEEDED"),
+    Kind.UNAVAILABLE: (503, "UNAVAILABLE"),
+}
+
+
+def google_error(message: str, kind: Kind, code: str | None = None) -> dict:
+    """Google's error body: {"error": {"code": <HTTP status>, "message", "status"}}."""
+    number, status = _GOOGLE_STATUS[kind]
+    return {"error": {"code": number, "message": message, "status": status}}
+
+
+SHAPES = {"openai": openai_error, "anthropic": anthropic_error, "google": google_error}
 
 MARK = "[redacted]"
 

@@ -38,6 +38,20 @@ _TABLE: list[tuple[str, str, str]] = [
     ("claude-sonnet", "anthropic", r"^claude-([\d.]+-)*sonnet"),
     ("claude-haiku", "anthropic", r"^claude-([\d.]+-)*haiku"),
     ("claude", "anthropic", r"^claude"),
+    # Google AI: "gemini-2.5-flash", "gemini-2.0-flash-lite", "gemini-2.5-pro-preview-06-05", "gemma-3-27b-it".
+    ("imagen", "google-ai", r"^(models/)?(imagen|veo)-"),
+    ("gemini-embedding", "google-ai", r"^(models/)?(gemini-embedding|embedding-)"),
+    ("gemini-flash-lite", "google-ai", r"^(models/)?gemini-([\d.]+-)?flash-lite"),
+    ("gemini-flash", "google-ai", r"^(models/)?gemini-([\d.]+-)?flash"),
+    ("gemini-pro", "google-ai", r"^(models/)?gemini-([\d.]+-)?pro"),
+    ("gemini", "google-ai", r"^(models/)?gemini"),
+    ("gemma", "google-ai", r"^(models/)?gemma"),
+    # OpenAI-compatible services with models of their own.
+    ("deepseek-reasoner", "deepseek", r"^deepseek-(reasoner|r1)"),
+    ("deepseek", "deepseek", r"^deepseek"),
+    ("grok", "xai", r"^grok"),
+    ("mistral-large", "mistral-ai", r"^mistral-large"),
+    ("mistral", "mistral-ai", r"^(mistral|open-mistral|open-mixtral|ministral|codestral|pixtral|magistral|devstral)"),
 ]
 
 FAMILIES: list[tuple[str, str, re.Pattern[str]]] = [
@@ -45,7 +59,10 @@ FAMILIES: list[tuple[str, str, re.Pattern[str]]] = [
 ]
 
 # Families that are not text generation: never served unless ALLOWED_MODEL_FAMILIES names them.
-NON_TEXT = frozenset({"dall-e", "audio", "moderation"})
+NON_TEXT = frozenset({"dall-e", "audio", "moderation", "imagen"})
+# Services whose models the table knows: an unknown model is "<service>-other" ("other" for OpenAI).
+# Any other service (an OpenAI-compatible one) is itself the family of the models the table does not know.
+FIRST_PARTY = frozenset({"openai", "anthropic", "google-ai"})
 
 
 @lru_cache(maxsize=8192)
@@ -55,7 +72,9 @@ def family_of(model: str, service: str = "openai") -> str:
     for family, _owner, pattern in FAMILIES:
         if pattern.search(name):
             return family
-    return "other" if service == "openai" else f"{service}-other"
+    if service == "openai":
+        return "other"
+    return f"{service}-other" if service in FIRST_PARTY else service
 
 
 def families_of(models: Iterable[str], service: str = "openai") -> list[str]:
@@ -65,7 +84,7 @@ def families_of(models: Iterable[str], service: str = "openai") -> list[str]:
 
 def known_families() -> set[str]:
     """Every family name the table can produce (for validating ALLOWED_MODEL_FAMILIES)."""
-    return {family for family, _, _ in FAMILIES} | {"other", "anthropic-other"}
+    return {family for family, _, _ in FAMILIES} | {"other", "anthropic-other", "google-ai-other"}
 
 
 def is_allowed(family: str, allowed: set[str] | frozenset[str]) -> bool:

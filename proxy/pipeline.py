@@ -22,7 +22,7 @@ from proxy.errors import SHAPES, Kind, ProxyError, Redactor
 from proxy.families import family_of, is_allowed
 from proxy.keys.pool import Key, KeyPool, Outcome, Verdict
 from proxy.logs import log_safe
-from proxy.providers.base import Dialect, Endpoint
+from proxy.providers.base import Call, Dialect, Endpoint
 from proxy.routing import Router
 from proxy.translate_door import Door
 from proxy.usage import Usage, UsageEvent, UsageLedger, estimate_tokens
@@ -58,6 +58,7 @@ class Service:
     cached_models: set[str] | None = None
     family_filter: set[str] = field(default_factory=set)
     models_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    check: Any = None  # the key check (proxy.keys.checker.CheckFn) of services in provider folders
 
 
 @dataclass
@@ -117,13 +118,18 @@ class Pipeline:
         ctx = _Ctx(started=started, method=request.method, path=request.scope["path"])
         if request.method == "OPTIONS":
             return Response(status_code=204, headers=CORS_PREFLIGHT)
+        dialect: Dialect | None = None
         try:
             match = self.router.match(request.method, raw_path)
             service = self.services[match.service]
+            dialect = service.dialect
             endpoint = ctx.endpoint = match.endpoint
             shape = endpoint.shape
-            ctx.service = match.service
-            caller = self.gatekeeper.identify(credential_from(request.headers), self.client_ip(request))
+            ctx.service, ctx.params = match.service, match.params
+            credential = credential_from(request.headers) or dialect.client_credential(
+                request.headers, request.scope.get("query_string", b"")
+            )
+            caller = self.gatekeeper.identify(credential, self.client_ip(request))
             ctx.user = caller.label
             if not service.pool:
                 raise ProxyError(
@@ -143,6 +149,8 @@ class Pipeline:
         except ProxyError as exc:
             response = self.error_response(shape, exc)
         except UpstreamReply as exc:
+            if dialect is not None:
+                exc.body = dialect.client_error(shape, exc.status, exc.body)
             response = self._pass_error(shape, exc)
         except ClientGone:
             response = Response(status_code=499)  # nobody is listening; for the log line only
@@ -157,7 +165,7 @@ class Pipeline:
 
     async def _generate(self, request: Request, service: Service, endpoint: Endpoint, caller, ctx: _Ctx) -> Response:
         payload, ctx.body_len = await read_json(request, self.max_body_bytes)
-        model = payload.get("model")
+        model = ctx.params.get("model") or payload.get("model")  # Gemini names it in the path
         if not isinstance(model, str) or not model.strip():
             raise ProxyError(400, "The request body needs a 'model' (a string).", Kind.INVALID_REQUEST)
         ctx.model = model
@@ -176,6 +184,7 @@ class Pipeline:
         upstream_payload = self.door.request(payload) if endpoint.translated else payload
         state = service.dialect.prepare(endpoint, upstream_payload)
         body = jsonx.dumps(upstream_payload)
+        path = service.dialect.upstream_path(endpoint, model, stream is True, ctx.params)
         admission = self.gatekeeper.admit(caller, family, estimate)
         reviser = self.door if endpoint.translated else service.dialect
 
@@ -186,7 +195,7 @@ class Pipeline:
 
         async def deliver() -> tuple[Upstream, Response | None]:
             """Forward, then read a non-streamed reply: one watch on the client covers both."""
-            reply = await self._forward(service, endpoint, request.headers, body, model, revise)
+            reply = await self._forward(service, endpoint, request.headers, body, model, revise, path)
             ctx.key_id = reply.key.id
             if "text/event-stream" in reply.response.headers.get("content-type", ""):
                 return reply, None
@@ -216,6 +225,7 @@ class Pipeline:
         body: bytes | None,
         model: str | None,
         revise: Callable[[int, Any], bytes | None] | None = None,
+        path: str | None = None,
     ) -> Upstream:
         """Send to the best key; on a key problem or a transient failure, try another key.
 
@@ -223,7 +233,7 @@ class Pipeline:
         reached the client yet, so a retry that succeeds hides the failure entirely.
         """
         pool, dialect = service.pool, service.dialect
-        url = service.base_url + (endpoint.upstream_path or dialect.models_path)
+        path = path or endpoint.upstream_path or dialect.models_path
         deadline = time.monotonic() + self.retry_budget
         tried: set[str] = set()
         unreachable = 0
@@ -235,9 +245,10 @@ class Pipeline:
             if key is None:
                 break
             tried.add(key.id)
-            outbound = dialect.outbound_headers(headers, key.secret)
             try:
-                response = await upstream.send(self._session(), endpoint.method, url, outbound, body)
+                call = Call(endpoint.method, path, key.secret, service.base_url, body, headers, model)
+                out = await dialect.target(call)
+                response = await upstream.send(self._session(), endpoint.method, out.url, out.headers, out.body)
             except TimeoutError:
                 unreachable += 1
                 pool.apply(key, _RETRYABLE)
@@ -390,8 +401,7 @@ class Pipeline:
             raise ProxyError(502, "The upstream's model list could not be read.", Kind.UPSTREAM) from None
         finally:
             reply.response.release()
-        items = body.get("data") if isinstance(body, dict) else None
-        return {str(m["id"]) for m in items or () if isinstance(m, dict) and m.get("id")}
+        return service.dialect.model_ids(body)
 
     # Helpers -----------------------------------------------------------------------------------
     def _account(self, ctx: _Ctx, admission: Admission, usage: Usage, status: int) -> None:
@@ -462,6 +472,7 @@ class _Ctx:
     path: str
     service: str = ""
     endpoint: Endpoint | None = None
+    params: Any = field(default_factory=dict)  # values the route took from the path (the model)
     model: str | None = None
     family: str | None = None
     streamed: bool = False

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from proxy.errors import Kind, ProxyError
 from proxy.providers.base import Dialect, Endpoint
+
+# A path segment naming a model (Gemini's `models/{model}:generateContent`): a plain id, no more.
+MODEL_SEGMENT = r"(?P<model>[A-Za-z0-9][A-Za-z0-9._-]{0,127})"
+_NO_PARAMS: Mapping[str, str] = {}
 
 
 @dataclass
@@ -13,6 +19,15 @@ class Match:
     service: str
     endpoint: Endpoint
     arg: str | None = None  # the path segment an endpoint's "*" stood for (a model id)
+    params: Mapping[str, str] = field(default_factory=dict)  # values from the path: {"model": ...}
+
+
+def _pattern(segment: str) -> re.Pattern[str] | None:
+    """A compiled matcher for a segment holding `{model}`, else None (a literal segment)."""
+    if "{model}" not in segment:
+        return None
+    before, _, after = segment.partition("{model}")
+    return re.compile(re.escape(before) + MODEL_SEGMENT + re.escape(after) + r"\Z")
 
 
 @dataclass
@@ -21,11 +36,18 @@ class Router:
 
     dialects: dict[str, Dialect]
     _table: dict[tuple[str, str, tuple[str, ...]], Endpoint] = field(default_factory=dict)
+    # Endpoints with a `{model}` segment, per (service, method, length): few, tried in order.
+    _patterns: dict[tuple[str, str, int], list[tuple[tuple, Endpoint]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, dialect in self.dialects.items():
             for endpoint in dialect.endpoints:
-                self._table[(name, endpoint.method, endpoint.path)] = endpoint
+                matchers = tuple(_pattern(segment) or segment for segment in endpoint.path)
+                if all(isinstance(m, str) for m in matchers):
+                    self._table[(name, endpoint.method, endpoint.path)] = endpoint
+                else:
+                    slot = (name, endpoint.method, len(matchers))
+                    self._patterns.setdefault(slot, []).append((matchers, endpoint))
 
     def match(self, method: str, raw_path: bytes) -> Match:
         """Return the endpoint, or raise a 404 ProxyError for anything not on the list.
@@ -47,11 +69,28 @@ class Router:
             endpoint = self._table.get((service, method.upper(), (*rest[:-1], "*")))
             if endpoint is not None:
                 return Match(service, endpoint, rest[-1])
+        for matchers, endpoint in self._patterns.get((service, method.upper(), len(rest)), ()):
+            params: dict[str, str] = {}
+            for matcher, segment in zip(matchers, rest, strict=True):
+                if isinstance(matcher, str):
+                    if matcher != segment:
+                        break
+                else:
+                    found = matcher.match(segment)
+                    if found is None:
+                        break
+                    params.update(found.groupdict())
+            else:
+                return Match(service, endpoint, params=params)
         raise not_found(method, raw_path)
 
     def shape_for(self, raw_path: bytes) -> str:
         """The error shape a client at this path expects, even when the path itself is refused."""
         segments = [s for s in raw_path.decode("ascii", errors="replace").split("/") if s]
+        dialect = self.dialects.get(segments[1]) if segments[:1] == ["proxy"] and len(segments) > 1 else None
+        if dialect is not None:
+            rest = segments[2:]
+            return dialect.error_shape(tuple(rest[1:] if rest[:1] == ["v1"] else rest))
         if segments[:2] == ["proxy", "anthropic"] and "chat" not in segments:
             return "anthropic"
         return "openai"

@@ -27,8 +27,7 @@ from proxy.errors import Redactor
 from proxy.keys.checker import KeyChecker
 from proxy.keys.pool import KeyPool
 from proxy.pipeline import Pipeline, Service
-from proxy.providers.anthropic import Anthropic
-from proxy.providers.openai import OpenAI
+from proxy.providers.registry import services_from
 from proxy.usage import UsageEvent, UsageLedger
 
 log = logging.getLogger("proxy")
@@ -136,21 +135,14 @@ def build_runtime(settings: Settings) -> Runtime:
     redactor = Redactor(settings.secrets)
     access = build_access(settings)
     services: dict[str, Service] = {}
-    for dialect, base_url, keys, env in (
-        (
-            OpenAI(allow_stored_responses=settings.openai_responses_store),
-            settings.openai_base_url,
-            settings.openai_keys,
-            "OPENAI_KEY",
-        ),
-        (Anthropic(), settings.anthropic_base_url, settings.anthropic_keys, "ANTHROPIC_KEY"),
-    ):
-        if dialect.name == "anthropic" and not keys:
-            continue  # Claude routes exist only when a Claude key is configured
-        pool = KeyPool(dialect.name, keys, dialect.key_prefix, family_filter=settings.model_family_filter)
-        pool.restore(access.store.load_key_states(dialect.name))  # what earlier runs learned
+    for spec in services_from(settings):
+        name, dialect = spec.name, spec.dialect
+        pool = KeyPool(name, spec.keys, dialect.key_prefix, family_filter=settings.model_family_filter)
+        pool.restore(access.store.load_key_states(name))  # what earlier runs learned
         pool.on_change = _saving(access, pool)
-        services[dialect.name] = Service(dialect, base_url, pool, env, family_filter=settings.model_family_filter)
+        services[name] = Service(
+            dialect, spec.base_url, pool, spec.key_env, family_filter=settings.model_family_filter, check=spec.check
+        )
     ledger = UsageLedger(sink=_persisting(access))
     ledger.restore(*access.store.usage_totals())
     runtime = Runtime(

@@ -58,6 +58,24 @@ from proxy.families import FAMILIES, families_of, family_of, is_allowed, known_f
         ("claude-haiku-4-5", "claude-haiku"),
         ("claude-2.1", "claude"),
         ("Claude-3-Opus-20240229", "claude-opus"),
+        ("gemini-2.5-flash", "gemini-flash"),
+        ("gemini-2.0-flash-001", "gemini-flash"),
+        ("gemini-flash-latest", "gemini-flash"),
+        ("gemini-2.5-flash-lite", "gemini-flash-lite"),
+        ("gemini-2.0-flash-lite-preview-02-05", "gemini-flash-lite"),
+        ("gemini-2.5-pro", "gemini-pro"),
+        ("gemini-1.5-pro-002", "gemini-pro"),
+        ("models/gemini-2.5-pro-preview-06-05", "gemini-pro"),
+        ("gemini-exp-1206", "gemini"),
+        ("gemma-3-27b-it", "gemma"),
+        ("gemini-embedding-001", "gemini-embedding"),
+        ("imagen-4.0-generate-001", "imagen"),
+        ("deepseek-chat", "deepseek"),
+        ("deepseek-reasoner", "deepseek-reasoner"),
+        ("grok-4", "grok"),
+        ("mistral-large-latest", "mistral-large"),
+        ("mistral-small-latest", "mistral"),
+        ("codestral-latest", "mistral"),
     ],
 )
 def test_every_known_model_has_its_family(model: str, family: str) -> None:
@@ -100,6 +118,18 @@ def test_every_row_of_the_table_is_reachable() -> None:
         "claude-sonnet": "claude-3-sonnet-20240229",
         "claude-haiku": "claude-3-haiku-20240307",
         "claude": "claude-instant-1.2",
+        "imagen": "veo-3.0-generate-preview",
+        "gemini-embedding": "embedding-001",
+        "gemini-flash-lite": "gemini-flash-lite-latest",
+        "gemini-flash": "gemini-1.5-flash-8b",
+        "gemini-pro": "gemini-pro-latest",
+        "gemini": "gemini-exp-1206",
+        "gemma": "gemma-3n-e4b-it",
+        "deepseek-reasoner": "deepseek-r1-distill-llama-70b",
+        "deepseek": "deepseek-coder",
+        "grok": "grok-3-mini",
+        "mistral-large": "mistral-large-2411",
+        "mistral": "magistral-medium-latest",
     }
     assert {family for family, _, _ in FAMILIES} == set(examples)
     for family, model in examples.items():
@@ -126,3 +156,17 @@ def test_a_filter_serves_exactly_the_families_it_names() -> None:
     assert is_allowed("gpt-4o-mini", allowed)
     assert is_allowed("dall-e", allowed)
     assert not is_allowed("gpt-4o", allowed)
+
+
+def test_unknown_models_of_a_compatible_service_are_the_service_family() -> None:
+    """A local vLLM's "qwen2.5-7b" is family "lab"; Gemini's and Claude's unknowns are "<service>-other"."""
+    assert family_of("qwen2.5-7b-instruct", "lab") == "lab"
+    assert family_of("llama-3.3-70b-versatile", "groq") == "groq"
+    assert family_of("aqa", "google-ai") == "google-ai-other"
+    assert family_of("some-model", "anthropic") == "anthropic-other"
+    assert family_of("deepseek-chat", "lab") == "deepseek"  # a known model keeps its family anywhere
+
+
+def test_image_and_video_models_of_google_are_not_served_without_naming_them() -> None:
+    assert not is_allowed(family_of("imagen-4.0-generate-001", "google-ai"), set())
+    assert is_allowed(family_of("gemini-2.5-flash", "google-ai"), set())

@@ -35,6 +35,11 @@ MIN_GAP = 1.0  # the periodic loop never wakes more often than this
 Ident = tuple[str, str]  # (service, key id)
 
 
+def check_of(service: Service) -> CheckFn | None:
+    """The service's own key check (providers in folders bring theirs), else its dialect's."""
+    return service.check or CHECKS.get(service.dialect.name)
+
+
 class KeyChecker:
     def __init__(
         self,
@@ -70,7 +75,7 @@ class KeyChecker:
         if self._loop is not None:
             return
         for service in self.services.values():
-            if service.pool.keys and service.dialect.name in CHECKS:
+            if service.pool.keys and check_of(service) is not None:
                 service.pool.checking = True
         self._loop = asyncio.create_task(self._run(), name="key-checker")
 
@@ -126,7 +131,7 @@ class KeyChecker:
         return [
             (name, key)
             for name, service in self.services.items()
-            if service.dialect.name in CHECKS
+            if check_of(service) is not None
             for key in service.pool.keys
             if include_revoked or key.state is not KeyState.REVOKED
         ]
@@ -163,10 +168,12 @@ class KeyChecker:
     async def _check_one(self, name: str, key: Key) -> None:
         service = self.services[name]
         async with self._limit:
-            headers = service.dialect.outbound_headers({}, key.secret)
-            probe = Probe(self._session(), service.base_url, headers, service.dialect, self.timeout)
+            probe = Probe(self._session(), service.base_url, key.secret, service.dialect, self.timeout)
+            check = check_of(service)
             try:
-                result = await CHECKS[service.dialect.name](probe)
+                if check is None:
+                    raise RuntimeError("no key check for this service")
+                result = await check(probe)
             except NETWORK_ERRORS as exc:
                 result = CheckResult(Verdict.RETRYABLE, detail=type(exc).__name__)
             except Exception as exc:  # noqa: BLE001 - one surprising reply must not stop the checker

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -27,11 +27,11 @@ class Reply:
 
 @dataclass(slots=True)
 class Probe:
-    """Calls to one upstream with one key's headers. The key itself stays inside `headers`."""
+    """Calls to one upstream with one key, addressed and signed by the dialect as at request time."""
 
     session: aiohttp.ClientSession
     base_url: str
-    headers: Mapping[str, str]
+    secret: str = field(repr=False)
     dialect: Dialect
     timeout: float
 
@@ -42,9 +42,12 @@ class Probe:
         return await self._call("POST", path, json.dumps(payload, separators=(",", ":")).encode())
 
     async def _call(self, method: str, path: str, body: bytes | None) -> Reply:
+        from proxy.providers.base import Call
+
         timeout = aiohttp.ClientTimeout(total=self.timeout)
+        out = await self.dialect.target(Call(method, path, self.secret, self.base_url, body))
         async with self.session.request(
-            method, self.base_url + path, headers=dict(self.headers), data=body, allow_redirects=False, timeout=timeout
+            method, out.url, headers=out.headers, data=out.body, allow_redirects=False, timeout=timeout
         ) as response:
             raw = await response.content.read(MAX_BODY)
             try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 
@@ -23,6 +23,29 @@ class Endpoint:
     kind: str  # "chat" | "completions" | "embeddings" | "messages" | "models" | "model" | "responses" | "count_tokens"
     shape: str  # the client's API shape for errors: "openai" | "anthropic"
     translated: bool = False  # OpenAI format in and out, translated to this provider's API
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One upstream call, as the pipeline (or a key check) asks for it, before the dialect addresses
+    and authenticates it. `path` is relative to the service's root and may hold a query."""
+
+    method: str
+    path: str
+    secret: str = field(repr=False)
+    base_url: str
+    body: bytes | None = None
+    client_headers: Mapping[str, str] = field(default_factory=dict)
+    model: str | None = None
+
+
+@dataclass(slots=True)
+class Outbound:
+    """The request that goes on the wire: where, with which headers, carrying which bytes."""
+
+    url: str
+    headers: dict[str, str] = field(repr=False)
+    body: bytes | None = None
 
 
 class StreamMeter:
@@ -51,6 +74,42 @@ class Dialect:
 
     def auth_headers(self, secret: str) -> dict[str, str]:
         raise NotImplementedError
+
+    # Addressing: what to call (once per request), then where and signed how (once per key tried).
+    def upstream_path(self, endpoint: Endpoint, model: str | None, stream: bool, params: Mapping[str, str]) -> str:
+        """The upstream path (and query) for one request, relative to the service's root. Gemini puts
+        the model and the stream mode in it; most providers use the endpoint's fixed path."""
+        return endpoint.upstream_path or self.models_path
+
+    async def target(self, call: Call) -> Outbound:
+        """The wire request for one call with one key. The one place a provider addresses and
+        authenticates: per-key hosts (Azure), a signature over the body (Bedrock), a minted and
+        cached token (Vertex) all override this. Key checks go through it too."""
+        return Outbound(call.base_url + call.path, self.outbound_headers(call.client_headers, call.secret), call.body)
+
+    def client_credential(self, headers: Mapping[str, str], query: bytes) -> str | None:
+        """A client credential sent the provider's own way, besides `Authorization: Bearer` and
+        `x-api-key` (which every route accepts): e.g. Gemini's `x-goog-api-key` and `?key=`."""
+        return None
+
+    def error_shape(self, rest: tuple[str, ...]) -> str:
+        """The error shape for a client path under this service (after /proxy/<service>/[v1/]),
+        even one off the allow-list: that of the endpoint it names, else the dialect's own."""
+        for endpoint in self.endpoints:
+            if endpoint.path == rest:
+                return endpoint.shape
+        if "chat" in rest or not self.endpoints:
+            return "openai"
+        return self.endpoints[0].shape
+
+    def client_error(self, shape: str, status: int, body: Any) -> Any:
+        """An upstream error body as the client at an endpoint of `shape` reads it (unchanged by default)."""
+        return body
+
+    def model_ids(self, body: Any) -> set[str]:
+        """The model ids in the upstream's model list (OpenAI's and Anthropic's `data[].id`)."""
+        items = body.get("data") if isinstance(body, dict) else None
+        return {str(m["id"]) for m in items or () if isinstance(m, dict) and m.get("id")}
 
     def outbound_headers(self, client_headers: Mapping[str, str], secret: str) -> dict[str, str]:
         """Only allow-listed client headers, plus the pool key and our own content type."""
