@@ -42,7 +42,7 @@ CORS_PREFLIGHT = {
     "access-control-allow-headers": "authorization, content-type, x-api-key, anthropic-version, anthropic-beta, "
     "anthropic-dangerous-direct-browser-access, x-stainless-os, x-stainless-lang, x-stainless-package-version, "
     "x-stainless-runtime, x-stainless-runtime-version, x-stainless-arch, x-stainless-retry-count, "
-    "x-stainless-timeout, x-stainless-helper-method, openai-beta",
+    "x-stainless-timeout, x-stainless-helper-method, openai-beta, x-goog-api-key, x-goog-api-client",
     "access-control-max-age": "86400",
 }
 

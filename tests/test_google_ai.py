@@ -156,6 +156,25 @@ def test_a_wrong_key_is_refused_in_googles_shape_and_reaches_nothing(served: Ser
     assert fake.requests == []
 
 
+def test_a_key_in_the_query_never_reaches_a_log_line(
+    served: Served, fake: FakeGemini, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    with http(served) as client:
+        path = f"{ROOT}/v1beta/models/gemini-2.5-flash:generateContent?key={PROXY_KEY}"
+        assert client.post(path, json=gemini_body()).status_code == 200
+        assert client.post(path.replace(PROXY_KEY, "guess-" + PROXY_KEY), json=gemini_body()).status_code == 401
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith(("proxy", "uvicorn"))]  # not the client's
+    assert any("generateContent" in line for line in lines)  # the request was logged...
+    assert not any(PROXY_KEY in line for line in lines)  # ...without its query
+
+
+def test_browsers_may_send_googles_key_header(served: Served) -> None:
+    with http(served) as client:
+        reply = client.options(f"{ROOT}/v1beta/models/gemini-2.5-flash:generateContent")
+    assert "x-goog-api-key" in reply.headers["access-control-allow-headers"]
+
+
 def test_no_key_at_all_is_refused(served: Served, fake: FakeGemini) -> None:
     with http(served) as client:
         reply = client.post(f"{ROOT}/v1beta/models/gemini-2.5-flash:generateContent?key=", json=gemini_body())
