@@ -97,10 +97,20 @@ def normalise_history(history: list[Any] | None, message: Any = None) -> list[di
 # ---------------------------------------------------------------- models and routing
 
 
+# Which service listed a model (the first that did), learnt by fetch_models: the same for every
+# visitor, since it follows from the configuration.
+LISTED_BY: dict[str, str] = {}
+
+
 def service_for_model(model: str, services: tuple[str, ...]) -> str:
-    """Claude models go to the Anthropic door (OpenAI format), everything else to OpenAI."""
+    """Claude models go to the Anthropic door and Gemini models to Google AI's (both OpenAI format);
+    a model another service listed goes there; everything else to OpenAI."""
     if "anthropic" in services and model.lower().startswith("claude"):
         return "anthropic"
+    if "google-ai" in services and model.lower().startswith(("gemini", "gemma")):
+        return "google-ai"
+    if LISTED_BY.get(model) in services:
+        return LISTED_BY[model]
     if "openai" in services or not services:
         return "openai"
     return services[0]
@@ -143,7 +153,11 @@ async def fetch_models(ctx: UIContext, credential: str, request: Any = None) -> 
         except httpx.HTTPError as exc:
             status, data = 0, type(exc).__name__
         if 200 <= status < 300:
-            found += [m for m in model_ids(data) if m not in found]
+            for model in model_ids(data):
+                if model not in found:
+                    found.append(model)
+                    if len(LISTED_BY) < 10_000:
+                        LISTED_BY.setdefault(model, service)
         else:
             problems.append(describe_error(status, data))
     problems = list(dict.fromkeys(problems))

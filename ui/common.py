@@ -13,7 +13,16 @@ from typing import Any
 
 import httpx
 
-SERVICE_LABELS = {"openai": "OpenAI", "anthropic": "Anthropic (Claude)"}
+SERVICE_LABELS = {
+    "openai": "OpenAI",
+    "anthropic": "Anthropic (Claude)",
+    "google-ai": "Google AI (Gemini)",
+    "deepseek": "DeepSeek",
+    "xai": "xAI (Grok)",
+    "mistral-ai": "Mistral AI",
+    "openrouter": "OpenRouter",
+    "groq": "Groq",
+}
 KNOWN_SERVICES = ("openai", "anthropic")
 
 # A host (name, IPv4 or [IPv6]) with an optional port; anything else is not shown.

@@ -8,7 +8,17 @@ import gradio as gr
 
 from ui.common import KNOWN_SERVICES, UIContext, public_base_url, service_label, service_path
 
-EXAMPLE_MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-3-5-haiku-latest"}
+EXAMPLE_MODELS = {
+    "openai": "gpt-4o-mini",
+    "anthropic": "claude-3-5-haiku-latest",
+    "google-ai": "gemini-2.5-flash",
+    "deepseek": "deepseek-chat",
+    "xai": "grok-4",
+    "mistral-ai": "mistral-small-latest",
+    "openrouter": "openai/gpt-4o-mini",
+    "groq": "llama-3.3-70b-versatile",
+}
+FIRST_PARTY = ("openai", "anthropic", "google-ai")  # any other service is OpenAI-compatible
 
 
 @dataclass(frozen=True)
@@ -34,7 +44,18 @@ def sillytavern_steps(service: str, url: str, auth_mode: str) -> str:
         "proxy_key": "the proxy key",
         "user_token": "your user token",
     }.get(auth_mode, "anything (no password is needed)")
-    source = "Claude" if service == "anthropic" else "OpenAI"
+    if service not in FIRST_PARTY:
+        return (
+            "SillyTavern → API Connections (plug icon)\n"
+            "  API:                     Chat Completion\n"
+            "  Chat Completion Source:  Custom (OpenAI-compatible)\n"
+            f"  Custom Endpoint (Base URL):  {url}\n"
+            f"  Custom API Key:              {password}\n"
+            "Then press Connect and pick a model."
+        )
+    source = {"anthropic": "Claude", "google-ai": "Google AI Studio"}.get(service, "OpenAI")
+    if service == "google-ai":
+        url = url.removesuffix("/v1")  # SillyTavern adds /v1beta/models/... itself
     return (
         "SillyTavern → API Connections (plug icon)\n"
         "  API:                     Chat Completion\n"
@@ -87,6 +108,28 @@ def snippets(service: str, base: str, auth_mode: str) -> list[Snippet]:
                 '  -H "content-type: application/json" \\\n'
                 f'  -d \'{{"model": "{model}", "max_tokens": 256, '
                 '"messages": [{"role": "user", "content": "Hello!"}]}\'\n',
+            )
+        )
+    elif service == "google-ai":
+        items.append(
+            Snippet(
+                "Google Gen AI SDK",
+                "python",
+                "from google import genai\n\n"
+                f'client = genai.Client(api_key="{key}", http_options={{"base_url": "{base}/proxy/google-ai"}})\n'
+                f'reply = client.models.generate_content(model="{model}", contents="Hello!")\n'
+                "print(reply.text)\n",
+            )
+        )
+        items.append(Snippet("OpenAI SDK (OpenAI format)", "python", openai_sdk))
+        items.append(
+            Snippet(
+                "curl",
+                "shell",
+                f"curl {base}/proxy/google-ai/v1beta/models/{model}:generateContent \\\n"
+                f'  -H "x-goog-api-key: {key}" \\\n'
+                '  -H "content-type: application/json" \\\n'
+                '  -d \'{"contents": [{"parts": [{"text": "Hello!"}]}]}\'\n',
             )
         )
     else:
