@@ -329,3 +329,43 @@ def test_every_key_rate_limited_is_a_429_in_googles_shape(proxy_app) -> None:
     assert reply.status_code == 429
     assert reply.json()["error"]["status"] == "RESOURCE_EXHAUSTED"
     assert 15 <= int(reply.headers["retry-after"]) <= 20
+
+
+def test_the_door_relays_tools_images_and_formats_as_sent(served: Served, fake: FakeGemini) -> None:
+    """The door relays to Gemini's own OpenAI-compatible endpoint: what the client wrote arrives as is."""
+    body = {
+        "model": "gemini-2.5-flash",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [
+                {"type": "text", "text": "What is in this image?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+            ]},
+        ],
+        "tools": [{"type": "function", "function": {
+            "name": "lookup", "parameters": {"type": "object", "properties": {"q": {"type": "string"}},
+                                             "additionalProperties": False}}}],
+        "tool_choice": "auto",
+        "response_format": {"type": "json_object"},
+        "reasoning_effort": "low",
+    }  # fmt: skip
+    with http(served, authorization=f"Bearer {PROXY_KEY}") as client:
+        reply = client.post(f"{ROOT}/v1/chat/completions", json=body)
+    assert reply.status_code == 200
+    assert fake.requests[-1].json == body
+
+
+def test_the_doors_key_errors_are_read_from_geminis_error_lists(proxy_app) -> None:
+    limited, revoked = "AIzaSyLimited123456789abcdefghijklmnop", "AIzaSyRevoked123456789abcdefghijklmnop"
+    keys = {limited: KeyBehaviour("rate_limited", reset_s=30), revoked: KeyBehaviour("revoked"), GOOD: KeyBehaviour()}
+    with FakeGemini(keys) as fake:
+        served = proxy_app(GOOGLE_AI_KEY=",".join(keys), GOOGLE_AI_BASE_URL=fake.url, PROXY_KEY=PROXY_KEY)
+        for _ in range(3):
+            reply = door_sdk(served).chat.completions.create(
+                model="gemini-2.5-flash", messages=[{"role": "user", "content": "hi"}]
+            )
+            assert reply.choices[0].message.content
+        assert all(isinstance(r.json, dict) for r in fake.requests)
+        pool = served.runtime.services["google-ai"].pool
+        states = {k.secret: k.status(time.time()) for k in pool.keys}
+    assert states == {limited: "rate_limited", revoked: "revoked", GOOD: "active"}
