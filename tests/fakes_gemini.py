@@ -53,6 +53,15 @@ class FakeGemini(FakeOpenAI):
     EMBEDDING_MODELS: ClassVar[list[str]] = ["gemini-embedding-001"]
     THOUGHTS = 3  # thoughtsTokenCount of "2.5" models: billed as output
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.door_sends_done = True  # False: the OpenAI-compatible stream just ends after its last chunk
+
+    async def _stream(self, request: web.Request, events: Any, headers: dict[str, str]) -> web.StreamResponse:
+        if not self.door_sends_done:
+            events = [e for e in events if e.data != b"data: [DONE]\n\n"]
+        return await super()._stream(request, events, headers)
+
     def _key_of(self, headers: dict[str, str]) -> str | None:
         return headers.get("x-goog-api-key") or _bearer(headers)
 

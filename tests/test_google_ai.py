@@ -40,7 +40,7 @@ def gemini(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeGemin
 def fake(gemini: tuple[FakeGemini, Served]) -> FakeGemini:
     upstream = gemini[0]
     upstream.reset()
-    upstream.chunks, upstream.drop_mid_stream = 5, False
+    upstream.chunks, upstream.drop_mid_stream, upstream.door_sends_done = 5, False, True
     upstream.next_status.clear()
     return upstream
 
@@ -369,3 +369,26 @@ def test_the_doors_key_errors_are_read_from_geminis_error_lists(proxy_app) -> No
         pool = served.runtime.services["google-ai"].pool
         states = {k.secret: k.status(time.time()) for k in pool.keys}
     assert states == {limited: "rate_limited", revoked: "revoked", GOOD: "active"}
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_a_door_stream_without_done_is_still_complete(served: Served, fake: FakeGemini, include_usage: bool) -> None:
+    fake.door_sends_done = False
+    body = {"model": "gemini-2.5-flash", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    with http(served, authorization=f"Bearer {PROXY_KEY}") as client:
+        raw = client.post(f"{ROOT}/v1/chat/completions", json=body).content
+    chunks = sse_payloads(raw)
+    assert not any("error" in c for c in chunks)  # no "ended before it was complete"
+    assert chunks[-1]["usage"]["completion_tokens"] == 5 if include_usage else chunks[-1]["choices"]
+    event = served.runtime.ledger.recent(1)[0]
+    assert (event["status"], event["tokens_out"]) == (200, 5)
+
+
+def test_a_door_stream_cut_before_its_finish_is_reported(served: Served, fake: FakeGemini) -> None:
+    fake.drop_mid_stream = True
+    body = {"model": "gemini-2.5-flash", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with http(served, authorization=f"Bearer {PROXY_KEY}") as client:
+        raw = client.post(f"{ROOT}/v1/chat/completions", json=body).content
+    assert sse_payloads(raw)[-1]["error"]["message"]

@@ -83,6 +83,32 @@ class GeminiStreamMeter(StreamMeter):
         return True
 
 
+class DoorStreamMeter(OpenAIStreamMeter):
+    """The door's stream is complete at `[DONE]` or, should Gemini's OpenAI-compatible endpoint
+    close without one, once every choice it began has a finish_reason."""
+
+    def __init__(self, client_wants_usage: bool) -> None:
+        super().__init__(client_wants_usage)
+        self._open: set[int] = set()
+        self._ended = False
+
+    def accept(self, event: Event) -> bool:
+        keep = super().accept(event)
+        if '"finish_reason"' in event.data or '"delta"' in event.data:
+            chunk = event.json()
+            for choice in (chunk.get("choices") or ()) if isinstance(chunk, dict) else ():
+                if isinstance(choice, dict):
+                    index = choice.get("index", 0)
+                    if choice.get("finish_reason"):
+                        self._open.discard(index)
+                        self._ended = True
+                    else:
+                        self._open.add(index)
+            if self._ended and not self._open:
+                self.finished = True
+        return keep
+
+
 class Gemini(OpenAI):
     """Native routes are Gemini's own; the door (`chat/completions`) is OpenAI's, relayed as is."""
 
@@ -173,7 +199,7 @@ class Gemini(OpenAI):
 
     def meter(self, endpoint: Endpoint, state: dict) -> StreamMeter:
         if endpoint.shape == "openai":
-            return OpenAIStreamMeter(state.get("client_wants_usage", True))
+            return DoorStreamMeter(state.get("client_wants_usage", True))
         return GeminiStreamMeter()
 
     # Model lists -----------------------------------------------------------------------------
