@@ -392,3 +392,40 @@ def test_a_door_stream_cut_before_its_finish_is_reported(served: Served, fake: F
     with http(served, authorization=f"Bearer {PROXY_KEY}") as client:
         raw = client.post(f"{ROOT}/v1/chat/completions", json=body).content
     assert sse_payloads(raw)[-1]["error"]["message"]
+
+
+# The google-genai SDK itself --------------------------------------------------------------------
+
+
+def genai_client(served: Served):
+    from google import genai
+    from google.genai import types
+
+    options = types.HttpOptions(base_url=served.url + ROOT, timeout=10_000)
+    return genai.Client(api_key=PROXY_KEY, http_options=options)
+
+
+def test_google_genai_sdk_generates_streams_counts_and_lists(served: Served, fake: FakeGemini) -> None:
+    client = genai_client(served)
+    reply = client.models.generate_content(model="gemini-2.5-flash", contents="Hello there")
+    assert reply.text == "Hello from fake gemini-2.5-flash"
+    assert reply.usage_metadata is not None and reply.usage_metadata.thoughts_token_count == FakeGemini.THOUGHTS
+    chunks = client.models.generate_content_stream(model="gemini-2.5-pro", contents="hi")
+    streamed = "".join(c.text or "" for c in chunks)
+    assert streamed == "tok0 tok1 tok2 tok3 tok4 "
+    assert client.models.count_tokens(model="gemini-2.5-flash", contents="one two").total_tokens == 2
+    assert {m.name for m in client.models.list()} == {f"models/{m}" for m in FakeGemini.DEFAULT_MODELS}
+    paths = [r.path for r in fake.requests]
+    assert "/v1/models/gemini-2.5-pro:streamGenerateContent?alt=sse" in paths  # the SDK's API version, kept
+    assert all(r.headers.get("x-goog-api-key") in (GOOD, SECOND) for r in fake.requests)
+
+
+def test_google_genai_sdk_reads_the_proxys_refusal(served: Served, fake: FakeGemini) -> None:
+    from google import genai
+    from google.genai import errors, types
+
+    client = genai.Client(api_key="wrong", http_options=types.HttpOptions(base_url=served.url + ROOT))
+    with pytest.raises(errors.ClientError) as caught:
+        client.models.generate_content(model="gemini-2.5-flash", contents="hi")
+    assert caught.value.code == 401 and caught.value.status == "UNAUTHENTICATED"
+    assert fake.requests == []
