@@ -231,3 +231,31 @@ def test_built_in_services_have_public_defaults_and_overrides() -> None:
     from proxy.providers.registry import services_from
 
     assert [s.name for s in services_from(settings)] == ["openai", "xai"]  # groq: no key, no route
+
+
+BUILT_INS = {
+    "deepseek": "DEEPSEEK", "xai": "XAI", "mistral-ai": "MISTRAL_AI", "openrouter": "OPENROUTER", "groq": "GROQ"
+}  # fmt: skip
+
+
+def test_every_built_in_service_is_served_on_its_route_with_its_own_key(tmp_path) -> None:
+    keys = {name: f"sk-{name}-0123456789abcdef" for name in BUILT_INS}
+    with FakeOpenAI({k: KeyBehaviour() for k in keys.values()}) as fake:
+        env = {"PROXY_KEY": PROXY_KEY}
+        for name, prefix in BUILT_INS.items():
+            env[f"{prefix}_KEY"], env[f"{prefix}_BASE_URL"] = keys[name], fake.base_url
+        settings = make_settings(env, tmp_path)
+        with serve(create_app(settings), settings) as served, httpx.Client(headers=AUTH, trust_env=False) as client:
+            for name in BUILT_INS:
+                body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+                reply = client.post(f"{served.proxy(name)}/chat/completions", json=body)
+                assert reply.status_code == 200 and b"tok4" in reply.content
+                sent = fake.requests[-1]
+                assert sent.headers["authorization"] == f"Bearer {keys[name]}"
+                # Mistral refuses fields it does not know: the proxy adds none there.
+                assert ("stream_options" in sent.json) is (name != "mistral-ai")
+                forbidden = client.post(f"{served.proxy(name)}/batches", json=body)
+                assert forbidden.status_code == 404
+                assert fake.requests[-1] is sent  # the refused path reached nothing
+            status = served.runtime.status()
+    assert set(BUILT_INS) <= set(status["keys"])

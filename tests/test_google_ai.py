@@ -429,3 +429,18 @@ def test_google_genai_sdk_reads_the_proxys_refusal(served: Served, fake: FakeGem
         client.models.generate_content(model="gemini-2.5-flash", contents="hi")
     assert caught.value.code == 401 and caught.value.status == "UNAUTHENTICATED"
     assert fake.requests == []
+
+
+def test_the_proxy_key_never_reaches_gemini(served: Served, fake: FakeGemini) -> None:
+    native = f"{ROOT}/v1beta/models/gemini-2.5-flash"
+    with http(served, **{"x-goog-api-key": PROXY_KEY}) as client:
+        client.get(f"{ROOT}/v1beta/models")
+        client.post(f"{native}:generateContent?key={PROXY_KEY}&alt=json", json=gemini_body())
+        client.post(f"{native}:streamGenerateContent?alt=sse&key={PROXY_KEY}", json=gemini_body())
+        client.post(f"{native}:countTokens", json=gemini_body())
+    list(door_sdk(served).chat.completions.create(
+        model="gemini-2.5-flash", messages=[{"role": "user", "content": "hi"}], stream=True))  # fmt: skip
+    assert len(fake.requests) >= 4
+    for sent in fake.requests:
+        assert PROXY_KEY not in sent.path and PROXY_KEY not in json.dumps(sent.headers)
+        assert PROXY_KEY not in sent.body.decode()
