@@ -444,3 +444,11 @@ def test_the_proxy_key_never_reaches_gemini(served: Served, fake: FakeGemini) ->
     for sent in fake.requests:
         assert PROXY_KEY not in sent.path and PROXY_KEY not in json.dumps(sent.headers)
         assert PROXY_KEY not in sent.body.decode()
+
+
+def test_a_query_string_full_of_fields_is_refused_not_a_crash(served: Served, fake: FakeGemini) -> None:
+    query = "&".join(f"f{i}=x" for i in range(50)) + f"&key={PROXY_KEY}"
+    with http(served) as client:
+        reply = client.post(f"{ROOT}/v1beta/models/gemini-2.5-flash:generateContent?{query}", json=gemini_body())
+    assert reply.status_code == 401
+    assert fake.requests == []

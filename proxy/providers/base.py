@@ -25,7 +25,7 @@ class Endpoint:
     translated: bool = False  # OpenAI format in and out, translated to this provider's API
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call:
     """One upstream call, as the pipeline (or a key check) asks for it, before the dialect addresses
     and authenticates it. `path` is relative to the service's root and may hold a query."""

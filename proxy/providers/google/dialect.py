@@ -148,8 +148,11 @@ class Gemini(OpenAI):
             return key
         if b"key=" not in query or len(query) > 4096:
             return None
-        values = parse_qs(query.decode("latin-1"), max_num_fields=20).get("key")
-        return values[0].strip()[:MAX_CREDENTIAL] or None if values else None
+        try:
+            values = parse_qs(query.decode("latin-1"), max_num_fields=20).get("key")
+        except ValueError:  # more fields than any Gemini client sends
+            return None
+        return (values[0].strip()[:MAX_CREDENTIAL] or None) if values else None
 
     # Errors ----------------------------------------------------------------------------------
     def classify(self, status: int, headers: Mapping[str, str], body: Any) -> Outcome:
