@@ -256,7 +256,9 @@ def test_the_door_refuses_a_wrong_key_in_openai_shape(served: Served, fake: Fake
 
 
 def st_makersuite_body(stream: bool) -> dict:
-    """What SillyTavern's server sends (src/endpoints/backends/chat-completions.js, sendMakerSuiteRequest)."""
+    """What SillyTavern's server sends (src/endpoints/backends/chat-completions.js, sendMakerSuiteRequest:
+    `${reverse_proxy}/v1beta/models/${model}:${responseType}?key=${proxy_password}[&alt=sse]`, JSON body,
+    Content-Type its only header)."""
     return {
         "contents": [
             {"role": "user", "parts": [{"text": "Hello there"}]},
@@ -278,7 +280,7 @@ def test_sillytavern_google_ai_studio_source_chats_through_the_proxy(
 ) -> None:
     proxy_url = served.url + ROOT  # "Reverse Proxy" field; the password goes in ?key=
     with httpx.Client(trust_env=False, timeout=10) as st:
-        models = st.get(f"{proxy_url}/v1beta/models?key={PROXY_KEY}")  # its status check
+        models = st.get(f"{proxy_url}/v1beta/models?key={PROXY_KEY}")  # the list Gemini clients ask first
         assert models.status_code == 200 and models.json()["models"]
         action = "streamGenerateContent" if stream else "generateContent"
         url = f"{proxy_url}/v1beta/models/gemini-2.5-flash:{action}?key={PROXY_KEY}" + ("&alt=sse" if stream else "")
