@@ -32,3 +32,25 @@ def test_the_test_chat_sends_each_model_to_the_service_that_serves_it() -> None:
     finally:
         LISTED_BY.pop("qwen2.5-7b-instruct")
     assert service_for_model("gpt-4o", services) == "openai"
+
+
+def test_the_whole_app_shows_a_card_per_new_service_and_no_key(tmp_path) -> None:
+    import httpx
+
+    from tests.browser_util import serve_whole_app
+    from tests.conftest import make_settings
+
+    gemini_key, lab_key = "AIzaSyPage0123456789abcdefghijklmnopqr", "lab-secret-0123456789"
+    env = {
+        "GOOGLE_AI_KEY": gemini_key, "GOOGLE_AI_BASE_URL": "http://127.0.0.1:9",
+        "CUSTOM_UPSTREAMS": "lab=http://127.0.0.1:9/v1", "LAB_KEY": lab_key, "PROXY_KEY": "pk-page-0123456789",
+    }  # fmt: skip
+    settings = make_settings(env, tmp_path)
+    with serve_whole_app(settings) as served, httpx.Client(base_url=served.url, trust_env=False) as client:
+        config = client.get("/config").text
+        status = client.get("/status").text
+    for elem in ("share-url-google-ai", "share-url-lab", "keys-table-google-ai", "keys-table-lab"):
+        assert elem in config
+    assert "Google AI (Gemini)" in config
+    for secret in (gemini_key, lab_key, "pk-page-0123456789"):
+        assert secret not in config and secret not in status
