@@ -166,7 +166,8 @@ class Gemini(OpenAI):
         message = str(error.get("message") or "").lower()
         if status == 401 or reason in REVOKED_REASONS:
             return Outcome(Verdict.REVOKED)
-        if reason in BILLING_REASONS or (status == 400 and "enable billing" in message):
+        precondition = error.get("status") == "FAILED_PRECONDITION"  # Google's statement, not an echo of the request
+        if reason in BILLING_REASONS or (status == 400 and precondition and "enable billing" in message):
             return Outcome(Verdict.OVER_QUOTA)
         if status == 429:
             if quota.get("limit") == "0" or "limit: 0" in message:
