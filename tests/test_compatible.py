@@ -102,6 +102,7 @@ def test_each_service_gets_its_own_key_and_a_keyless_one_none(served: Served, fa
 def test_models_usage_and_status_rows_are_per_service(served: Served, fakes: dict[str, FakeOpenAI]) -> None:
     assert {m.id for m in sdk(served, "lab").models.list()} == {"qwen2.5-7b-instruct"}
     assert {m.id for m in sdk(served, "deepseek").models.list()} == {"deepseek-chat", "deepseek-reasoner"}
+    assert sdk(served, "deepseek").models.retrieve("deepseek-reasoner").owned_by == "deepseek"
     sdk(served, "lab").chat.completions.create(model="qwen2.5-7b-instruct", messages=[{"role": "user", "content": "x"}])
     event = served.runtime.ledger.recent(1)[0]
     assert (event["service"], event["family"], event["tokens_in"], event["tokens_out"]) == ("lab", "lab", 4, 5)
@@ -146,7 +147,8 @@ def test_deepseeks_insufficient_balance_puts_the_key_out_of_quota(tmp_path) -> N
         ("GET", "/v1/files"),
         ("POST", "/v1/fine_tuning/jobs"),
         ("POST", "/v1/responses"),
-        ("GET", "/v1/models/deepseek-chat"),
+        ("GET", "/v1/models/deepseek-chat/versions"),
+        ("DELETE", "/v1/models/deepseek-chat"),
         ("POST", "/v1/chat/completions/../../admin"),
         ("POST", "/v1/chat%2Fcompletions"),
         ("POST", "/v2/chat/completions"),

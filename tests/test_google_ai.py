@@ -117,6 +117,7 @@ def test_usage_counts_prompt_candidates_and_thoughts_streamed_or_not(served: Ser
         event = ledger.recent(1)[0]
         # "Hello from fake <model>": 4 words, plus the thoughts
         assert (event["tokens_in"], event["tokens_out"]) == (4, 4 + FakeGemini.THOUGHTS)
+        assert event["reasoning_out"] == FakeGemini.THOUGHTS
         assert event["family"] == "gemini-flash"
         path = f"{ROOT}/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse"
         client.post(path, json=gemini_body("a b c"))
@@ -133,6 +134,12 @@ def test_model_lists_serve_gemini_clients_and_openai_clients(served: Served, fak
     assert all("generateContent" in m["supportedGenerationMethods"] for m in native["models"])
     ids = {m.id for m in door_sdk(served).models.list()}
     assert ids == set(FakeGemini.DEFAULT_MODELS)
+    assert door_sdk(served).models.retrieve("gemini-2.5-pro").id == "gemini-2.5-pro"  # openai SDK
+    with http(served, **{"x-goog-api-key": PROXY_KEY}) as client:
+        card = client.get(f"{ROOT}/v1beta/models/gemini-2.5-pro").json()  # google-genai's models.get
+        missing = client.get(f"{ROOT}/v1beta/models/gemini-9")
+    assert card["name"] == "models/gemini-2.5-pro" and "generateContent" in card["supportedGenerationMethods"]
+    assert missing.status_code == 404 and missing.json()["error"]["status"] == "NOT_FOUND"
 
 
 def test_a_drop_mid_stream_ends_with_an_error_event(served: Served, fake: FakeGemini) -> None:
@@ -187,7 +194,8 @@ def test_no_key_at_all_is_refused(served: Served, fake: FakeGemini) -> None:
     [
         ("POST", "/v1beta/models/gemini-2.5-flash:embedContent"),
         ("POST", "/v1beta/models/gemini-2.5-flash:batchGenerateContent"),
-        ("GET", "/v1beta/models/gemini-2.5-flash"),
+        ("GET", "/v1beta/models/gemini-2.5-flash/operations"),
+        ("DELETE", "/v1beta/models/gemini-2.5-flash"),
         ("GET", "/v1beta/files"),
         ("POST", "/v1beta/cachedContents"),
         ("POST", "/v1beta/tunedModels/mine:generateContent"),

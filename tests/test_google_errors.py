@@ -78,3 +78,15 @@ def test_google_errors_read_in_openai_shape() -> None:
 def test_compatible_services_money_errors(status: int, message: str, verdict: Verdict) -> None:
     body = {"error": {"message": message, "type": "x"}}
     assert Compatible("svc").classify(status, {}, body).verdict is verdict
+
+
+def test_usage_metadata_counts_cached_prompt_tool_use_and_thoughts() -> None:
+    from proxy.providers.google.dialect import usage_from_metadata
+
+    usage = usage_from_metadata({
+        "promptTokenCount": 1000, "cachedContentTokenCount": 800, "toolUsePromptTokenCount": 20,
+        "candidatesTokenCount": 50, "thoughtsTokenCount": 120, "totalTokenCount": 1190,
+    })  # fmt: skip
+    assert usage is not None
+    assert (usage.tokens_in, usage.tokens_out, usage.cached, usage.reasoning) == (1020, 170, 800, 120)
+    assert usage_from_metadata(None) is None

@@ -54,8 +54,9 @@ def usage_from_metadata(meta: Any) -> Usage | None:
     if not isinstance(meta, dict):
         return None
     tokens_in = int(meta.get("promptTokenCount") or 0) + int(meta.get("toolUsePromptTokenCount") or 0)
-    tokens_out = int(meta.get("candidatesTokenCount") or 0) + int(meta.get("thoughtsTokenCount") or 0)
-    return Usage(tokens_in, tokens_out)
+    thoughts = int(meta.get("thoughtsTokenCount") or 0)
+    tokens_out = int(meta.get("candidatesTokenCount") or 0) + thoughts
+    return Usage(tokens_in, tokens_out, cached=int(meta.get("cachedContentTokenCount") or 0), reasoning=thoughts)
 
 
 class GeminiStreamMeter(StreamMeter):
@@ -117,6 +118,8 @@ class Gemini(OpenAI):
     endpoints = (
         Endpoint("GET", ("v1beta", "models"), None, "models", "google"),
         Endpoint("GET", ("models",), None, "models", "openai"),  # /v1/models: Gemini's and OpenAI's shape at once
+        Endpoint("GET", ("v1beta", "models", "*"), None, "model", "google"),  # models.get: one card, both shapes
+        Endpoint("GET", ("models", "*"), None, "model", "openai"),
         Endpoint("POST", ("chat", "completions"), DOOR_PATH, "chat", "openai"),
         *_native("v1beta"),
         *_native("v1"),
@@ -214,18 +217,20 @@ class Gemini(OpenAI):
         """Gemini's list (`models[].name`) and OpenAI's (`data[].id`) in one body: `/v1/models` serves
         native clients and the OpenAI door alike."""
         listed = sorted(models)
-        return {
-            "models": [
-                {
-                    "name": f"models/{m}",
-                    "displayName": m,
-                    "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens"],
-                }
-                for m in listed
-            ],
-            "object": "list",
-            "data": [{"id": m, "object": "model", "created": 0, "owned_by": "google"} for m in listed],
-        }
+        return {"models": [_card(m) for m in listed], "object": "list", "data": [_card(m) for m in listed]}
+
+
+def _card(model: str) -> dict:
+    """One model as Gemini (`name`, methods) and OpenAI (`id`, `object`) clients read it."""
+    return {
+        "name": f"models/{model}",
+        "displayName": model,
+        "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens"],
+        "id": model,
+        "object": "model",
+        "created": 0,
+        "owned_by": "google",
+    }
 
 
 def generation_models(body: Any) -> set[str]:
