@@ -26,6 +26,7 @@ from proxy.config import Settings
 from proxy.errors import Redactor
 from proxy.keys.checker import KeyChecker
 from proxy.keys.pool import KeyPool
+from proxy.limits import RequestLimits
 from proxy.pipeline import Pipeline, Service
 from proxy.providers.anthropic import Anthropic
 from proxy.providers.openai import OpenAI
@@ -150,6 +151,7 @@ def build_runtime(settings: Settings) -> Runtime:
         pool = KeyPool(dialect.name, keys, dialect.key_prefix, family_filter=settings.model_family_filter)
         pool.restore(access.store.load_key_states(dialect.name))  # what earlier runs learned
         pool.on_change = _saving(access, pool)
+        pool.on_lost = _losing(access, pool)
         services[dialect.name] = Service(dialect, base_url, pool, env, family_filter=settings.model_family_filter)
     ledger = UsageLedger(sink=_persisting(access))
     ledger.restore(*access.store.usage_totals())
@@ -172,6 +174,15 @@ def _saving(access: Access, pool: KeyPool):
         access.store.save_key_state(pool.service, key.id, pool.export_state(key))
 
     return save
+
+
+def _losing(access: Access, pool: KeyPool):
+    """The pool's on_lost: one row per model a key lacks."""
+
+    def lost(key, model: str) -> None:
+        access.store.add_lost_model(pool.service, key.id, model)
+
+    return lost
 
 
 def _persisting(access: Access):
@@ -202,6 +213,13 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         retry_budget=settings.retry_time_budget,
         client_ip=client_ip,
         default_max_tokens=settings.anthropic_default_max_tokens,
+        limits=RequestLimits(
+            max_messages=settings.max_messages,
+            max_content_parts=settings.max_content_parts,
+            max_tools=settings.max_tools,
+            max_json_depth=settings.max_json_depth,
+        ),
+        max_reply_bytes=settings.max_reply_bytes,
     )
 
     @contextlib.asynccontextmanager
