@@ -492,3 +492,26 @@ def test_tool_call_arguments_through_the_door_reach_claude_unchanged(
     sent = fake.requests[-1].json["messages"]
     assert [block["input"] for block in sent[1]["content"]] == [SECRETISH, SECRETISH]
     assert sent[2]["content"][0] == {"type": "tool_result", "tool_use_id": "c1", "content": json.dumps(SECRETISH)}
+
+
+def test_every_conversation_route_counts_its_turns(
+    claude_pool: Callable[..., tuple[Served, FakeAnthropic]], fake_openai: FakeOpenAI, proxy_app: Callable[..., Served]
+) -> None:
+    claude, claude_fake = claude_pool({ANT: KeyBehaviour()}, MAX_MESSAGES="5")
+    gpt = proxy_app(
+        OPENAI_KEY="sk-paid-0123456789abcdef",
+        OPENAI_BASE_URL=fake_openai.base_url,
+        PROXY_KEY=PROXY_KEY,
+        MAX_MESSAGES="5",
+    )
+    six = one_word_messages(6)
+    calls = [
+        (f"{gpt.proxy()}/chat/completions", {"model": "gpt-4o", "messages": six}),
+        (f"{gpt.proxy()}/responses", {"model": "gpt-4o", "input": six}),
+        (f"{claude.proxy('anthropic')}/messages/count_tokens", {"model": SONNET, "messages": six}),
+    ]
+    for url, payload in calls:
+        reply = httpx.post(url, json=payload, headers=AUTH, timeout=10)
+        assert reply.status_code == 400, url
+        assert "MAX_MESSAGES" in reply.json()["error"]["message"]
+    assert fake_openai.requests == [] and claude_fake.requests == []
