@@ -116,7 +116,10 @@ async def relay_events(
                 if _is_error(event):
                     upstream_failed = True
                 if meter.accept(event):
-                    parts.extend(render([event]) if render else (event.raw,))
+                    if render is None:
+                        parts.append(event.raw)
+                    else:
+                        parts.extend(render([event]))
             except StreamAbort as exc:
                 return b"".join(parts), redact(str(exc))
             except Exception as exc:  # an event of an unexpected shape: say so, never end silently
@@ -124,8 +127,13 @@ async def relay_events(
                 return b"".join(parts), "The upstream sent a stream event this proxy could not read."
         return b"".join(parts), None
 
+    content = response.content
     try:
-        async for chunk in chunks_until_break(response.content):
+        while True:
+            # Bytes that arrived before a break first (see `buffered_before_break`), then the error.
+            chunk = buffered_before_break(content) or await content.readany()
+            if not chunk:
+                break
             data, abort = out(parser.feed(chunk))
             if data:
                 yield data
@@ -155,22 +163,16 @@ async def relay_events(
             response.close()
 
 
-async def chunks_until_break(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    """The body's bytes as they arrive; when the connection breaks, first every byte that had
-    arrived before the break, then the error.
+def buffered_before_break(content: aiohttp.StreamReader) -> bytes:
+    """What is still buffered once the connection broke (else b"").
 
     aiohttp's `readany()` raises a stored error (ClientPayloadError: the upstream cut the
     connection) before handing out what is still buffered, so a relay that reads a little late
-    would lose the tail the upstream did send. What is buffered is taken first, through the
-    reader's own `_read_nowait` (aiohttp has no public call for it)."""
-    while True:
-        if content.exception() is not None:
-            while getattr(content, "_buffer", None):
-                yield content._read_nowait(-1)
-        chunk = await content.readany()
-        if not chunk:
-            return
-        yield chunk
+    would lose the tail the upstream did send. This takes it first, through the reader's own
+    `_read_nowait` (aiohttp has no public call for it); `readany()` then raises the error."""
+    if content.exception() is None or not getattr(content, "_buffer", None):
+        return b""
+    return content._read_nowait(-1)
 
 
 async def read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
