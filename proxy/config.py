@@ -64,6 +64,11 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(10_000_000, gt=0)
     server_title: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_messages: int = Field(10_000, gt=0)
+    max_content_parts: int = Field(1_000, gt=0)
+    max_tools: int = Field(512, gt=0)
+    max_json_depth: int = Field(100, ge=8, le=250)
+    max_reply_bytes: int = Field(64_000_000, gt=0)
 
     # Access
     gatekeeper: Literal["none", "proxy_key", "user_token", ""] = ""

@@ -116,13 +116,25 @@ MARK = "[redacted]"
 # a letter or digit ("task-force-2024", "flask-sqlalchemy" are words, not keys) unless that is an
 # escape such as `\n`, and an `sk-` token holds a digit somewhere (every real key does;
 # "sk-learn-pipeline" does not).
-_KEY_SHAPED = (
-    r"(?:(?<![A-Za-z0-9])|(?<=\\[nrtbf]))"
-    r"(?:sk-(?=[A-Za-z0-9_\-]*[0-9])[A-Za-z0-9_\-]{8,}|hf_[A-Za-z0-9]{16,}|AIza[0-9A-Za-z_\-]{30,})"
-)
+# The digit is looked for in the matched token (`_mark_key`), not by a lookahead: a lookahead
+# from every "sk-" of a long digitless run ("sk-sk-sk-...") would scan the run once per "sk-".
+_BOUNDARY = r"(?:(?<![A-Za-z0-9])|(?<=\\[nrtbf]))"
+_OTHER_KEYS = r"hf_[A-Za-z0-9]{16,}|AIza[0-9A-Za-z_\-]{30,}"
+_KEY_SHAPED = _BOUNDARY + r"(?:sk-[A-Za-z0-9_\-]{8,}|" + _OTHER_KEYS + ")"
 _SECRET_PATTERN = re.compile(_KEY_SHAPED)
+_OTHER_PATTERN = re.compile(_BOUNDARY + "(?:" + _OTHER_KEYS + ")")
+_DIGIT = re.compile(r"[0-9]")
+
+
+def _mark_key(match: re.Match[str]) -> str:
+    token = match.group(0)
+    if not token.startswith("sk-") or _DIGIT.search(token, 3) is not None:
+        return MARK
+    return _OTHER_PATTERN.sub(MARK, token)  # a word, not a key; but another kind of key may sit inside
+
+
 # A superset of _KEY_SHAPED (no boundary: in raw JSON a key may follow an escape such as `\n`).
-_KEY_SHAPED_HINT = r"sk-(?=[A-Za-z0-9_\-]*[0-9])[A-Za-z0-9_\-]{8}|hf_[A-Za-z0-9]{16}|AIza[0-9A-Za-z_\-]{30}"
+_KEY_SHAPED_HINT = r"sk-[A-Za-z0-9_\-]{8}|hf_[A-Za-z0-9]{16}|AIza[0-9A-Za-z_\-]{30}"
 # The first, cheapest look: each a regex with a literal first character (the rarer one of its
 # anchor), which `re` scans for in a tight loop. A combined alternation is slower: it makes `re`
 # test a character set at every position.
@@ -230,7 +242,8 @@ class Redactor:
         """`text` with every secret replaced; the very same string when it holds none."""
         if not self.suspicious(text):
             return text
-        return self._text(text)
+        cleaned = self._text(text)
+        return text if cleaned == text else cleaned
 
     def _text(self, text: str) -> str:
         out = self._plain(text)
@@ -247,7 +260,7 @@ class Redactor:
     def _plain(self, text: str) -> str:
         if self._pattern is not None:
             text = self._pattern.sub(MARK, text)
-        return _SECRET_PATTERN.sub(MARK, text)
+        return _SECRET_PATTERN.sub(_mark_key, text)
 
     def _decode_escape(self, match: re.Match[str]) -> str:
         backslashes, code, slash = match.group(1), match.group(2), match.group(3) if match.re.groups > 2 else None

@@ -65,9 +65,19 @@ NON_TEXT = frozenset({"dall-e", "audio", "moderation", "imagen"})
 FIRST_PARTY = frozenset({"openai", "anthropic", "google-ai"})
 
 
-@lru_cache(maxsize=8192)
+# Model names come from clients: only names this short are cached (the cache holds at most
+# 8192 of them), so it cannot grow past a few MB whatever clients send.
+CACHED_NAME_LENGTH = 256
+
+
 def family_of(model: str, service: str = "openai") -> str:
     """The family of a model id; unknown models fall back to a per-service family."""
+    if model and len(model) > CACHED_NAME_LENGTH:
+        return _family_of(model, service)
+    return _cached_family_of(model, service)
+
+
+def _family_of(model: str, service: str) -> str:
     name = (model or "").strip().lower()
     for family, _owner, pattern in FAMILIES:
         if pattern.search(name):
@@ -75,6 +85,9 @@ def family_of(model: str, service: str = "openai") -> str:
     if service == "openai":
         return "other"
     return f"{service}-other" if service in FIRST_PARTY else service
+
+
+_cached_family_of = lru_cache(maxsize=8192)(_family_of)
 
 
 def families_of(models: Iterable[str], service: str = "openai") -> list[str]:

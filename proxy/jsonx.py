@@ -16,9 +16,18 @@ def loads(data: bytes | str) -> Any:
         return json.loads(data)
 
 
-def dumps(value: Any) -> bytes:
-    """Compact JSON as UTF-8 bytes."""
+def dumps(value: Any, *, strict: bool = False) -> bytes:
+    """Compact JSON as UTF-8 bytes.
+
+    A lone surrogate (which the stdlib parser lets through from a `\\ud800` escape) is written
+    back as that escape; with `strict`, it raises UnicodeEncodeError instead."""
     try:
         return orjson.dumps(value)
-    except TypeError:  # integers beyond 64 bits, or types orjson does not take
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    except TypeError:  # integers beyond 64 bits, lone surrogates, or types orjson does not take
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        if strict:
+            raise
+        return json.dumps(value, separators=(",", ":")).encode()

@@ -21,6 +21,7 @@ from proxy.client import ClientGone, unless_client_leaves
 from proxy.errors import SHAPES, Kind, ProxyError, Redactor
 from proxy.families import family_of, is_allowed
 from proxy.keys.pool import Key, KeyPool, Outcome, Verdict
+from proxy.limits import RequestLimits, check_model
 from proxy.logs import log_safe
 from proxy.providers.base import Call, Dialect, Endpoint
 from proxy.routing import Router
@@ -33,6 +34,8 @@ log = logging.getLogger("proxy.access")
 MAX_UNREACHABLE = 3
 # A request the upstream refused for a parameter it names is fixed and retried, once per parameter.
 MAX_REVISIONS = 3
+# Bodies this large are walked, translated and encoded in a worker thread, off the event loop.
+OFFLOAD_BYTES = 256 * 1024
 STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 # Browser clients (RisuAI, web front-ends) call the proxy directly. Credentials travel in
 # headers, never cookies, so any origin may call.
@@ -90,6 +93,8 @@ class Pipeline:
         retry_budget: float,
         client_ip: Callable[[Request], str],
         default_max_tokens: int = 4096,
+        limits: RequestLimits | None = None,
+        max_reply_bytes: int = 64_000_000,
     ) -> None:
         self.services = services
         self.router = Router({name: s.dialect for name, s in services.items()})
@@ -101,6 +106,8 @@ class Pipeline:
         self.retry_budget = retry_budget
         self.client_ip = client_ip
         self.door = Door(default_max_tokens)
+        self.limits = limits or RequestLimits()
+        self.max_reply_bytes = max_reply_bytes
 
     def serves(self, method: str, raw_path: bytes) -> bool:
         """Whether (method, raw path) is on the allow-list, so that `handle` answers it."""
@@ -164,10 +171,13 @@ class Pipeline:
         return response
 
     async def _generate(self, request: Request, service: Service, endpoint: Endpoint, caller, ctx: _Ctx) -> Response:
-        payload, ctx.body_len = await read_json(request, self.max_body_bytes)
-        model = ctx.params.get("model") or payload.get("model")  # Gemini names it in the path
-        if not isinstance(model, str) or not model.strip():
-            raise ProxyError(400, "The request body needs a 'model' (a string).", Kind.INVALID_REQUEST)
+        # Cheap checks first (sizes and counts, model, family, rate limit, quota); the work that
+        # grows with the body (the depth walk, translation, encoding) only for an admitted request.
+        limits = self.limits
+        payload, ctx.body_len = await read_json(
+            request, self.max_body_bytes, lambda raw: limits.precheck(raw, endpoint.kind)
+        )
+        model = check_model(ctx.params.get("model") or payload.get("model"))  # Gemini names it in the path
         ctx.model = model
         ctx.family = family = family_of(model, service.dialect.name)
         if not is_allowed(family, service.family_filter):
@@ -178,14 +188,22 @@ class Pipeline:
         if stream is not None and not isinstance(stream, bool):
             raise ProxyError(400, "'stream' must be true or false.", Kind.INVALID_REQUEST)
         ctx.streamed = stream is True and endpoint.kind != "embeddings"
+        limits.check_counts(payload, endpoint.kind)
         estimate = estimate_tokens(ctx.body_len) + output_reserve(endpoint.kind, payload)
         if endpoint.kind == "count_tokens":
             estimate = 0  # counting is free: rate-limited, never charged
-        upstream_payload = self.door.request(payload) if endpoint.translated else payload
-        state = service.dialect.prepare(endpoint, upstream_payload)
-        body = jsonx.dumps(upstream_payload)
         path = service.dialect.upstream_path(endpoint, model, stream is True, ctx.params)
         admission = self.gatekeeper.admit(caller, family, estimate)
+        try:
+            if ctx.body_len < OFFLOAD_BYTES:
+                upstream_payload, state, body = self._upstream_body(service, endpoint, payload)
+            else:  # Python code in a thread yields the GIL every few ms: /health stays fast meanwhile
+                upstream_payload, state, body = await asyncio.to_thread(
+                    self._upstream_body, service, endpoint, payload
+                )
+        except BaseException:
+            self.gatekeeper.release(admission)
+            raise
         reviser = self.door if endpoint.translated else service.dialect
 
         def revise(status: int, parsed: Any) -> bytes | None:
@@ -215,6 +233,17 @@ class Pipeline:
             raise
         response.headers.update(admission.headers)
         return response
+
+    def _upstream_body(self, service: Service, endpoint: Endpoint, payload: dict) -> tuple[dict, dict, bytes]:
+        """The upstream's request (translated for the door), the dialect's stream state, and the
+        request encoded."""
+        self.limits.check_depth(payload)
+        upstream_payload = self.door.request(payload) if endpoint.translated else payload
+        state = service.dialect.prepare(endpoint, upstream_payload)
+        try:
+            return upstream_payload, state, jsonx.dumps(upstream_payload)
+        except (TypeError, ValueError, RecursionError):
+            raise ProxyError(400, "The request body could not be encoded as JSON.", Kind.INVALID_REQUEST) from None
 
     # Forwarding with retries ------------------------------------------------------------------
     async def _forward(
@@ -300,7 +329,15 @@ class Pipeline:
     ) -> Response:
         response = reply.response
         try:
-            raw = await response.read()
+            raw = await upstream.read_body(response, self.max_reply_bytes)
+        except upstream.ReplyTooLarge:
+            response.close()
+            raise ProxyError(
+                502,
+                f"The {service.dialect.name} upstream's reply is larger than this proxy relays "
+                f"({self.max_reply_bytes} bytes, MAX_REPLY_BYTES); ask for a stream or a smaller reply.",
+                Kind.UPSTREAM,
+            ) from None
         except (TimeoutError, *upstream.NETWORK_ERRORS) as exc:
             status, kind = (504, Kind.TIMEOUT) if isinstance(exc, asyncio.TimeoutError) else (502, Kind.UPSTREAM)
             raise ProxyError(status, f"The {service.dialect.name} upstream broke off its reply.", kind) from None
@@ -312,7 +349,7 @@ class Pipeline:
             body = None
         try:
             usage = service.dialect.usage_of(body) or Usage()
-        except (TypeError, ValueError, AttributeError):
+        except (TypeError, ValueError, AttributeError, OverflowError):
             log.warning("the %s upstream sent a malformed usage object", service.dialect.name)
             usage = Usage(estimate_tokens(ctx.body_len), estimate_tokens(len(raw)), estimated=True)
         self._account(ctx, admission, usage, response.status)
@@ -340,11 +377,13 @@ class Pipeline:
 
         async def body():
             status = 200
+            delivered = False
             try:
                 async for chunk in upstream.relay_events(
                     reply.response, meter, render, stream_error, redact=self.redact
                 ):
                     yield chunk
+                    delivered = True
                 if not meter.finished:
                     status = 502
             except BaseException:
@@ -359,7 +398,8 @@ class Pipeline:
                         max(usage.tokens_out, estimate_tokens(meter.text_chars)),
                         estimated=True,
                     )
-                self._account(ctx, admission, usage, status)
+                # A stream cut short still charges what reached the client before the break.
+                self._account(ctx, admission, usage, status, charge=delivered and status == 502)
                 self._log(ctx, status)
 
         headers = self.redact.headers(upstream.pick_headers(reply.response.headers, dialect.response_headers))
@@ -404,9 +444,9 @@ class Pipeline:
         return service.dialect.model_ids(body)
 
     # Helpers -----------------------------------------------------------------------------------
-    def _account(self, ctx: _Ctx, admission: Admission, usage: Usage, status: int) -> None:
+    def _account(self, ctx: _Ctx, admission: Admission, usage: Usage, status: int, *, charge: bool = False) -> None:
         ctx.usage = usage
-        if 200 <= status < 300 or status == 499:
+        if 200 <= status < 300 or status == 499 or charge:
             self.gatekeeper.settle(admission, usage)
         else:
             self.gatekeeper.release(admission)

@@ -26,6 +26,7 @@ from proxy.config import Settings
 from proxy.errors import Redactor
 from proxy.keys.checker import KeyChecker
 from proxy.keys.pool import KeyPool
+from proxy.limits import RequestLimits
 from proxy.pipeline import Pipeline, Service
 from proxy.providers.registry import services_from
 from proxy.usage import UsageEvent, UsageLedger
@@ -140,6 +141,7 @@ def build_runtime(settings: Settings) -> Runtime:
         pool = KeyPool(name, spec.keys, dialect.key_prefix, family_filter=settings.model_family_filter)
         pool.restore(access.store.load_key_states(name))  # what earlier runs learned
         pool.on_change = _saving(access, pool)
+        pool.on_lost = _losing(access, pool)
         services[name] = Service(
             dialect, spec.base_url, pool, spec.key_env, family_filter=settings.model_family_filter, check=spec.check
         )
@@ -164,6 +166,15 @@ def _saving(access: Access, pool: KeyPool):
         access.store.save_key_state(pool.service, key.id, pool.export_state(key))
 
     return save
+
+
+def _losing(access: Access, pool: KeyPool):
+    """The pool's on_lost: one row per model a key lacks."""
+
+    def lost(key, model: str) -> None:
+        access.store.add_lost_model(pool.service, key.id, model)
+
+    return lost
 
 
 def _persisting(access: Access):
@@ -194,6 +205,13 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         retry_budget=settings.retry_time_budget,
         client_ip=client_ip,
         default_max_tokens=settings.anthropic_default_max_tokens,
+        limits=RequestLimits(
+            max_messages=settings.max_messages,
+            max_content_parts=settings.max_content_parts,
+            max_tools=settings.max_tools,
+            max_json_depth=settings.max_json_depth,
+        ),
+        max_reply_bytes=settings.max_reply_bytes,
     )
 
     @contextlib.asynccontextmanager

@@ -24,40 +24,65 @@ class Event:
             return None
 
 
+class EventTooLarge(ValueError):
+    """One event grew past the parser's limit without ending."""
+
+
 class SSEParser:
-    """Feed bytes as they arrive; get back the complete events so far."""
+    """Feed bytes as they arrive; get back the complete events so far.
 
-    __slots__ = ("_buffer",)
+    Linear in the bytes fed, however an event is cut into chunks: a chunk that completes no event
+    is only kept, and the pending bytes are joined once, when an event ends. An event that grows
+    past `max_event` bytes raises EventTooLarge: what is buffered stays bounded."""
 
-    def __init__(self) -> None:
-        self._buffer = b""
+    __slots__ = ("_parts", "_size", "_cr", "max_event")
+
+    def __init__(self, max_event: int = 16 * 1024 * 1024) -> None:
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._cr = False  # the last chunk ended in CR: maybe half of a CRLF split by the network
+        self.max_event = max_event
 
     def feed(self, chunk: bytes) -> list[Event]:
-        buffer = self._buffer + chunk
-        held = b""
-        if b"\r" in buffer:
-            if buffer.endswith(b"\r"):
-                # A CR at the end may be the first half of a CRLF split by the network: wait for
-                # the next chunk before deciding, or it would count as two line ends.
-                buffer, held = buffer[:-1], b"\r"
-            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if self._cr:
+            chunk = b"\r" + chunk
+            self._cr = False
+        if b"\r" in chunk:
+            if chunk.endswith(b"\r"):
+                # Wait for the next chunk before deciding, or a split CRLF would count as two line ends.
+                chunk, self._cr = chunk[:-1], True
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if not chunk:
+            return []
+        joins = b"\n\n" in chunk or (chunk[:1] == b"\n" and self._parts and self._parts[-1].endswith(b"\n"))
+        self._parts.append(chunk)
+        self._size += len(chunk)
+        if not joins:
+            if self._size > self.max_event:
+                raise EventTooLarge(self._size)
+            return []
+        buffer = b"".join(self._parts)
         events: list[Event] = []
         start = 0
         while True:
             end = buffer.find(b"\n\n", start)
             if end < 0:
                 break
-            block = buffer[start : end + 2]
+            event = parse_block(buffer[start : end + 2])
             start = end + 2
-            event = parse_block(block)
             if event is not None:
                 events.append(event)
-        self._buffer = buffer[start:] + held
+        rest = buffer[start:]
+        self._parts = [rest] if rest else []
+        self._size = len(rest)
+        if self._size > self.max_event:
+            raise EventTooLarge(self._size)
         return events
 
     def flush(self) -> list[Event]:
         """Whatever is left when the stream ends without a final blank line."""
-        rest, self._buffer = self._buffer.replace(b"\r", b"\n"), b""
+        rest = b"".join(self._parts).replace(b"\r", b"\n")
+        self._parts, self._size, self._cr = [], 0, False
         event = parse_block(rest + b"\n\n") if rest.strip() else None
         return [event] if event is not None else []
 

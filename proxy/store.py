@@ -44,6 +44,12 @@ CREATE TABLE IF NOT EXISTS key_states (
     state TEXT NOT NULL,
     PRIMARY KEY (service, key_id)
 );
+CREATE TABLE IF NOT EXISTS lost_models (  -- learnt since the key's state was last saved whole
+    service TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    PRIMARY KEY (service, key_id, model)
+) WITHOUT ROWID;
 """
 
 _ADD_USAGE = """
@@ -74,6 +80,7 @@ class Store(Protocol):
     def usage_totals(self) -> tuple[Counts, Counts]: ...
     def set_usage_totals(self, by_family: Counts, by_key: Counts) -> None: ...
     def save_key_state(self, service: str, key_id: str, state: dict) -> None: ...
+    def add_lost_model(self, service: str, key_id: str, model: str) -> None: ...
     def load_key_states(self, service: str) -> dict[str, dict]: ...
     def close(self) -> None: ...
 
@@ -178,10 +185,20 @@ class SQLiteStore:
 
     # Key states: whatever the key pool wants to remember about a key, as JSON.
     def save_key_state(self, service: str, key_id: str, state: dict) -> None:
+        """The key's whole state; its `lost_models` list (if any) replaces those added one by one."""
         data = json.dumps(state, separators=(",", ":"))
-        with self._lock:
+        with self._lock, self._transaction():
             self._conn.execute(
                 "INSERT OR REPLACE INTO key_states (service, key_id, state) VALUES (?, ?, ?)", (service, key_id, data)
+            )
+            if "lost_models" in state:
+                self._conn.execute("DELETE FROM lost_models WHERE service = ? AND key_id = ?", (service, key_id))
+
+    def add_lost_model(self, service: str, key_id: str, model: str) -> None:
+        """One more model the key cannot use: one small row, not the key's whole state again."""
+        with self._lock:
+            self._conn.execute(
+                "INSERT OR IGNORE INTO lost_models (service, key_id, model) VALUES (?, ?, ?)", (service, key_id, model)
             )
 
     def load_key_states(self, service: str) -> dict[str, dict]:
@@ -189,7 +206,15 @@ class SQLiteStore:
             rows = self._conn.execute(
                 "SELECT key_id, state FROM key_states WHERE service = ? ORDER BY key_id", (service,)
             ).fetchall()
-        return {key_id: json.loads(state) for key_id, state in rows}
+            lost_rows = self._conn.execute(
+                "SELECT key_id, model FROM lost_models WHERE service = ? ORDER BY key_id, model", (service,)
+            ).fetchall()
+        states = {key_id: json.loads(state) for key_id, state in rows}
+        for key_id, model in lost_rows:
+            state = states.setdefault(key_id, {})
+            known = state.get("lost_models")
+            state["lost_models"] = [*(known if isinstance(known, list) else []), model]
+        return states
 
     # Whole-database operations.
     def backup_to(self, target: str | Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 
@@ -21,6 +22,7 @@ from proxy.translate.reasoning import switch_thinking_form
 from proxy.upstream import StreamAbort
 
 MAX_LEARNED_MODELS = 512  # client-chosen model names: the memory is bounded
+log = logging.getLogger("proxy.access")
 
 
 class Door:
@@ -36,6 +38,13 @@ class Door:
             )
         except TranslationError as exc:
             raise ProxyError(400, str(exc), Kind.INVALID_REQUEST) from None
+        except (TypeError, AttributeError, ValueError, KeyError) as exc:
+            # A field of a type the translator did not foresee: the request's fault, not ours.
+            log.warning("door: untranslatable request (%s)", type(exc).__name__)
+            raise ProxyError(
+                400, "The request has a field of an unexpected type; check it against the OpenAI chat API.",
+                Kind.INVALID_REQUEST,
+            ) from None
 
     def revise(self, endpoint: object, payload: dict, status: int, body: object) -> bool:
         """Claude refused the thinking form (budget vs adaptive): switch it for one retry, and remember."""
@@ -52,7 +61,14 @@ class Door:
         return True
 
     def response(self, body: dict) -> dict:
-        return anthropic_to_openai_response(body, created=int(time.time()))
+        """Claude's reply as an OpenAI chat.completion; a reply too broken to translate is a 502."""
+        try:
+            return anthropic_to_openai_response(body, created=int(time.time()))
+        except (TypeError, AttributeError, ValueError, KeyError) as exc:
+            log.warning("door: untranslatable reply from the upstream (%s)", type(exc).__name__)
+            raise ProxyError(
+                502, "The anthropic upstream sent a reply this proxy could not translate.", Kind.UPSTREAM
+            ) from None
 
     def error(self, status: int, body: dict) -> dict:
         return anthropic_error_to_openai(status, body)

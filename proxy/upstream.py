@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 
 import aiohttp
@@ -10,7 +11,9 @@ from proxy import jsonx
 from proxy.config import Settings
 from proxy.errors import Redactor
 from proxy.providers.base import StreamMeter
-from proxy.sse import Event, SSEParser
+from proxy.sse import Event, EventTooLarge, SSEParser
+
+log = logging.getLogger("proxy.upstream")
 
 NETWORK_ERRORS = (aiohttp.ClientError, OSError)
 MAX_ERROR_BODY = 256 * 1024
@@ -51,12 +54,20 @@ async def send(
 
 async def read_error_body(response: aiohttp.ClientResponse) -> tuple[bytes, object]:
     """Read a (bounded) error reply, returning its bytes and its JSON (or None)."""
+    chunks: list[bytes] = []
+    size = 0
     try:
-        raw = await response.content.read(MAX_ERROR_BODY)
+        while size < MAX_ERROR_BODY:  # read(n) returns what has arrived, up to n: read until the end
+            chunk = await response.content.read(MAX_ERROR_BODY - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
     except (TimeoutError, *NETWORK_ERRORS):
-        raw = b""
+        chunks = []
     finally:
         response.release()
+    raw = b"".join(chunks)
     try:
         return raw, jsonx.loads(raw) if raw else None
     except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
@@ -88,44 +99,95 @@ async def relay_events(
     parser = SSEParser()
     upstream_failed = False
 
-    def admit(events: list[Event]) -> list[Event]:
+    def out(events: list[Event]) -> tuple[bytes, str | None]:
+        """The client's bytes for `events`, and why the stream must end (an error event from the
+        upstream, or an event this proxy cannot read), if it must: then the bytes are those of
+        every event before that one, which the client gets first."""
         nonlocal upstream_failed
-        accepted = []
+        parts: list[bytes] = []
         # One look at all the events that arrived together; each on its own only if needed.
         dirty = bool(events) and redact.suspicious(
             events[0].raw if len(events) == 1 else b"".join(event.raw for event in events)
         )
         for event in events:
-            if dirty and redact.suspicious(event.raw):
-                event = redacted_event(event, redact)
-            if _is_error(event):
-                upstream_failed = True
-            if meter.accept(event):
-                accepted.append(event)
-        return accepted
+            try:
+                if dirty and redact.suspicious(event.raw):
+                    event = redacted_event(event, redact)
+                if _is_error(event):
+                    upstream_failed = True
+                if meter.accept(event):
+                    if render is None:
+                        parts.append(event.raw)
+                    else:
+                        parts.extend(render([event]))
+            except StreamAbort as exc:
+                return b"".join(parts), redact(str(exc))
+            except Exception as exc:  # an event of an unexpected shape: say so, never end silently
+                log.warning("the upstream sent a malformed stream event (%s)", type(exc).__name__)
+                return b"".join(parts), "The upstream sent a stream event this proxy could not read."
+        return b"".join(parts), None
 
+    content = response.content
     try:
-        async for chunk in response.content.iter_any():
-            accepted = admit(parser.feed(chunk))
-            if accepted:
-                yield b"".join(render(accepted) if render else [event.raw for event in accepted])
-        tail = admit(parser.flush())
-        if tail:
-            yield b"".join(render(tail) if render else [event.raw for event in tail])
-        if not meter.finished and not upstream_failed:
+        while True:
+            # Bytes that arrived before a break first (see `buffered_before_break`), then the error.
+            chunk = buffered_before_break(content) or await content.readany()
+            if not chunk:
+                break
+            data, abort = out(parser.feed(chunk))
+            if data:
+                yield data
+            if abort is not None:
+                yield stream_error(abort)
+                return
+        data, abort = out(parser.flush())
+        if data:
+            yield data
+        if abort is not None:
+            yield stream_error(abort)
+        elif not meter.finished and not upstream_failed:
             yield stream_error("The upstream ended the stream before it was complete.")
     except TimeoutError:
-        yield stream_error("The upstream stopped sending data (read timeout).")
-    except StreamAbort as exc:
-        yield stream_error(redact(str(exc)))
+        if not meter.finished:
+            yield stream_error("The upstream stopped sending data (read timeout).")
+    except EventTooLarge:
+        yield stream_error("The upstream sent a stream event larger than this proxy relays.")
     except NETWORK_ERRORS:
-        yield stream_error("The upstream connection broke off in the middle of the stream.")
+        if not meter.finished:  # a break after the last event loses nothing
+            yield stream_error("The upstream connection broke off in the middle of the stream.")
     finally:
         # Closing (not releasing) drops the connection if the body was not read to the end.
         if meter.finished:
             response.release()
         else:
             response.close()
+
+
+def buffered_before_break(content: aiohttp.StreamReader) -> bytes:
+    """What is still buffered once the connection broke (else b"").
+
+    aiohttp's `readany()` raises a stored error (ClientPayloadError: the upstream cut the
+    connection) before handing out what is still buffered, so a relay that reads a little late
+    would lose the tail the upstream did send. This takes it first, through the reader's own
+    `_read_nowait` (aiohttp has no public call for it); `readany()` then raises the error."""
+    if content.exception() is None or not getattr(content, "_buffer", None):
+        return b""
+    return content._read_nowait(-1)
+
+
+async def read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """A whole (non-streamed) reply, refused with ReplyTooLarge past `limit` bytes."""
+    declared = response.content_length
+    if declared is not None and declared > limit:
+        raise ReplyTooLarge(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(256 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise ReplyTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _is_error(event: Event) -> bool:
@@ -168,6 +230,14 @@ def redacted_event(event: Event, redact: Redactor) -> Event:
 
 class RedirectNotFollowed(aiohttp.ClientError):
     """The upstream answered with a redirect, which this proxy never follows."""
+
+
+class ReplyTooLarge(Exception):
+    """A non-streamed reply longer than the configured limit (MAX_REPLY_BYTES)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
 
 
 class StreamAbort(Exception):

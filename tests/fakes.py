@@ -1298,3 +1298,82 @@ class FakeAnthropic(FakeUpstream):
             return []
         size = max(math.ceil(len(text) / pieces), 1)
         return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+# --------------------------------------------------------------------------------------------
+# Broken upstreams
+# --------------------------------------------------------------------------------------------
+
+
+Reply = Callable[[web.Request, Any], Awaitable[web.StreamResponse]]
+
+
+class ScriptedUpstream(FakeUpstream):
+    """An upstream that answers every request with ``reply(request, body)``: the broken
+    behaviours real upstreams show now and then (a stream cut mid-way, malformed events, a reply
+    far too large), written on the wire as they would be. Any key is accepted."""
+
+    def __init__(self, reply: Reply | None = None) -> None:
+        super().__init__({})
+        self.reply: Reply = reply or self.json({})
+        self.bytes_sent = 0  # body bytes written by the last `huge` reply
+
+    def _key_of(self, headers: dict[str, str]) -> str | None:
+        return headers.get("x-api-key") or _bearer(headers)
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        return await self.reply(request, _parse_json(await request.read()))
+
+    @staticmethod
+    def json(payload: Any, status: int = 200) -> Reply:
+        """A plain JSON reply."""
+
+        async def reply(request: web.Request, body: Any) -> web.StreamResponse:
+            return web.json_response(payload, status=status)
+
+        return reply
+
+    @staticmethod
+    def sse_then_cut(events: list[bytes], *, cut: bool = True) -> Reply:
+        """Write ``events`` (each flushed on its own), then, with ``cut``, close the connection
+        before the chunked body ends: the client's read fails right after the last byte."""
+
+        async def reply(request: web.Request, body: Any) -> web.StreamResponse:
+            response = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            for event in events:
+                await response.write(event)
+            if not cut:
+                await response.write_eof()
+                return response
+            assert request.transport is not None
+            request.transport.close()  # FIN after the buffered bytes: nothing sent is lost on the wire
+            await asyncio.sleep(1)  # the closed connection cancels this handler
+            return response
+
+        return reply
+
+    def huge(self, size: int, *, declare_length: bool) -> Reply:
+        """A JSON reply of ``size`` bytes written 1 MB at a time, with or without Content-Length."""
+        block = 1024 * 1024
+
+        async def reply(request: web.Request, body: Any) -> web.StreamResponse:
+            headers = {"Content-Type": "application/json"}
+            response = web.StreamResponse(status=200, headers=headers)
+            if declare_length:
+                response.content_length = size
+            await response.prepare(request)
+            self.bytes_sent = 0
+            head, tail = b'{"padding":"', b'"}'
+            await response.write(head)
+            left = size - len(head) - len(tail)
+            while left > 0:
+                piece = min(block, left)
+                await response.write(b"x" * piece)
+                self.bytes_sent += piece
+                left -= piece
+            await response.write(tail)
+            await response.write_eof()
+            return response
+
+        return reply

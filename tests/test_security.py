@@ -59,15 +59,6 @@ def everything_sent_back(response: httpx.Response) -> str:
     return f"{response.status_code}\n{head}\n\n{response.text}"
 
 
-def keys_anywhere(value: Any) -> set[str]:
-    """Every dict key at any depth of a JSON value."""
-    if isinstance(value, dict):
-        return set(value) | {k for item in value.values() for k in keys_anywhere(item)}
-    if isinstance(value, list):
-        return {k for item in value for k in keys_anywhere(item)}
-    return set()
-
-
 
 
 @pytest.fixture
@@ -243,26 +234,30 @@ def test_the_upstream_model_list_is_fetched_with_the_pool_key_only(
         assert secret not in json.dumps(seen.headers)
 
 
-def test_body_fields_that_could_redirect_a_request_are_dropped_at_any_depth(served: Served, fake: FakeOpenAI) -> None:
+def test_body_fields_that_could_redirect_a_request_are_dropped_at_the_top_level_only(
+    served: Served, fake: FakeOpenAI
+) -> None:
+    """Issue 9.16: an upstream (or a library in front of one) reads such fields at the top level
+    only; deeper down they are the conversation's own data and travel exactly as sent."""
     evil = "http://evil.example/v1"
+    message = {"role": "user", "content": "hello there", "api_base": evil, "extra_headers": {"x-evil": "1"}}
+    metadata = {"base_url": evil, "note": {"user_config": {"x": 1}, "keep": "me"}}
     payload = {
         "model": "gpt-4o",
-        "messages": [
-            {"role": "user", "content": "hello there", "api_base": evil, "extra_headers": {"x-evil": "1"}},
-        ],
+        "messages": [message],
         "api_base": evil,
         "base_url": evil,
         "user_config": {"api_key": "sk-attacker-0123456789"},
         "extra_headers": {"Authorization": "Bearer sk-attacker-0123456789"},
-        "metadata": {"base_url": evil, "note": {"user_config": {"x": 1}, "keep": "me"}},
+        "metadata": metadata,
     }
     with proxy_client(served) as client:
         assert client.post("/chat/completions", json=payload).status_code == 200
     [seen] = fake.requests
-    assert not keys_anywhere(seen.json) & {"api_base", "base_url", "user_config", "extra_headers"}
-    assert evil not in seen.body.decode() and "attacker" not in seen.body.decode()
-    assert seen.json["messages"] == [{"role": "user", "content": "hello there"}]
-    assert seen.json["metadata"] == {"note": {"keep": "me"}}
+    assert not set(seen.json) & {"api_base", "base_url", "user_config", "extra_headers"}
+    assert "attacker" not in seen.body.decode()
+    assert seen.json["messages"] == [message]
+    assert seen.json["metadata"] == metadata
 
 
 def test_a_tool_parameter_named_like_a_redirecting_field_is_kept(served: Served, fake: FakeOpenAI) -> None:

@@ -24,6 +24,7 @@ DEFAULT_LOCKOUT = 10.0  # seconds a rate-limited key rests when the upstream nam
 COOLDOWN_BASE = 2.0  # a key that failed transiently is tried last for this long, doubling
 COOLDOWN_MAX = 120.0
 MAX_LOST_MODELS = 256  # models an unlisted key is remembered to lack; client-chosen names, so bounded
+MAX_MODEL_NAME = 256  # longer names are never remembered (the pipeline refuses them anyway)
 
 
 class KeyState(StrEnum):
@@ -72,15 +73,16 @@ _STATES = frozenset(s.value for s in KeyState)
 _DATED = re.compile(r"^(.*?)-(\d{8}|\d{4}-\d{2}-\d{2})$")
 
 
-@lru_cache(maxsize=4096)
 def _alias_listed(model: str, models: frozenset[str]) -> bool:
     """Whether `model` is an undated alias of a listed id: claude-3-5-haiku-latest, claude-sonnet-4-0."""
-    base = model.removesuffix("-latest").removesuffix("-0")
-    for listed in models:
-        dated = _DATED.match(listed)
-        if dated and dated.group(1) == base:
-            return True
-    return False
+    return model.removesuffix("-latest").removesuffix("-0") in _undated(models)
+
+
+@lru_cache(maxsize=64)
+def _undated(models: frozenset[str]) -> frozenset[str]:
+    """The listed ids without their date suffix. Cached by model list (what the upstream lists,
+    a handful of distinct lists), never by a name a client sent."""
+    return frozenset(dated.group(1) for listed in models if (dated := _DATED.match(listed)))
 
 
 @dataclass(eq=False)
@@ -161,6 +163,9 @@ class KeyPool:
         self.family_filter = family_filter  # ALLOWED_MODEL_FAMILIES: what the status says is served
         self.clock = clock
         self.on_change = on_change  # called when something worth persisting changed
+        # Called with (key, model) for each model a key turns out to lack; when set, such a
+        # change alone is not reported to on_change.
+        self.on_lost: Callable[[Key, str], None] | None = None
         self.keys: list[Key] = [Key(secret=s, id=key_id(prefix, s), service=service) for s in secrets]
         self._by_id = {k.id: k for k in self.keys}
         self.checking = False  # set by the checker while the first check of every key runs
@@ -232,6 +237,13 @@ class KeyPool:
         elif verdict is Verdict.MODEL_MISSING and model and self._worth_losing(key, model):
             key.lost_models = key.lost_models | {model}
             log.info("key %s cannot use model %s", key.id, model[:100])
+            if self.on_lost is not None:
+                # Saved as one row: a key's whole state is not written again for each name.
+                saved["lost_models"] = key.lost_models
+                try:
+                    self.on_lost(key, model)
+                except Exception:
+                    log.exception("could not save a lost model of key %s", key.id)
         elif verdict is Verdict.RETRYABLE:
             key.failures += 1
             key.cooldown_until = now + min(COOLDOWN_MAX, COOLDOWN_BASE * 2 ** (key.failures - 1))
@@ -246,7 +258,7 @@ class KeyPool:
         """Whether to remember that `key` lacks `model`. Model names come from clients, so: when
         the key's list is known, only a model it lists (any other it already does not serve);
         while unknown, at most MAX_LOST_MODELS of them (each one is saved to the store)."""
-        if model in key.lost_models:
+        if len(model) > MAX_MODEL_NAME or model in key.lost_models:
             return False
         if key.models is not None:
             return model in key.models or _alias_listed(model, key.models)
@@ -256,6 +268,7 @@ class KeyPool:
     def _bounded_lost(key: Key, lost: Iterable[str]) -> frozenset[str]:
         """`lost` cut down to what is worth remembering for `key` (see `_worth_losing`)."""
         models = key.models
+        lost = [m for m in lost if len(m) <= MAX_MODEL_NAME]
         if models is not None:
             return frozenset(m for m in lost if m in models or _alias_listed(m, models))
         return frozenset(sorted(lost)[:MAX_LOST_MODELS])

@@ -10,7 +10,7 @@ from typing import Any
 from proxy import sse
 from proxy.errors import Kind, anthropic_error
 from proxy.keys.pool import Outcome, Verdict
-from proxy.providers.base import Dialect, Endpoint, StreamMeter, error_message, retry_after
+from proxy.providers.base import Dialect, Endpoint, StreamMeter, error_message, retry_after, token_count
 from proxy.sse import Event
 from proxy.usage import Usage
 
@@ -100,7 +100,7 @@ def _thinking_tokens(usage: dict) -> int | None:
 def _input_tokens(usage: dict) -> int:
     """Input tokens including cache reads and writes, which are input too."""
     return sum(
-        int(usage.get(name) or 0)
+        token_count(usage.get(name))
         for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
     )
 
@@ -165,8 +165,8 @@ class Anthropic(Dialect):
             return None
         return Usage(
             _input_tokens(usage),
-            int(usage.get("output_tokens") or 0),
-            cached=int(usage.get("cache_read_input_tokens") or 0),
+            token_count(usage.get("output_tokens")),
+            cached=token_count(usage.get("cache_read_input_tokens")),
             reasoning=_thinking_tokens(usage) or 0,
         )
 

@@ -146,6 +146,17 @@ class Dialect:
         raise NotImplementedError
 
 
+def token_count(value: Any) -> int:
+    """A token count from an upstream's usage; anything but a non-negative number reads as 0."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return max(value, 0)
+    if isinstance(value, float) and 0 <= value < 1e15:
+        return int(value)
+    return 0
+
+
 def error_message(body: Any) -> str:
     """The human message inside an OpenAI- or Anthropic-shaped error body, or ''."""
     if isinstance(body, dict):

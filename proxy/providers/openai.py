@@ -9,7 +9,7 @@ from typing import Any
 from proxy import sse
 from proxy.errors import Kind, openai_error
 from proxy.keys.pool import Outcome, Verdict
-from proxy.providers.base import Dialect, Endpoint, StreamMeter, error_message, retry_after
+from proxy.providers.base import Dialect, Endpoint, StreamMeter, error_message, retry_after, token_count
 from proxy.providers.openai_responses import ResponsesStreamMeter, enforce_store_policy, responses_usage
 from proxy.providers.reasoning import ParameterMemory
 from proxy.sse import Event
@@ -148,8 +148,10 @@ def chat_usage(usage: dict) -> Usage:
     prompt_details = usage.get("prompt_tokens_details")
     completion_details = usage.get("completion_tokens_details")
     return Usage(
-        int(usage.get("prompt_tokens") or 0),
-        int(usage.get("completion_tokens") or 0),
-        cached=int(prompt_details.get("cached_tokens") or 0) if isinstance(prompt_details, dict) else 0,
-        reasoning=int(completion_details.get("reasoning_tokens") or 0) if isinstance(completion_details, dict) else 0,
+        token_count(usage.get("prompt_tokens")),
+        token_count(usage.get("completion_tokens")),
+        cached=token_count(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
+        reasoning=(
+            token_count(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0
+        ),
     )

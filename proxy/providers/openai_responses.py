@@ -17,7 +17,7 @@ from typing import Any
 
 from proxy import sse
 from proxy.errors import Kind, ProxyError
-from proxy.providers.base import StreamMeter
+from proxy.providers.base import StreamMeter, token_count
 from proxy.sse import Event
 from proxy.usage import Usage
 
@@ -53,10 +53,10 @@ def responses_usage(usage: Any) -> Usage | None:
     in_details = usage.get("input_tokens_details")
     out_details = usage.get("output_tokens_details")
     return Usage(
-        int(usage.get("input_tokens") or 0),
-        int(usage.get("output_tokens") or 0),
-        cached=int((in_details or {}).get("cached_tokens") or 0) if isinstance(in_details, dict) else 0,
-        reasoning=int((out_details or {}).get("reasoning_tokens") or 0) if isinstance(out_details, dict) else 0,
+        token_count(usage.get("input_tokens")),
+        token_count(usage.get("output_tokens")),
+        cached=token_count(in_details.get("cached_tokens")) if isinstance(in_details, dict) else 0,
+        reasoning=token_count(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else 0,
     )
 
 

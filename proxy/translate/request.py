@@ -153,9 +153,11 @@ def _convert_tool(tool: Any, index: int) -> Block:
             f"tools[{index}]: only tools of type 'function' are supported."
         )
     function = tool.get("function")
-    if not isinstance(function, dict) or not function.get("name"):
-        raise TranslationError(f"tools[{index}]: 'function.name' is required.")
+    if not isinstance(function, dict) or not _nonempty_str(function.get("name")):
+        raise TranslationError(f"tools[{index}]: 'function.name' is required (a string).")
     schema = function.get("parameters") or {"type": "object", "properties": {}}
+    if not isinstance(schema, dict):
+        raise TranslationError(f"tools[{index}]: 'function.parameters' must be a JSON schema object.")
     converted: Block = {"name": function["name"], "input_schema": schema}
     if function.get("description"):
         converted["description"] = function["description"]
@@ -172,8 +174,9 @@ def _convert_tool_choice(choice: Any) -> Block | None:
     if choice == "required":
         return {"type": "any"}
     if isinstance(choice, dict) and choice.get("type") == "function":
-        name = (choice.get("function") or {}).get("name")
-        if name:
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if _nonempty_str(name):
             return {"type": "tool", "name": name}
     raise TranslationError(
         "'tool_choice' must be 'auto', 'none', 'required' or "
@@ -209,6 +212,9 @@ def _convert_messages(raw: list) -> tuple[str, list[Message]]:
             raise TranslationError(f"messages[{i}]: unsupported role {role!r}.")
         if blocks:
             _append_turn(turns, role, blocks)
+    for turn in turns:
+        if turn["role"] == "user":
+            _tool_results_first(turn["content"])
 
     if not turns:
         raise TranslationError(
@@ -221,16 +227,22 @@ def _convert_messages(raw: list) -> tuple[str, list[Message]]:
 
 
 def _append_turn(turns: list[Message], role: str, blocks: list[Block]) -> None:
-    """Append, merging with the previous turn of the same role (Anthropic needs alternation)."""
+    """Append, merging with the previous turn of the same role (Anthropic needs alternation).
+
+    The merge extends the previous turn's list in place: a run of n same-role messages costs
+    O(n), not O(n^2)."""
     if turns and turns[-1]["role"] == role:
-        blocks = turns[-1]["content"] + blocks
-        turns.pop()
-    if role == "user":
-        # tool_result blocks must open the user turn that answers a tool_use.
-        blocks = [b for b in blocks if b["type"] == "tool_result"] + [
+        turns[-1]["content"].extend(blocks)
+    else:
+        turns.append({"role": role, "content": blocks})
+
+
+def _tool_results_first(blocks: list[Block]) -> None:
+    """tool_result blocks must open the user turn that answers a tool_use (a stable partition)."""
+    if any(b["type"] == "tool_result" for b in blocks):
+        blocks[:] = [b for b in blocks if b["type"] == "tool_result"] + [
             b for b in blocks if b["type"] != "tool_result"
         ]
-    turns.append({"role": role, "content": blocks})
 
 
 def _strip_final_assistant_whitespace(turns: list[Message]) -> None:
@@ -252,7 +264,10 @@ def _assistant_blocks(message: dict, i: int) -> list[Block]:
 
     blocks = thinking_blocks(message, f"messages[{i}]")  # Claude's own thinking opens its turn
     blocks += _content_blocks(message.get("content"), f"messages[{i}]", assistant=True)
-    for j, call in enumerate(message.get("tool_calls") or []):
+    calls = message.get("tool_calls")
+    if calls is not None and not isinstance(calls, list):
+        raise TranslationError(f"messages[{i}]: 'tool_calls' must be a list.")
+    for j, call in enumerate(calls or []):
         blocks.append(_tool_use_block(call, f"messages[{i}].tool_calls[{j}]"))
     return blocks
 
@@ -263,8 +278,10 @@ def _tool_use_block(call: Any, where: str) -> Block:
             f"{where}: only tool calls of type 'function' are supported."
         )
     function = call.get("function") or {}
-    if not call.get("id") or not function.get("name"):
-        raise TranslationError(f"{where}: 'id' and 'function.name' are required.")
+    if not isinstance(function, dict):
+        raise TranslationError(f"{where}: 'function' must be an object with 'name' and 'arguments'.")
+    if not _nonempty_str(call.get("id")) or not _nonempty_str(function.get("name")):
+        raise TranslationError(f"{where}: 'id' and 'function.name' are required (strings).")
     arguments = function.get("arguments") or "{}"
     try:
         parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
@@ -286,8 +303,8 @@ def _tool_use_block(call: Any, where: str) -> Block:
 
 def _tool_result_block(message: dict, i: int) -> Block:
     tool_call_id = message.get("tool_call_id")
-    if not tool_call_id:
-        raise TranslationError(f"messages[{i}]: a 'tool' message needs 'tool_call_id'.")
+    if not _nonempty_str(tool_call_id):
+        raise TranslationError(f"messages[{i}]: a 'tool' message needs 'tool_call_id' (a string).")
     block: Block = {"type": "tool_result", "tool_use_id": tool_call_id}
     content = message.get("content")
     if isinstance(content, str):
@@ -402,3 +419,7 @@ def _parse_data_url(url: str, where: str) -> tuple[str, str]:
 
 def _text(text: str) -> Block:
     return {"type": "text", "text": text}
+
+
+def _nonempty_str(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)

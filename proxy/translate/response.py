@@ -60,7 +60,7 @@ def finish_reason(stop_reason: str | None) -> str | None:
     """Anthropic ``stop_reason`` -> OpenAI ``finish_reason`` (unknown reasons read as "stop")."""
     if stop_reason is None:
         return None
-    return _FINISH_REASONS.get(stop_reason, "stop")
+    return _FINISH_REASONS.get(stop_reason, "stop") if isinstance(stop_reason, str) else "stop"
 
 
 def openai_usage(usage: dict | None) -> dict[str, Any]:
@@ -69,13 +69,13 @@ def openai_usage(usage: dict | None) -> dict[str, Any]:
     Anthropic counts cached prompt tokens apart from ``input_tokens``; OpenAI's
     ``prompt_tokens`` includes them, with cache reads repeated in ``prompt_tokens_details``.
     """
-    usage = usage or {}
-    cache_read = usage.get("cache_read_input_tokens") or 0
-    prompt = (usage.get("input_tokens") or 0) + (
-        usage.get("cache_creation_input_tokens") or 0
+    usage = usage if isinstance(usage, dict) else {}
+    cache_read = _count(usage.get("cache_read_input_tokens"))
+    prompt = _count(usage.get("input_tokens")) + _count(
+        usage.get("cache_creation_input_tokens")
     )
     prompt += cache_read
-    completion = usage.get("output_tokens") or 0
+    completion = _count(usage.get("output_tokens"))
     result: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -90,6 +90,13 @@ def openai_usage(usage: dict | None) -> dict[str, Any]:
     return result
 
 
+def _count(value: Any) -> int:
+    """A token count from the upstream; anything that is not a non-negative integer reads as 0."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return 0
+
+
 def anthropic_to_openai_response(body: dict, *, created: int) -> dict:
     """Anthropic message -> OpenAI chat.completion.
 
@@ -101,9 +108,11 @@ def anthropic_to_openai_response(body: dict, *, created: int) -> dict:
     texts: list[str] = []
     tool_calls: list[dict[str, Any]] = []
     thinking: list[dict[str, Any]] = []
-    for block in body.get("content") or []:
+    content = body.get("content")
+    blocks = [b for b in content if isinstance(b, dict)] if isinstance(content, list) else []
+    for block in blocks:
         if block.get("type") == "text":
-            texts.append(block.get("text") or "")
+            texts.append(block["text"] if isinstance(block.get("text"), str) else "")
         elif block.get("type") == "tool_use" and block.get("name") == JSON_TOOL:
             texts.append(json.dumps(block.get("input") or {}, ensure_ascii=False))
         elif block.get("type") == "tool_use":
@@ -119,18 +128,20 @@ def anthropic_to_openai_response(body: dict, *, created: int) -> dict:
     if tool_calls:
         message["tool_calls"] = tool_calls
     if thinking:
-        reasoning = "".join(b.get("thinking") or "" for b in thinking if b.get("type") == "thinking")
+        reasoning = "".join(
+            b["thinking"] for b in thinking if b.get("type") == "thinking" and isinstance(b.get("thinking"), str)
+        )
         message["reasoning_content"] = reasoning
         message["thinking_blocks"] = thinking
     stop_reason = body.get("stop_reason")
-    json_answer = any(b.get("type") == "tool_use" and b.get("name") == JSON_TOOL for b in body.get("content") or [])
+    json_answer = any(b.get("type") == "tool_use" and b.get("name") == JSON_TOOL for b in blocks)
     if stop_reason == "tool_use" and json_answer and not tool_calls:
         stop_reason = "end_turn"  # only the response_format tool: an answer, not a call
     return {
-        "id": completion_id(body.get("id")),
+        "id": completion_id(body.get("id") if isinstance(body.get("id"), str) else None),
         "object": "chat.completion",
         "created": created,
-        "model": body.get("model") or "",
+        "model": body.get("model") if isinstance(body.get("model"), str) else "",
         "choices": [
             {
                 "index": 0,
@@ -145,10 +156,10 @@ def anthropic_to_openai_response(body: dict, *, created: int) -> dict:
 
 def _tool_call(block: dict) -> dict[str, Any]:
     return {
-        "id": block.get("id") or "",
+        "id": str(block.get("id") or ""),
         "type": "function",
         "function": {
-            "name": block.get("name") or "",
+            "name": str(block.get("name") or ""),
             "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False),
         },
     }
