@@ -14,8 +14,8 @@ import aiohttp
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from proxy import jsonx, upstream
-from proxy.access.gatekeeper import Admission, Gatekeeper, credential_from
+from proxy import error_chat, jsonx, upstream
+from proxy.access.gatekeeper import Admission, Gatekeeper, credential_from, hashed
 from proxy.body import output_reserve, read_json
 from proxy.client import ClientGone, unless_client_leaves
 from proxy.errors import SHAPES, Kind, ProxyError, Redactor
@@ -89,6 +89,7 @@ class Pipeline:
         retry_budget: float,
         client_ip: Callable[[Request], str],
         default_max_tokens: int = 4096,
+        errors_as_chat: bool = False,
     ) -> None:
         self.services = services
         self.router = Router({name: s.dialect for name, s in services.items()})
@@ -100,6 +101,7 @@ class Pipeline:
         self.retry_budget = retry_budget
         self.client_ip = client_ip
         self.door = Door(default_max_tokens)
+        self.errors_as_chat = errors_as_chat  # ERRORS_AS_CHAT: refusals answered as a chat reply
 
     def serves(self, method: str, raw_path: bytes) -> bool:
         """Whether (method, raw path) is on the allow-list, so that `handle` answers it."""
@@ -125,6 +127,7 @@ class Pipeline:
             ctx.service = match.service
             caller = self.gatekeeper.identify(credential_from(request.headers), self.client_ip(request))
             ctx.user = caller.label
+            self.ledger.saw(hashed(caller.user_token) if caller.user_token else caller.ip)
             if not service.pool:
                 raise ProxyError(
                     503,
@@ -141,8 +144,10 @@ class Pipeline:
             else:
                 response = await self._generate(request, service, endpoint, caller, ctx)
         except ProxyError as exc:
-            response = self.error_response(shape, exc)
+            self._count_refusal(ctx, exc)
+            response = await self._refusal_response(request, ctx, shape, exc)
         except UpstreamReply as exc:
+            self._count_refusal(ctx, None, exc.status)
             response = self._pass_error(shape, exc)
         except ClientGone:
             response = Response(status_code=499)  # nobody is listening; for the log line only
@@ -157,6 +162,7 @@ class Pipeline:
 
     async def _generate(self, request: Request, service: Service, endpoint: Endpoint, caller, ctx: _Ctx) -> Response:
         payload, ctx.body_len = await read_json(request, self.max_body_bytes)
+        ctx.payload = payload
         model = payload.get("model")
         if not isinstance(model, str) or not model.strip():
             raise ProxyError(400, "The request body needs a 'model' (a string).", Kind.INVALID_REQUEST)
@@ -418,6 +424,49 @@ class Pipeline:
             )
         )
 
+    def _count_refusal(self, ctx: _Ctx, error: ProxyError | None, status: int = 0) -> None:
+        """Every request that ends here is counted: refused by the proxy (and why) or failed
+        upstream. Model lists and paths off the allow-list are not requests for work."""
+        if ctx.endpoint is None or ctx.endpoint.kind == "models":
+            return
+        outcome = refusal_reason(error, identified=ctx.user is not None) if error is not None else "failed"
+        self.ledger.record(
+            UsageEvent(
+                time=time.time(),
+                service=ctx.service,
+                model=ctx.model or "",
+                family=ctx.family or "",
+                streamed=ctx.streamed,
+                tokens_in=0,
+                tokens_out=0,
+                latency_ms=round((time.perf_counter() - ctx.started) * 1000, 1),
+                status=error.status if error is not None else status,
+                user=ctx.user if ctx.user not in (None, "anon", "proxy-key") else None,
+                outcome=outcome,
+            )
+        )
+
+    async def _refusal_response(self, request: Request, ctx: _Ctx, shape: str, error: ProxyError) -> Response:
+        """The error in the client's shape; with ERRORS_AS_CHAT, a refusal of a chat request is a
+        normal 200 reply (streamed if asked) whose text is the error, marked by a header."""
+        kind = ctx.endpoint.kind if ctx.endpoint is not None else None
+        if not (self.errors_as_chat and error_chat.applies(error, kind)):
+            return self.error_response(shape, error)
+        payload = ctx.payload
+        if payload is None:  # refused before the body was read (a wrong key): read it, bounded
+            try:
+                payload, _ = await read_json(request, self.max_body_bytes)
+            except (ProxyError, ClientGone):
+                payload = {}
+        model = payload.get("model") if isinstance(payload.get("model"), str) else ""
+        text = self.redact(error_chat.error_text(error))
+        headers = error_chat.headers_for(error)
+        if payload.get("stream") is True:
+            events = error_chat.stream_events(kind or "chat", model[:200], text)
+            return Response(events, 200, headers={**headers, **STREAM_HEADERS}, media_type="text/event-stream")
+        body = json.dumps(error_chat.completion(kind or "chat", model[:200], text))
+        return Response(body, 200, headers=headers, media_type="application/json")
+
     def error_response(self, shape: str, error: ProxyError) -> Response:
         body = SHAPES[shape](self.redact(error.message), error.kind, error.code)
         return Response(json.dumps(body), error.status, headers=error.headers, media_type="application/json")
@@ -469,6 +518,28 @@ class _Ctx:
     user: str | None = None
     usage: Usage | None = None
     body_len: int = 0
+    payload: dict | None = None
+
+
+def refusal_reason(error: ProxyError, *, identified: bool) -> str:
+    """The ledger's outcome for a request the proxy answered with an error."""
+    if not identified or error.kind is Kind.AUTHENTICATION or error.code in _ACCESS_CODES:
+        return "refused: wrong key"
+    if error.kind in (Kind.UPSTREAM, Kind.TIMEOUT):
+        return "failed"
+    return _REASONS.get(error.kind, "refused: other")
+
+
+_ACCESS_CODES = frozenset({"user_disabled", "user_expired", "too_many_ips"})
+_REASONS = {
+    Kind.NOT_FOUND: "refused: model",
+    Kind.PERMISSION: "refused: model",  # a family this proxy does not serve
+    Kind.QUOTA: "refused: quota",
+    Kind.RATE_LIMIT: "refused: rate limit",
+    Kind.UNAVAILABLE: "refused: no key free",
+    Kind.INVALID_REQUEST: "refused: bad request",
+    Kind.TOO_LARGE: "refused: bad request",
+}
 
 
 _OK = Outcome(Verdict.OK)
