@@ -58,6 +58,7 @@ class Settings(BaseModel):
     max_ips_auto_ban: bool = False
     text_model_rate_limit: int = Field(0, ge=0)
     quota_refresh_period: Literal["hourly", "daily", ""] = ""
+    errors_as_chat: bool = False
 
     # Keys
     check_keys: bool = True
@@ -71,6 +72,12 @@ class Settings(BaseModel):
     state_repo: str = ""
     backup_interval: float = Field(600.0, gt=0)
 
+    # The page
+    greeting: str = Field("", max_length=20_000)
+    service_info_password: str = Field("", repr=False)
+    show_token_costs: bool = False
+    token_prices: str = ""
+
     # Set by Hugging Face Spaces
     space_host: str = ""
     space_id: str = ""
@@ -83,6 +90,14 @@ class Settings(BaseModel):
         value = value.strip().rstrip("/")
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("token_prices")
+    @classmethod
+    def _prices(cls, value: str) -> str:
+        from proxy.prices import parse_prices
+
+        parse_prices(value)
         return value
 
     @field_validator("gatekeeper", "quota_refresh_period", "log_level", mode="before")
@@ -119,7 +134,14 @@ class Settings(BaseModel):
     @property
     def secrets(self) -> list[str]:
         """Every configured secret, for redaction."""
-        values = [self.proxy_key, self.admin_key, self.hf_token, *self.openai_keys, *self.anthropic_keys]
+        values = [
+            self.proxy_key,
+            self.admin_key,
+            self.hf_token,
+            self.service_info_password,
+            *self.openai_keys,
+            *self.anthropic_keys,
+        ]
         return [v for v in values if v]
 
     @property
