@@ -427,7 +427,7 @@ class Pipeline:
     def _count_refusal(self, ctx: _Ctx, error: ProxyError | None, status: int = 0) -> None:
         """Every request that ends here is counted: refused by the proxy (and why) or failed
         upstream. Model lists and paths off the allow-list are not requests for work."""
-        if ctx.endpoint is None or ctx.endpoint.kind == "models":
+        if ctx.endpoint is None or ctx.endpoint.kind in ("models", "model"):
             return
         outcome = refusal_reason(error, identified=ctx.user is not None) if error is not None else "failed"
         self.ledger.record(
