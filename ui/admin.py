@@ -138,7 +138,7 @@ class AdminPanel:
                     self.enable_btn = gr.Button("Enable", scale=1, elem_id="admin-enable")
                 self.delete_btn = gr.Button("Delete user", variant="stop", size="sm", elem_id="admin-delete")
 
-            with gr.Accordion("Backup", open=False, visible=users), gr.Row():
+            with gr.Accordion("Backup", open=False), gr.Row():
                 with gr.Column():
                     self.export_btn = gr.Button("Export users (JSON)", elem_id="admin-export")
                     self.export_file = gr.File(label="Export", visible=False, interactive=False)

@@ -137,7 +137,7 @@ def mode_note(auth_mode: str) -> str:
     return (
         f"This proxy runs with {shared}, so personal user tokens are not used: tokens made here would "
         "be refused. To hand out personal tokens with their own limits, set `GATEKEEPER=user_token` "
-        "(with `ADMIN_KEY`) and restart. Here you can re-check the provider keys."
+        "(with `ADMIN_KEY`) and restart. Here you can re-check the provider keys and back up the usage."
     )
 
 
