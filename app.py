@@ -40,6 +40,17 @@ def build_app(settings: Settings, self_url: str | None = None) -> FastAPI:
         status=runtime.status,
         recent=runtime.ledger.recent,
         client_headers=runtime.page_headers,
+        models=lambda service: sorted(runtime.services[service].pool.chat_models()),
+        series=runtime.ledger.series,
+        greeting=settings.greeting,
+        admin_enabled=bool(settings.admin_key),
+        show_costs=settings.show_token_costs,
+        info_check=(
+            (lambda password, request: runtime.info_password_ok(password, runtime.client_ip(request)))
+            if settings.service_info_password
+            else None
+        ),
+        families=limit_families(runtime),
     )
     blocks = build_ui(ctx)
     app = gr.mount_gradio_app(
@@ -60,6 +71,15 @@ def build_app(settings: Settings, self_url: str | None = None) -> FastAPI:
     # cache and served (processing_utils._check_allowed).
     blocks.has_launched = True
     return app
+
+
+def limit_families(runtime) -> tuple[str, ...]:
+    """Families a token limit may name: those the keys serve first, then every other text family."""
+    from proxy.families import NON_TEXT, known_families
+
+    served = [f for service in runtime.services.values() for f in service.pool.snapshot()["families"]]
+    rest = sorted(known_families() - NON_TEXT - set(served) - {"anthropic-other"})
+    return tuple(dict.fromkeys([*served, *rest]))
 
 
 def blocked_paths(settings: Settings) -> list[str]:

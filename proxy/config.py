@@ -78,6 +78,7 @@ class Settings(BaseModel):
     max_ips_auto_ban: bool = False
     text_model_rate_limit: int = Field(0, ge=0)
     quota_refresh_period: Literal["hourly", "daily", ""] = ""
+    errors_as_chat: bool = False
 
     # Keys
     check_keys: bool = True
@@ -90,6 +91,12 @@ class Settings(BaseModel):
     hf_token: str = Field("", repr=False)
     state_repo: str = ""
     backup_interval: float = Field(600.0, gt=0)
+
+    # The page
+    greeting: str = Field("", max_length=20_000)
+    service_info_password: str = Field("", repr=False)
+    show_token_costs: bool = False
+    token_prices: str = ""
 
     # Set by Hugging Face Spaces
     space_host: str = ""
@@ -109,6 +116,14 @@ class Settings(BaseModel):
     @classmethod
     def _custom_upstreams(cls, value: str) -> str:
         parse_custom_upstreams(value)  # raises ValueError naming the bad entry
+        return value
+
+    @field_validator("token_prices")
+    @classmethod
+    def _prices(cls, value: str) -> str:
+        from proxy.prices import parse_prices
+
+        parse_prices(value)
         return value
 
     @field_validator("gatekeeper", "quota_refresh_period", "log_level", mode="before")
@@ -145,7 +160,8 @@ class Settings(BaseModel):
     @property
     def secrets(self) -> list[str]:
         """Every configured secret, for redaction."""
-        values = [self.proxy_key, self.admin_key, self.hf_token, *self.openai_keys, *self.anthropic_keys]
+        values = [self.proxy_key, self.admin_key, self.hf_token, self.service_info_password]
+        values += [*self.openai_keys, *self.anthropic_keys]
         for raw in (self.google_ai_key, self.deepseek_key, self.xai_key, self.mistral_ai_key, self.openrouter_key,
                     self.groq_key, *self.custom_keys.values()):  # fmt: skip
             values += split_keys(raw)

@@ -14,8 +14,8 @@ import aiohttp
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from proxy import jsonx, upstream
-from proxy.access.gatekeeper import Admission, Gatekeeper, credential_from
+from proxy import error_chat, jsonx, upstream
+from proxy.access.gatekeeper import Admission, Gatekeeper, credential_from, hashed
 from proxy.body import output_reserve, read_json
 from proxy.client import ClientGone, unless_client_leaves
 from proxy.errors import SHAPES, Kind, ProxyError, Redactor
@@ -95,6 +95,7 @@ class Pipeline:
         default_max_tokens: int = 4096,
         limits: RequestLimits | None = None,
         max_reply_bytes: int = 64_000_000,
+        errors_as_chat: bool = False,
     ) -> None:
         self.services = services
         self.router = Router({name: s.dialect for name, s in services.items()})
@@ -108,6 +109,7 @@ class Pipeline:
         self.door = Door(default_max_tokens)
         self.limits = limits or RequestLimits()
         self.max_reply_bytes = max_reply_bytes
+        self.errors_as_chat = errors_as_chat  # ERRORS_AS_CHAT: refusals answered as a chat reply
 
     def serves(self, method: str, raw_path: bytes) -> bool:
         """Whether (method, raw path) is on the allow-list, so that `handle` answers it."""
@@ -138,6 +140,7 @@ class Pipeline:
             )
             caller = self.gatekeeper.identify(credential, self.client_ip(request))
             ctx.user = caller.label
+            self.ledger.saw(hashed(caller.user_token) if caller.user_token else caller.ip)
             if not service.pool:
                 raise ProxyError(
                     503,
@@ -154,8 +157,10 @@ class Pipeline:
             else:
                 response = await self._generate(request, service, endpoint, caller, ctx)
         except ProxyError as exc:
-            response = self.error_response(shape, exc)
+            self._count_refusal(ctx, exc)
+            response = await self._refusal_response(request, ctx, shape, exc)
         except UpstreamReply as exc:
+            self._count_refusal(ctx, None, exc.status)
             if dialect is not None:
                 exc.body = dialect.client_error(shape, exc.status, exc.body)
             response = self._pass_error(shape, exc)
@@ -177,6 +182,7 @@ class Pipeline:
         payload, ctx.body_len = await read_json(
             request, self.max_body_bytes, lambda raw: limits.precheck(raw, endpoint.kind)
         )
+        ctx.payload = payload
         model = check_model(ctx.params.get("model") or payload.get("model"))  # Gemini names it in the path
         ctx.model = model
         ctx.family = family = family_of(model, service.dialect.name)
@@ -468,6 +474,49 @@ class Pipeline:
             )
         )
 
+    def _count_refusal(self, ctx: _Ctx, error: ProxyError | None, status: int = 0) -> None:
+        """Every request that ends here is counted: refused by the proxy (and why) or failed
+        upstream. Model lists and paths off the allow-list are not requests for work."""
+        if ctx.endpoint is None or ctx.endpoint.kind in ("models", "model"):
+            return
+        outcome = refusal_reason(error, identified=ctx.user is not None) if error is not None else "failed"
+        self.ledger.record(
+            UsageEvent(
+                time=time.time(),
+                service=ctx.service,
+                model=ctx.model or "",
+                family=ctx.family or "",
+                streamed=ctx.streamed,
+                tokens_in=0,
+                tokens_out=0,
+                latency_ms=round((time.perf_counter() - ctx.started) * 1000, 1),
+                status=error.status if error is not None else status,
+                user=ctx.user if ctx.user not in (None, "anon", "proxy-key") else None,
+                outcome=outcome,
+            )
+        )
+
+    async def _refusal_response(self, request: Request, ctx: _Ctx, shape: str, error: ProxyError) -> Response:
+        """The error in the client's shape; with ERRORS_AS_CHAT, a refusal of a chat request is a
+        normal 200 reply (streamed if asked) whose text is the error, marked by a header."""
+        kind = ctx.endpoint.kind if ctx.endpoint is not None else None
+        if not (self.errors_as_chat and error_chat.applies(error, kind)):
+            return self.error_response(shape, error)
+        payload = ctx.payload
+        if payload is None:  # refused before the body was read (a wrong key): read it, bounded
+            try:
+                payload, _ = await read_json(request, self.max_body_bytes)
+            except (ProxyError, ClientGone):
+                payload = {}
+        model = payload.get("model") if isinstance(payload.get("model"), str) else ""
+        text = self.redact(error_chat.error_text(error))
+        headers = error_chat.headers_for(error)
+        if payload.get("stream") is True:
+            events = error_chat.stream_events(kind or "chat", model[:200], text)
+            return Response(events, 200, headers={**headers, **STREAM_HEADERS}, media_type="text/event-stream")
+        body = json.dumps(error_chat.completion(kind or "chat", model[:200], text))
+        return Response(body, 200, headers=headers, media_type="application/json")
+
     def error_response(self, shape: str, error: ProxyError) -> Response:
         body = SHAPES[shape](self.redact(error.message), error.kind, error.code)
         return Response(json.dumps(body), error.status, headers=error.headers, media_type="application/json")
@@ -520,6 +569,28 @@ class _Ctx:
     user: str | None = None
     usage: Usage | None = None
     body_len: int = 0
+    payload: dict | None = None
+
+
+def refusal_reason(error: ProxyError, *, identified: bool) -> str:
+    """The ledger's outcome for a request the proxy answered with an error."""
+    if not identified or error.kind is Kind.AUTHENTICATION or error.code in _ACCESS_CODES:
+        return "refused: wrong key"
+    if error.kind in (Kind.UPSTREAM, Kind.TIMEOUT):
+        return "failed"
+    return _REASONS.get(error.kind, "refused: other")
+
+
+_ACCESS_CODES = frozenset({"user_disabled", "user_expired", "too_many_ips"})
+_REASONS = {
+    Kind.NOT_FOUND: "refused: model",
+    Kind.PERMISSION: "refused: model",  # a family this proxy does not serve
+    Kind.QUOTA: "refused: quota",
+    Kind.RATE_LIMIT: "refused: rate limit",
+    Kind.UNAVAILABLE: "refused: no key free",
+    Kind.INVALID_REQUEST: "refused: bad request",
+    Kind.TOO_LARGE: "refused: bad request",
+}
 
 
 _OK = Outcome(Verdict.OK)

@@ -20,7 +20,8 @@ from starlette.types import Receive, Scope, Send
 
 from proxy import upstream
 from proxy.access import Access, build_access
-from proxy.access.gatekeeper import Gatekeeper
+from proxy.access.gatekeeper import Gatekeeper, credential_from
+from proxy.access.ratelimit import FailureGuard, network_of
 from proxy.admin import admin_router, me_router
 from proxy.config import Settings
 from proxy.errors import Redactor
@@ -28,6 +29,7 @@ from proxy.keys.checker import KeyChecker
 from proxy.keys.pool import KeyPool
 from proxy.limits import RequestLimits
 from proxy.pipeline import Pipeline, Service
+from proxy.prices import cost, price_table
 from proxy.providers.registry import services_from
 from proxy.usage import UsageEvent, UsageLedger
 
@@ -36,6 +38,8 @@ log = logging.getLogger("proxy")
 LOOPBACK = frozenset({"127.0.0.1", "::1"})
 INTERNAL_HEADER = "x-proxy-internal"  # never forwarded upstream: not on any header allow-list
 CLIENT_IP_HEADER = "x-proxy-client-ip"
+
+INFO_PASSWORD_HEADER = "x-service-info-password"  # or Authorization: Bearer, for GET /status
 
 PROXY_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
@@ -55,6 +59,7 @@ class Runtime:
     checker: KeyChecker | None = None
     # Lets the page's own calls (from this machine) say which visitor they act for.
     internal_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+    info_guard: FailureGuard = field(default_factory=lambda: FailureGuard(limit=10, window_s=300, lockout_s=300))
 
     def client_ip(self, request: Any) -> str:
         """The caller's IP, for per-IP limits and lockouts.
@@ -91,16 +96,43 @@ class Runtime:
         root = f"https://{host}" if host else base_url.rstrip("/")
         return {name: f"{root}/proxy/{name}/v1" for name in self.services}
 
-    def status(self, base_url: str = "") -> dict:
-        """The public snapshot served at /status and read by the UI. It holds no secret."""
-        return {
+    def status(self, base_url: str = "", *, full: bool = True) -> dict:
+        """The public snapshot served at /status and read by the UI. It holds no secret.
+        `full=False`: only what anyone may see when SERVICE_INFO_PASSWORD hides the rest."""
+        public = {
             "uptime_s": round(time.time() - self.started_at, 1),
             "title": self.settings.title,
             "gatekeeper": self.settings.auth_mode,
             "endpoints": self.endpoints(base_url),
-            "keys": {name: service.pool.snapshot() for name, service in self.services.items()},
-            "usage": self.ledger.snapshot(),
+            "greeting": self.settings.greeting,
         }
+        if not full:
+            return {**public, "locked": True}
+        usage = self.ledger.snapshot()
+        if self.settings.show_token_costs:
+            add_costs(usage, price_table(self.settings.token_prices))
+        return {
+            **public,
+            "keys": {name: service.pool.snapshot() for name, service in self.services.items()},
+            "usage": {**usage, **self.ledger.activity()},
+        }
+
+    def info_password_ok(self, given: str | None, ip: str) -> bool:
+        """Whether `given` opens the status and usage (always, without SERVICE_INFO_PASSWORD).
+        Wrong guesses lock the address out for a while, as for every other credential."""
+        wanted = self.settings.service_info_password
+        if not wanted:
+            return True
+        client = network_of(ip)
+        if self.info_guard.retry_after(client) is not None:
+            return False
+        if not given:
+            return False
+        if hmac.compare_digest(given.strip().encode(), wanted.encode()):
+            self.info_guard.succeeded(client)  # one shared password, like the admin key
+            return True
+        self.info_guard.failed(client)
+        return False
 
 
 class ProxyApp(FastAPI):
@@ -212,6 +244,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             max_json_depth=settings.max_json_depth,
         ),
         max_reply_bytes=settings.max_reply_bytes,
+        errors_as_chat=settings.errors_as_chat,
     )
 
     @contextlib.asynccontextmanager
@@ -241,7 +274,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         return JSONResponse({"status": "ok"})
 
     async def status(request: Request) -> Response:
-        return JSONResponse(runtime.status(_base_url(request)))
+        given = request.headers.get(INFO_PASSWORD_HEADER) or credential_from(request.headers)
+        full = runtime.info_password_ok(given, client_ip(request))
+        return JSONResponse(runtime.status(_base_url(request), full=full))
 
     app.router.routes.append(Route("/health", health, methods=["GET"]))
     app.router.routes.append(Route("/status", status, methods=["GET"]))
@@ -260,6 +295,16 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.router.routes.append(Route("/proxy/{path:path}", pipeline.handle, methods=PROXY_METHODS))
     app.router.routes.append(Route("/proxy", pipeline.handle, methods=PROXY_METHODS))
     return app
+
+
+def add_costs(usage: dict, prices: dict[str, tuple[float, float]]) -> None:
+    """Estimated dollars per family (`cost_usd`, None without a price) and in total."""
+    total = 0.0
+    for family, counts in usage.get("by_family", {}).items():
+        value = cost(prices, family, counts.get("tokens_in", 0), counts.get("tokens_out", 0))
+        counts["cost_usd"] = None if value is None else round(value, 4)
+        total += value or 0.0
+    usage["cost_usd"] = round(total, 4)
 
 
 def _base_url(request: Request) -> str:

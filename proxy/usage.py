@@ -40,11 +40,24 @@ class UsageEvent:
     user: str | None = None
     cached_in: int = 0
     reasoning_out: int = 0
+    # "served", "failed", "cancelled" (the client left), or "refused: <why>" (by the proxy itself).
+    # Empty: derived from the status.
+    outcome: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.outcome:
+            self.outcome = outcome_of(self.status)
 
     def public(self) -> dict:
         data = asdict(self)
         data.pop("key_id")
         return data
+
+
+def outcome_of(status: int) -> str:
+    if 200 <= status < 300:
+        return "served"
+    return "cancelled" if status == 499 else "failed"
 
 
 @dataclass(slots=True)
@@ -74,13 +87,29 @@ class UsageLedger:
     total: Totals = field(default_factory=Totals)
     by_family: dict[str, Totals] = field(default_factory=dict)
     by_key: dict[str, Totals] = field(default_factory=dict)
+    outcomes: dict[str, int] = field(default_factory=dict)  # since this process started
+    max_visitors: int = 10_000  # distinct callers remembered for "active in the last minute"
 
     def __post_init__(self) -> None:
         self._recent: deque[UsageEvent] = deque(maxlen=self.recent_size)
-        self._series: deque[list[float]] = deque(maxlen=self.series_len)
+        self._series: deque[list] = deque(maxlen=self.series_len)
+        self._visitors: dict[str, float] = {}
+
+    def saw(self, visitor: str) -> None:
+        """Note a caller (a user's label, or an IP without users) for `active_visitors`."""
+        now = self.clock()
+        self._visitors.pop(visitor, None)
+        self._visitors[visitor] = now  # insertion order == time order
+        while len(self._visitors) > self.max_visitors or next(iter(self._visitors.values())) < now - 60:
+            self._visitors.pop(next(iter(self._visitors)))
+
+    def active_visitors(self, window_s: float = 60.0) -> int:
+        cutoff = self.clock() - window_s
+        return sum(1 for seen in list(self._visitors.values()) if seen >= cutoff)
 
     def record(self, event: UsageEvent) -> None:
         self._recent.append(event)
+        self.outcomes[event.outcome] = self.outcomes.get(event.outcome, 0) + 1
         if 200 <= event.status < 300:
             self.total.add(event.tokens_in, event.tokens_out)
             self.by_family.setdefault(event.family, Totals()).add(event.tokens_in, event.tokens_out)
@@ -88,11 +117,12 @@ class UsageLedger:
                 self.by_key.setdefault(event.key_id, Totals()).add(event.tokens_in, event.tokens_out)
         bucket = event.time - event.time % self.bucket_s
         if not self._series or self._series[-1][0] != bucket:
-            self._series.append([bucket, 0, 0, 0])
+            self._series.append([bucket, 0, 0, 0, {}])
         point = self._series[-1]
         point[1] += 1
         point[2] += event.tokens_in
         point[3] += event.tokens_out
+        point[4][event.outcome] = point[4].get(event.outcome, 0) + 1
         if self.sink is not None:
             self.sink(event)
 
@@ -115,16 +145,22 @@ class UsageLedger:
         return [e.public() for e in reversed(events)]
 
     def series(self) -> list[dict]:
-        """Requests and tokens per bucket, oldest first."""
+        """Requests (every outcome) and tokens per bucket, oldest first; idle buckets are absent."""
         return [
-            {"time": b, "requests": int(r), "tokens_in": int(i), "tokens_out": int(o)} for b, r, i, o in self._series
+            {"time": b, "requests": int(r), "tokens_in": int(i), "tokens_out": int(o), "outcomes": dict(c)}
+            for b, r, i, o, c in list(self._series)
         ]
 
     def snapshot(self) -> dict:
+        """Served totals (persisted) by family."""
         return {
             **self.total.as_dict(),
             "by_family": {name: t.as_dict() for name, t in sorted(self.by_family.items())},
         }
+
+    def activity(self) -> dict:
+        """Every outcome counted since this process started, and callers seen in the last minute."""
+        return {"outcomes": dict(sorted(self.outcomes.items())), "active_users_1m": self.active_visitors()}
 
 
 def estimate_tokens(text_chars: int) -> int:

@@ -40,6 +40,7 @@ POOL = (PAID, SPARE)
 ADMIN_KEY = "admin-key-for-browser-tests-77"
 CHUNKS = 8
 FULL_REPLY = " ".join(f"tok{i}" for i in range(CHUNKS))
+SIGNED_REPLY = FULL_REPLY + "\nanswered by gpt-4o-mini"  # the finished reply names its model
 MODEL = "gpt-4o-mini"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 SECRETS = (*POOL, PROXY_KEY, ADMIN_KEY)
@@ -181,13 +182,13 @@ def test_a_chat_message_streams_a_reply_through_the_proxy(page: Page, served: Se
     page.evaluate(WATCH_BOT_JS)
     send_chat(page, "Hello there")
     expect(page.locator('#chat-box [data-testid="user"]').last).to_contain_text("Hello there")
-    expect(page.locator('#chat-box [data-testid="bot"]').last).to_have_text(FULL_REPLY)
+    expect(page.locator('#chat-box [data-testid="bot"]').last).to_have_text(SIGNED_REPLY)
 
     seen: list[str] = page.evaluate("() => window.__botTexts")
-    partial = [text for text in seen if text != FULL_REPLY]
+    partial = [text for text in seen if text not in (FULL_REPLY, SIGNED_REPLY)]
     assert partial, f"the reply appeared at once, not streamed: {seen}"
-    assert all(FULL_REPLY.startswith(text) for text in seen), seen
-    assert seen[-1] == FULL_REPLY
+    assert all(FULL_REPLY.startswith(text) for text in seen[:-1]), seen
+    assert seen[-1].split() == SIGNED_REPLY.split()
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
@@ -285,7 +286,7 @@ def test_the_admin_creates_a_token_shown_once_that_then_chats(
     pick_model(page, MODEL)
     upstream.reset()
     send_chat(page, "Hi from a friend")
-    expect(page.locator('#chat-box [data-testid="bot"]').last).to_have_text(FULL_REPLY)
+    expect(page.locator('#chat-box [data-testid="bot"]').last).to_have_text(SIGNED_REPLY)
     assert upstream.wait_for(lambda: len(chat_requests(upstream)) == 1)
     (sent,) = chat_requests(upstream)
     assert sent.key in POOL

@@ -313,3 +313,42 @@ def test_key_states_survive_a_restart_through_the_store(tmp_path: Path, clock: C
     store.close()
     assert [k.status(clock.now) for k in again.keys] == ["active", "revoked", "unchecked"]
     assert again.keys[0].tier == "trial" and again.keys[0].models == {"gpt-4o"}
+
+
+# Dated and undated ids, and what "model not served" suggests ----------------------------------
+
+
+def test_dated_and_undated_ids_of_one_model_match_both_ways(clock: Clock) -> None:
+    dated = KeyPool("anthropic", ["sk-ant-a-0123456789"], "ant-", clock=clock)
+    dated.checked(dated.keys[0], ok(["claude-haiku-4-5-20251001"]))
+    undated = KeyPool("anthropic", ["sk-ant-b-0123456789"], "ant-", clock=clock)
+    undated.checked(undated.keys[0], ok(["claude-haiku-4-5"]))
+    assert dated.select("claude-haiku-4-5") is dated.keys[0]
+    assert undated.select("claude-haiku-4-5-20251001") is undated.keys[0]
+    # Two different dates are two different snapshots, not aliases of each other.
+    assert dated.select("claude-haiku-4-5-20990101") is None
+
+
+def test_model_not_served_names_the_closest_served_models_same_family_first(pool: KeyPool) -> None:
+    for key in pool.keys:
+        pool.checked(key, ok(["gpt-4o", "gpt-4o-mini", "gpt-3.5-turbo", "gpt-4-turbo-2024-04-09", "dall-e-3"]))
+    pool.checked(pool.keys[0], ok(["gpt-4o", "gpt-4o-mini", "text-embedding-3-small"]))
+    why = pool.why_none("gpt-4-turbo-preview")
+    assert why.status == 404
+    suggested = why.message.split("closest: ", 1)[1].rstrip(".").split(", ")
+    assert suggested[0] == "gpt-4-turbo-2024-04-09"  # its own family (gpt-4-turbo) first
+    assert len(suggested) == 3
+    assert set(suggested) <= {"gpt-4o", "gpt-4o-mini", "gpt-3.5-turbo", "gpt-4-turbo-2024-04-09"}
+    assert "dall-e-3" not in why.message and "embedding" not in why.message  # only chat models
+
+
+def test_family_counts_say_per_family_how_many_keys_are_active_limited_and_revoked(pool: KeyPool, clock: Clock) -> None:
+    for key in pool.keys:
+        pool.checked(key, ok(["gpt-4o", "gpt-4o-mini"]))
+    pool.apply(pool.keys[1], Outcome(Verdict.RATE_LIMITED, retry_after=30))
+    pool.apply(pool.keys[2], Outcome(Verdict.REVOKED))
+    counts = pool.snapshot()["by_family"]
+    assert counts["gpt-4o"] == {"active": 1, "limited": 1, "revoked": 1}
+    assert counts["gpt-4o-mini"] == {"active": 1, "limited": 1, "revoked": 1}
+    clock.now += 31
+    assert pool.snapshot()["by_family"]["gpt-4o"] == {"active": 2, "limited": 0, "revoked": 1}

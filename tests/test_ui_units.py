@@ -33,7 +33,15 @@ from ui.common import (
 from ui.connect import missing_service_note, share_urls, snippets
 from ui.keys import key_rows, key_summary
 from ui.me import me_summary, quota_rows
-from ui.usage import event_rows, family_rows, requests_frame, tokens_frame
+from ui.usage import (
+    event_rows,
+    family_rows,
+    label,
+    outcome_summary,
+    requests_frame,
+    series_from_events,
+    tokens_frame,
+)
 
 OPENAI_SECRET = "sk-live-SECRET-openai-0123456789"
 ANTHROPIC_SECRET = "sk-ant-SECRET-anthropic-0123456789"
@@ -267,10 +275,10 @@ def test_key_summary_counts_and_escapes_strings():
 # ---------------------------------------------------------------- usage
 
 
-def test_event_rows_keep_only_safe_fields():
+def test_event_rows_keep_only_safe_fields_with_the_outcome_second():
     rows = event_rows(events())
-    assert rows[0][1:] == ["openai", "gpt-4o", "yes", 12, 34, 812, 200]
-    assert rows[1][3] == "no" and rows[1][-1] == 429
+    assert rows[0][1:] == ["served (200)", "gpt-4o", 12, 34, 812, "yes", "openai"]
+    assert rows[1][6] == "no" and rows[1][1] == "failed (429)"
     flat = json.dumps(rows)
     assert "alice" not in flat and "never shown" not in flat
 
@@ -281,16 +289,33 @@ def test_family_rows_sorted_with_total():
     assert family_rows(None) == [["Total", 0, 0, 0]]
 
 
-def test_plot_frames_bucket_per_minute():
+def test_plot_frames_fill_every_minute_of_the_window_with_zeros_in_24_hour_utc():
     evs = events() + [dict(events()[0], time=NOW - 5)]
-    requests = requests_frame(evs)
-    assert list(requests.columns) == ["time", "requests"]
+    series = series_from_events(evs)
+    requests = requests_frame(series, NOW)
+    assert list(requests.columns) == ["minute", "outcome", "requests"]
     assert requests["requests"].sum() == 3
-    assert requests["time"].is_monotonic_increasing
-    tokens = tokens_frame(evs)
-    assert set(tokens["direction"]) == {"in", "out"}
+    assert requests["minute"].nunique() == 30  # every minute of the window, idle ones at zero
+    assert set(requests["outcome"]) == {"served", "failed"}
+    assert requests.groupby("outcome")["requests"].sum().to_dict() == {"served": 2, "failed": 1}
+    assert requests["minute"].iloc[-1] == label(NOW) == time.strftime("%H:%M", time.gmtime(NOW))
+    late = requests_frame(series, 1_764_370_800.0 + 60 * 70)  # 00:10 UTC, the window crosses midnight
+    minutes_shown = list(dict.fromkeys(late["minute"]))
+    assert [m.strip() for m in minutes_shown][:2] == ["23:41", "23:42"]  # 24-hour labels, no AM/PM
+    assert minutes_shown == sorted(minutes_shown)  # sorting the labels as text keeps time order
+    tokens = tokens_frame(series, NOW)
+    assert set(tokens["direction"]) == {"in", "out"} and tokens["minute"].nunique() == 30
     assert tokens[tokens["direction"] == "in"]["tokens"].sum() == 12 + 5 + 12
-    assert requests_frame([]).empty and tokens_frame([]).empty
+    one_minute = tokens_frame(series_from_events(events()[:1]), NOW)
+    assert one_minute["tokens"].sum() == 12 + 34  # one minute of data still draws (bars, not a line)
+    assert requests_frame([], NOW)["requests"].sum() == 0 and len(requests_frame([], NOW)) == 30
+
+
+def test_outcome_summary_counts_every_outcome_and_why():
+    text = outcome_summary({"served": 5, "refused: wrong key": 2, "refused: model": 1, "failed": 1})
+    assert "**5** served" in text
+    assert "**3** refused by the proxy (wrong key 2, model 1)" in text
+    assert "**1** failed upstream" in text
 
 
 # ---------------------------------------------------------------- chat history

@@ -20,9 +20,11 @@ from ui.admin_api import (
     USER_HEADERS,
     USER_TYPES,
     AdminAPI,
+    add_limit,
     failure,
     limits_to_text,
     mask_token,
+    mode_note,
     pick_token,
     user_body,
     user_rows,
@@ -58,16 +60,18 @@ class AdminPanel:
             "is checked by the server on every action.",
             elem_classes=["muted"],
         )
+        gr.Markdown(mode_note(ctx.auth_mode), elem_id="admin-mode")
         with gr.Row(elem_classes=["form-row"]):
             self.key = gr.Textbox(label="Admin key", type="password", value="", scale=4, elem_id="admin-key")
             self.unlock_btn = gr.Button("Unlock", variant="primary", scale=1, elem_id="admin-unlock")
             self.lock_btn = gr.Button("Lock", scale=1, elem_id="admin-lock")
         self.status = gr.Markdown("", elem_id="admin-status")
+        users = ctx.auth_mode == "user_token"  # user tokens work only in that mode
         self.tokens = gr.State([])  # full tokens in table order; lives on the server only
         self.selected = gr.State("")  # full token of the selected user; server only
 
         with gr.Column(visible=False, elem_id="admin-area") as self.area:
-            with gr.Accordion("Create a user token", open=True):
+            with gr.Accordion("Create a user token", open=True, visible=users):
                 with gr.Row():
                     self.new_nickname = gr.Textbox(label="Nickname", max_length=80)
                     self.new_type = gr.Dropdown(list(USER_TYPES), value="normal", label="Type")
@@ -75,8 +79,15 @@ class AdminPanel:
                     self.new_expires = gr.Number(label="Expires in hours (0 = never)", minimum=0)
                 self.new_limits = gr.Textbox(
                     label="Token limits per model family (empty = default)",
-                    placeholder="gpt-4o=100000, claude-3-5-sonnet=50000",
+                    placeholder="gpt-4o=100000, claude-sonnet=50000",
+                    elem_id="admin-new-limits",
                 )
+                with gr.Row(elem_classes=["form-row"]):
+                    self.limit_family = gr.Dropdown(
+                        list(ctx.families), value=None, label="Model family", scale=2, elem_id="admin-limit-family"
+                    )
+                    self.limit_tokens = gr.Number(label="Tokens", precision=0, minimum=0, scale=2)
+                    self.limit_add = gr.Button("Add limit", scale=1, min_width=120, elem_id="admin-limit-add")
                 self.create_btn = gr.Button("Create token", variant="primary", elem_id="admin-create")
                 with gr.Row(elem_classes=["form-row"]):
                     self.new_token = gr.Textbox(
@@ -91,10 +102,8 @@ class AdminPanel:
                     self.copied_btn = gr.Button("I copied it", visible=False, scale=1, elem_id="admin-new-token-done")
                 self.new_token_timer = gr.Timer(NEW_TOKEN_SECONDS, active=False)
 
-            with gr.Accordion("Users", open=True):
-                with gr.Row():
-                    self.refresh_btn = gr.Button("↻ Refresh list", size="sm", elem_id="admin-refresh")
-                    self.recheck_btn = gr.Button("Re-check all provider keys", size="sm", elem_id="admin-recheck")
+            with gr.Accordion("Users", open=True, visible=users):
+                self.refresh_btn = gr.Button("↻ Refresh list", size="sm", elem_id="admin-refresh")
                 self.table = gr.Dataframe(
                     value=users_frame([]),
                     headers=USER_HEADERS,
@@ -112,7 +121,8 @@ class AdminPanel:
                     self.load_btn = gr.Button("Select", scale=1, elem_id="admin-select")
                 self.selected_md = gr.Markdown("No user selected.", elem_id="admin-selected")
 
-            with gr.Accordion("Edit the selected user", open=False):
+            self.recheck_btn = gr.Button("Re-check all provider keys", size="sm", elem_id="admin-recheck")
+            with gr.Accordion("Edit the selected user", open=False, visible=users):
                 with gr.Row():
                     self.edit_nickname = gr.Textbox(label="Nickname", max_length=80)
                     self.edit_type = gr.Dropdown(list(USER_TYPES), value=None, label="Type")
@@ -166,8 +176,9 @@ class AdminPanel:
         if not result.ok:
             return self._locked(failure(result, "unlock"))
         users = users_from(result.data)
+        count = f" {len(users)} user{'s' if len(users) != 1 else ''}." if self.ctx.auth_mode == "user_token" else ""
         return {
-            self.status: f"Unlocked. {len(users)} user{'s' if len(users) != 1 else ''}.",
+            self.status: f"Unlocked.{count}",
             self.area: gr.Column(visible=True),
             self.table: users_frame(users),
             self.tokens: [str(u.get("token") or "") for u in users],
@@ -200,6 +211,12 @@ class AdminPanel:
             self.new_limits: "",
             **await self._listing(api, key),
         }
+
+    def add_limit(self, text: str, family: str | None, amount) -> dict:
+        try:
+            return {self.new_limits: add_limit(text, family, amount)}
+        except ValueError as exc:
+            return {self.status: f"Could not add the limit: {esc(exc)}"}
 
     def clear_new_token(self) -> dict:
         return {
@@ -387,6 +404,12 @@ class AdminPanel:
         create_inputs = [key, self.new_nickname, self.new_type, self.new_limits, self.new_max_ips, self.new_expires]
         on(self.create_btn.click, self.create, create_inputs)
         on(self.copied_btn.click, self.clear_new_token, None)
+        self.limit_add.click(
+            self.add_limit,
+            inputs=[self.new_limits, self.limit_family, self.limit_tokens],
+            outputs=[self.new_limits, self.status],
+            api_visibility="private",
+        )
         on(self.new_token_timer.tick, self.clear_new_token, None)
         on(self.refresh_btn.click, self.refresh, [key])
         on(self.recheck_btn.click, self.recheck, [key])

@@ -117,6 +117,30 @@ def parse_limits(text: str | None) -> dict[str, int]:
     return limits
 
 
+def add_limit(text: str | None, family: str | None, amount: Any) -> str:
+    """The limits text with `family=amount` set (replacing that family's earlier value)."""
+    if not family:
+        raise ValueError("pick a model family first")
+    tokens = _positive_int(amount, "tokens")
+    if not tokens:
+        raise ValueError("enter a number of tokens above 0")
+    limits = parse_limits(text)
+    limits[family] = tokens
+    return limits_to_text(limits)
+
+
+def mode_note(auth_mode: str) -> str:
+    """What the Admin tab can do in this access mode (user tokens exist only in user_token mode)."""
+    if auth_mode == "user_token":
+        return "Each friend uses a personal **user token** that you create here, with its own limits."
+    shared = "one shared **proxy key** (`PROXY_KEY`)" if auth_mode == "proxy_key" else "no password at all"
+    return (
+        f"This proxy runs with {shared}, so personal user tokens are not used: tokens made here would "
+        "be refused. To hand out personal tokens with their own limits, set `GATEKEEPER=user_token` "
+        "(with `ADMIN_KEY`) and restart. Here you can re-check the provider keys and back up the usage."
+    )
+
+
 def _positive_int(value: Any, name: str) -> int | None:
     if value in (None, ""):
         return None

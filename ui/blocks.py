@@ -10,7 +10,7 @@ import gradio as gr
 
 from ui.admin import AdminPanel
 from ui.chat import ChatPanel
-from ui.common import UIContext, auth_hint, esc, fmt_duration, safe_status, service_label
+from ui.common import UIContext, auth_hint, esc, fmt_duration, safe_markdown, safe_status, service_label
 from ui.connect import ConnectPanel
 from ui.keys import KeysPanel
 from ui.me import MePanel
@@ -36,7 +36,20 @@ CSS = """
 }
 .muted, .muted p { color: var(--body-text-color-subdued); }
 .note { border-left: 3px solid var(--color-accent); padding-left: var(--spacing-lg); }
-#share-url-openai input, #share-url-anthropic input { font-family: var(--font-mono); }
+[id^="share-url-"] input { font-family: var(--font-mono); }
+.steps ol { padding-left: 1.4em; }
+.steps pre, .steps pre code { white-space: pre-wrap !important; word-break: break-all; }
+/* Phones: rows stack, nothing is wider than the screen, tables keep their first columns in view. */
+@media (max-width: 640px) {
+  .form-row { flex-direction: column !important; align-items: stretch !important; }
+  .form-row > * { min-width: 0 !important; width: 100% !important; }
+  .form-row > button { align-self: stretch; margin-bottom: 0; }
+  .plots { flex-direction: column !important; }
+  .plots > * { flex: none !important; width: 100% !important; }
+  .service-card { padding: var(--spacing-md); }
+  #main-tabs .tab-container button { padding-left: 8px; padding-right: 8px; }
+  .table-wrap td, .table-wrap th { padding: 4px 6px !important; }
+}
 """
 
 
@@ -53,13 +66,21 @@ def build_theme() -> gr.themes.Base:
 
 
 def header_markdown(ctx: UIContext, snapshot: dict) -> str:
-    """Title, who may use it, what it serves, and uptime; everything escaped."""
+    """Title, who may use it, what it serves, uptime and users active; everything escaped."""
     title = esc(snapshot.get("title") or ctx.title or "OAI Reverse Proxy")
     mode = str(snapshot.get("gatekeeper") or ctx.auth_mode)
     services = ", ".join(esc(service_label(s)) for s in ctx.services) or "nothing yet (no keys configured)"
     uptime = snapshot.get("uptime_s")
     uptime_text = fmt_duration(float(uptime)) if isinstance(uptime, (int, float)) else "—"
-    return f"# {title}\n{esc(auth_hint(mode))}  \nServing: {services} · up {uptime_text}"
+    usage = snapshot.get("usage") if isinstance(snapshot.get("usage"), dict) else {}
+    active = usage.get("active_users_1m")
+    users = f" · {int(active)} user{'s' if active != 1 else ''} in the last minute" if isinstance(active, int) else ""
+    return f"# {title}\n{esc(auth_hint(mode))}  \nServing: {services} · up {uptime_text}{users}"
+
+
+def locked_snapshot(snapshot: dict) -> dict:
+    """What strangers see while SERVICE_INFO_PASSWORD hides the status and usage."""
+    return {k: snapshot[k] for k in ("uptime_s", "title", "gatekeeper") if k in snapshot} | {"locked": True}
 
 
 def space_note(ctx: UIContext) -> str:
@@ -73,11 +94,24 @@ def build_ui(ctx: UIContext) -> gr.Blocks:
     privileged is decided by the proxy over HTTP with the credential the visitor typed."""
     with gr.Blocks(title=ctx.title or "OAI Reverse Proxy", analytics_enabled=False, delete_cache=(600, 900)) as demo:
         header = gr.Markdown(header_markdown(ctx, {"title": ctx.title}), elem_id="proxy-header")
+        if ctx.greeting.strip():
+            gr.Markdown(safe_markdown(ctx.greeting), elem_id="greeting", elem_classes=["note"])
         if ctx.space_id:
             with gr.Row(equal_height=True, elem_id="space-note"):
                 gr.DuplicateButton(scale=0, elem_id="duplicate-button")
                 gr.Markdown(space_note(ctx))
-        with gr.Tabs(elem_id="main-tabs"):
+        info_ok = gr.State(ctx.info_check is None)  # server-side: set only by a checked password
+        if ctx.info_check is not None:
+            with gr.Row(elem_classes=["form-row"], elem_id="info-row"):
+                info_password = gr.Textbox(
+                    label="Service info password (status and usage)",
+                    type="password",
+                    value="",
+                    scale=4,
+                    elem_id="info-password",
+                )
+                info_button = gr.Button("Show status", scale=1, min_width=160, elem_id="info-show")
+        with gr.Tabs(elem_id="main-tabs", overflow_behavior="wrap"):
             with gr.Tab("Connect", id="connect"):
                 connect = ConnectPanel(ctx)
             with gr.Tab("Keys", id="keys"):
@@ -86,13 +120,16 @@ def build_ui(ctx: UIContext) -> gr.Blocks:
                 usage = UsagePanel(ctx)
             with gr.Tab("Test chat", id="chat"):
                 chat = ChatPanel(ctx)
-            with gr.Tab("My usage", id="me"):
+            # Personal tokens exist only in user_token mode; the Admin tab only with an ADMIN_KEY.
+            with gr.Tab("My usage", id="me", visible=ctx.auth_mode == "user_token"):
                 me = MePanel(ctx)
-            with gr.Tab("Admin", id="admin"):
+            with gr.Tab("Admin", id="admin", visible=ctx.admin_enabled):
                 admin = AdminPanel(ctx)
 
-        def refresh() -> list:
+        def refresh(unlocked: bool = ctx.info_check is None) -> list:
             snapshot = safe_status(ctx)
+            if not unlocked:
+                snapshot = locked_snapshot(snapshot)
             return [header_markdown(ctx, snapshot), *keys.values(snapshot), *usage.values(snapshot)]
 
         live_outputs = [header, *keys.outputs(), *usage.outputs()]
@@ -100,12 +137,27 @@ def build_ui(ctx: UIContext) -> gr.Blocks:
         for trigger in (demo.load, timer.tick):
             trigger(
                 refresh,
-                inputs=None,
+                inputs=[info_ok],
                 outputs=live_outputs,
                 api_visibility="private",
                 concurrency_limit=None,
                 show_progress="hidden",
             )
+        if ctx.info_check is not None:
+            check = ctx.info_check
+
+            def unlock(password: str, request: gr.Request) -> list:
+                unlocked = bool(check(password, request))
+                return [unlocked, *refresh(unlocked)]
+
+            for trigger in (info_button.click, info_password.submit):
+                trigger(
+                    unlock,
+                    inputs=[info_password],
+                    outputs=[info_ok, *live_outputs],
+                    api_visibility="private",
+                    concurrency_limit=None,
+                )
         connect.wire(demo)
         chat.wire(demo)
         me.wire()

@@ -4,6 +4,7 @@ credential the user typed, so it takes the same path (auth, keys, limits, usage)
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,11 +20,15 @@ from ui.common import (
     esc,
     forwarded_headers,
     http_client,
+    is_chat_model,
     parse_body,
+    preferred_model,
     service_path,
 )
 
 ERROR_MARK = "⚠️ "
+PROXY_ERROR_HEADER = "x-proxy-error"  # ERRORS_AS_CHAT marks the proxy's own refusals so
+MODEL_MARK = "\n\n<sub>answered by "  # the footer naming the model; never sent back upstream
 CHAT_CONCURRENCY = 16
 STREAM_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=30.0, pool=10.0)
 ANTHROPIC_MAX_TOKENS = 1024
@@ -70,22 +75,31 @@ def _field(message: Any, name: str) -> Any:
 
 def normalise_history(history: list[Any] | None, message: Any = None) -> list[dict[str, str]]:
     """OpenAI chat messages from Gradio history (plus the new user message, if given): text only,
-    consecutive roles merged, our own error notes and "thought" boxes dropped."""
-    messages: list[dict[str, str]] = []
+    our error notes, model footers and "thought" boxes dropped, and a user turn that got no
+    reply dropped too (it would otherwise ride along inside the next request)."""
     turns = list(history or [])
     if message is not None:
         turns.append({"role": "user", "content": message})
-    for message in turns:
-        role = _field(message, "role")
+    entries: list[tuple[str, str]] = []
+    for turn in turns:
+        role = _field(turn, "role")
         if role not in ("user", "assistant", "system"):
             continue
-        metadata = _field(message, "metadata") or {}
+        metadata = _field(turn, "metadata") or {}
         if isinstance(metadata, dict) and metadata.get("title"):
             continue
-        text = content_text(_field(message, "content"))
-        if role == "assistant" and ERROR_MARK + "**" in text:  # every note of ours starts so
-            text = text.split(ERROR_MARK + "**", 1)[0].rstrip()
+        text = content_text(_field(turn, "content"))
+        if role == "assistant":
+            text = text.split(MODEL_MARK, 1)[0]
+            if ERROR_MARK + "**" in text:  # every note of ours starts so
+                text = text.split(ERROR_MARK + "**", 1)[0]
+            text = text.rstrip()
+        entries.append((role, text))
+    messages: list[dict[str, str]] = []
+    for role, text in entries:
         if not text.strip():
+            if role == "assistant" and messages and messages[-1]["role"] == "user":
+                messages.pop()  # that turn got only an error note: it was never answered
             continue
         if messages and messages[-1]["role"] == role:
             messages[-1]["content"] += "\n\n" + text
@@ -117,26 +131,18 @@ def service_for_model(model: str, services: tuple[str, ...]) -> str:
 
 
 def model_ids(data: Any) -> list[str]:
-    """Model ids from an OpenAI- or Anthropic-style `/models` reply."""
+    """Chat model ids from an OpenAI- or Anthropic-style `/models` reply (no embeddings, images,
+    audio: the test chat cannot use them)."""
     items = data.get("data") if isinstance(data, dict) else None
     ids = {str(m["id"]) for m in items or [] if isinstance(m, dict) and m.get("id")}
-    return sorted(ids)
-
-
-# Preselected when listed: cheap, capable chat models. Otherwise the first chat model listed.
-PREFERRED_MODELS = ("gpt-4o-mini", "gpt-4.1-mini", "gpt-4o", "claude-3-5-haiku-latest", "claude-3-5-haiku-20241022")
-NOT_CHAT = ("embedding", "ft:", "dall-e", "whisper", "tts", "moderation", "davinci", "babbage")
+    return sorted(m for m in ids if is_chat_model(m))
 
 
 def pick_model(models: list[str], current: str | None) -> str | None:
     """Keep the visitor's choice if it is offered; else a sensible chat model; else nothing."""
     if current and current in models:
         return current
-    for preferred in PREFERRED_MODELS:
-        if preferred in models:
-            return preferred
-    chat = [m for m in models if not any(word in m.lower() for word in NOT_CHAT)]
-    return chat[0] if chat else None
+    return preferred_model(models)
 
 
 async def fetch_models(ctx: UIContext, credential: str, request: Any = None) -> tuple[list[str], str]:
@@ -207,6 +213,31 @@ def error_note(status: int, data: Any, auth_mode: str = "none") -> str:
     return note
 
 
+def refusal_text(response: httpx.Response) -> str:
+    """The error text of an ERRORS_AS_CHAT reply (a completion, whole or streamed)."""
+    raw = response.content
+    if "text/event-stream" in response.headers.get("content-type", ""):
+        for line in raw.decode("utf-8", "replace").splitlines():
+            if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                try:
+                    chunk = json.loads(line[5:])
+                except ValueError:
+                    continue
+                text = chunk_text(chunk) or ((chunk.get("delta") or {}).get("text") if isinstance(chunk, dict) else "")
+                if text:
+                    return _REFUSAL_PREFIX.sub("", str(text))
+        return "refused by the proxy"
+    return _REFUSAL_PREFIX.sub("", chunk_text(parse_body(raw)) or "refused by the proxy")
+
+
+_REFUSAL_PREFIX = re.compile(r"^⚠️ Proxy error \(\d+\): ")
+
+
+def footer(model: Any) -> str:
+    """A small line under a reply naming the model that wrote it (as the upstream reported it)."""
+    return MODEL_MARK + esc(str(model)[:200]) + "</sub>" if model else ""
+
+
 def chat_request(model: str, messages: list[dict[str, str]], service: str) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "messages": messages, "stream": True}
     if service == "anthropic":
@@ -236,6 +267,7 @@ def make_respond(ctx: UIContext):
         url = ctx.self_url.rstrip("/") + service_path(service) + "/chat/completions"
         headers = {**forwarded_headers(ctx, request), **auth_headers(credential, x_api_key=service == "anthropic")}
         reply = ""
+        answered_by = ""
         try:
             async with (
                 http_client(ctx, STREAM_TIMEOUT) as client,
@@ -245,9 +277,17 @@ def make_respond(ctx: UIContext):
                     body = parse_body(await response.aread())
                     yield error_note(response.status_code, body, ctx.auth_mode)
                     return
+                if response.headers.get(PROXY_ERROR_HEADER):  # ERRORS_AS_CHAT: a refusal, not a reply
+                    await response.aread()
+                    status = int(response.headers[PROXY_ERROR_HEADER].split()[0] or 0)
+                    yield error_note(status, refusal_text(response), ctx.auth_mode)
+                    return
                 if "text/event-stream" not in response.headers.get("content-type", ""):
                     body = parse_body(await response.aread())
-                    yield chunk_text(body) or error_note(502, body)
+                    text = chunk_text(body)
+                    yield text + footer(body.get("model") if isinstance(body, dict) else "") if text else error_note(
+                        502, body
+                    )
                     return
                 async for data in sse_data(response.aiter_lines()):
                     if data.strip() == "[DONE]":
@@ -264,6 +304,8 @@ def make_respond(ctx: UIContext):
                             + esc(error_message(chunk))
                         )
                         return
+                    if isinstance(chunk, dict) and isinstance(chunk.get("model"), str):
+                        answered_by = chunk["model"]
                     piece = chunk_text(chunk)
                     if piece:
                         reply += piece
@@ -273,8 +315,18 @@ def make_respond(ctx: UIContext):
             return
         if not reply:
             yield ERROR_MARK + "**The model returned an empty reply.**"
+        elif answered_by:
+            yield reply + footer(answered_by)
 
     return respond
+
+
+class _ChatInterface(gr.ChatInterface):
+    """Gradio's ChatInterface, except that sending a message keeps the input's placeholder
+    (Gradio 6.31 blanks it on submit and never puts it back)."""
+
+    def _clear_and_save_textbox(self, message):  # type: ignore[override]
+        return type(self.textbox)("", interactive=False), message
 
 
 class ChatPanel:
@@ -300,11 +352,12 @@ class ChatPanel:
             )
             self.refresh = gr.Button("↻ Models", scale=1, min_width=120, elem_id="chat-refresh-models")
         self.note = gr.Markdown("", elem_classes=["muted"], elem_id="chat-note")
-        gr.ChatInterface(
+        self.fetched = gr.State("")  # the credential the model list was last loaded with (server only)
+        self.typed_len = gr.State(0)
+        _ChatInterface(
             make_respond(ctx),
             additional_inputs=[self.model, self.credential],
             chatbot=gr.Chatbot(height=460, show_label=False, elem_id="chat-box", feedback_options=None),
-            # The standard textbox with a plain placeholder (Gradio 6.31 clears it after the first reply).
             textbox=gr.Textbox(
                 placeholder="Type a message…",
                 show_label=False,
@@ -321,21 +374,70 @@ class ChatPanel:
 
     async def refresh_models(self, credential: str | None, current: str | None, request: gr.Request | None = None):
         if self.ctx.auth_mode != "none" and not (credential or "").strip():
-            return await self.initial_models(current, request)
+            model, note = await self.initial_models(current, request)
+            return model, note, ""
         models, note = await fetch_models(self.ctx, credential or "", request)
-        return gr.Dropdown(choices=models, value=pick_model(models, current)), note
+        if not models:  # a wrong credential: say so, and keep the list and the model picked
+            return gr.skip(), note, (credential or "").strip()
+        return gr.Dropdown(choices=models, value=pick_model(models, current)), note, (credential or "").strip()
+
+    async def credential_entered(
+        self, credential: str | None, current: str | None, fetched: str, request: gr.Request | None = None
+    ):
+        """Leaving the box, or pasting into it: load the models once for that credential. (Not on
+        every keystroke: each wrong credential counts as a guess towards the address's lockout.)"""
+        if (credential or "").strip() == fetched or not (credential or "").strip():
+            return gr.skip(), gr.skip(), gr.skip()
+        return await self.refresh_models(credential, current, request)
+
+    async def credential_typed(
+        self, credential: str | None, current: str | None, fetched: str, typed: int, request: gr.Request | None = None
+    ):
+        """On each change: a jump of more than one character is a paste, so the models load at once."""
+        length = len(credential or "")
+        if abs(length - (typed or 0)) <= 1:
+            return gr.skip(), gr.skip(), gr.skip(), length
+        return (*await self.credential_entered(credential, current, fetched, request), length)
 
     async def initial_models(self, current: str | None, request: gr.Request | None = None):
         """On page load: with no credential needed, the real list; otherwise ask for the credential."""
         if self.ctx.auth_mode == "none":
             models, note = await fetch_models(self.ctx, "", request)
             return gr.Dropdown(choices=models, value=pick_model(models, current)), note
-        note = f"Enter your {credential_name(self.ctx.auth_mode)} and press ↻ to load the models."
+        note = f"Enter your {credential_name(self.ctx.auth_mode)}: the models load as soon as it is in (or press ↻)."
         return gr.Dropdown(choices=[], value=current or None), note
 
     def wire(self, demo: gr.Blocks) -> None:
-        common = dict(outputs=[self.model, self.note], api_visibility="private")
-        refresh = dict(fn=self.refresh_models, inputs=[self.credential, self.model], concurrency_limit=8, **common)
-        self.refresh.click(**refresh, show_progress="minimal")
-        self.credential.submit(**refresh, show_progress="minimal")
-        demo.load(self.initial_models, inputs=[self.model], concurrency_limit=None, show_progress="hidden", **common)
+        common = dict(api_visibility="private")
+        outputs = [self.model, self.note, self.fetched]
+        refresh = dict(
+            fn=self.refresh_models, inputs=[self.credential, self.model], outputs=outputs, concurrency_limit=8
+        )
+        self.refresh.click(**refresh, **common, show_progress="minimal")
+        self.credential.submit(**refresh, **common, show_progress="minimal")
+        entered = [self.credential, self.model, self.fetched]
+        self.credential.blur(
+            self.credential_entered,
+            inputs=entered,
+            outputs=outputs,
+            concurrency_limit=8,
+            show_progress="minimal",
+            **common,
+        )
+        self.credential.change(  # not `input`: that misses values set without key presses
+            self.credential_typed,
+            inputs=[*entered, self.typed_len],
+            outputs=[*outputs, self.typed_len],
+            concurrency_limit=8,
+            show_progress="minimal",
+            trigger_mode="always_last",
+            **common,
+        )
+        demo.load(
+            self.initial_models,
+            inputs=[self.model],
+            outputs=[self.model, self.note],
+            concurrency_limit=None,
+            show_progress="hidden",
+            **common,
+        )

@@ -47,6 +47,76 @@ class UIContext:
     # Headers that tell the proxy which visitor a page call acts for, vouched by the server's own
     # secret (the server computes them; the page never sees them). None: send nothing.
     client_headers: Callable[[Any], dict[str, str]] | None = None
+    # Chat models the live keys serve, per service (empty while unknown).
+    models: Callable[[str], list[str]] | None = None
+    # Requests and tokens per minute with their outcomes (UsageLedger.series).
+    series: Callable[[], list[dict]] | None = None
+    greeting: str = ""
+    admin_enabled: bool = False  # an ADMIN_KEY is set
+    show_costs: bool = False
+    # SERVICE_INFO_PASSWORD: None when not set; else checks (typed password, gr.Request) on the server.
+    info_check: Callable[[str | None, Any], bool] | None = None
+    families: tuple[str, ...] = ()  # model families a token limit may name, served ones first
+
+
+def served_models(ctx: UIContext, service: str) -> list[str]:
+    if ctx.models is None:
+        return []
+    try:
+        return list(ctx.models(service))
+    except Exception:  # noqa: BLE001 - the page renders without them
+        return []
+
+
+# Cheap, capable chat models to show first, by how their id begins; newest (highest) id first.
+PREFERRED_PREFIXES = (
+    "gpt-4o-mini",
+    "gpt-4.1-mini",
+    "gpt-5-mini",
+    "gpt-4o",
+    "claude-haiku",
+    "claude-3-5-haiku",
+    "claude-sonnet",
+    "claude-3-7-sonnet",
+    "claude-3-5-sonnet",
+)
+NOT_CHAT = (
+    "embedding",
+    "ft:",
+    "dall-e",
+    "whisper",
+    "tts",
+    "moderation",
+    "davinci",
+    "babbage",
+    "gpt-image",
+    "realtime",
+    "transcribe",
+    "audio",
+    "search",
+    "similarity",
+)
+
+
+def is_chat_model(model: str) -> bool:
+    name = model.lower()
+    return not any(word in name for word in NOT_CHAT)
+
+
+def preferred_model(models: list[str]) -> str | None:
+    """The model to name in examples and preselect: a cheap chat model, else the first chat model."""
+    chat = [m for m in models if is_chat_model(m)]
+    for prefix in PREFERRED_PREFIXES:
+        matching = sorted((m for m in chat if m == prefix or m.startswith(prefix + "-")), reverse=True)
+        if matching:
+            undated = [m for m in matching if not re.search(r"-\d{8}$|-\d{4}-\d{2}-\d{2}$", m)]
+            return (undated or matching)[0]
+    return sorted(chat)[0] if chat else None
+
+
+def safe_markdown(text: str) -> str:
+    """Owner-written Markdown with any HTML shown as text, never run: `<`, `>` and `&` escaped."""
+    return html.escape(text or "", quote=False)
 
 
 # ---------------------------------------------------------------- escaping / formatting

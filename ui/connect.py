@@ -6,11 +6,20 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from ui.common import KNOWN_SERVICES, UIContext, public_base_url, service_label, service_path
+from ui.common import (
+    KNOWN_SERVICES,
+    UIContext,
+    preferred_model,
+    public_base_url,
+    served_models,
+    service_label,
+    service_path,
+)
 
-EXAMPLE_MODELS = {
+# Named only while no live key has listed its models yet (the snippets then say so).
+FALLBACK_MODELS = {
     "openai": "gpt-4o-mini",
-    "anthropic": "claude-3-5-haiku-latest",
+    "anthropic": "claude-haiku-4-5",
     "google-ai": "gemini-2.5-flash",
     "deepseek": "deepseek-chat",
     "xai": "grok-4",
@@ -19,13 +28,24 @@ EXAMPLE_MODELS = {
     "groq": "llama-3.3-70b-versatile",
 }
 FIRST_PARTY = ("openai", "anthropic", "google-ai")  # any other service is OpenAI-compatible
+NATIVE_CLIENTS = "Anthropic SDK, LangChain, litellm anthropic/, llm-anthropic"
 
 
 @dataclass(frozen=True)
 class Snippet:
     title: str
-    language: str  # a gr.Code language
+    language: str  # a gr.Code language, or "markdown" for steps rendered as text
     code: str
+
+
+def native_url(base: str, service: str) -> str:
+    """The base URL for clients that add `/v1/...` themselves (the Anthropic SDK and friends)."""
+    return base.rstrip("/") + f"/proxy/{service}"
+
+
+def example_model(ctx: UIContext, service: str) -> str:
+    """A model the live keys serve, for the snippets; a common one while none is known yet."""
+    return preferred_model(served_models(ctx, service)) or FALLBACK_MODELS.get(service, "MODEL_NAME")
 
 
 def share_urls(base: str, services: tuple[str, ...]) -> dict[str, str]:
@@ -39,39 +59,43 @@ def credential_placeholder(auth_mode: str) -> str:
     return {"proxy_key": "YOUR_PROXY_KEY", "user_token": "YOUR_USER_TOKEN"}.get(auth_mode, "anything")
 
 
-def sillytavern_steps(service: str, url: str, auth_mode: str) -> str:
+def sillytavern_steps(service: str, url: str, auth_mode: str, model: str = "") -> str:
+    """Numbered steps (Markdown): they keep their shape at any width."""
     password = {
         "proxy_key": "the proxy key",
         "user_token": "your user token",
     }.get(auth_mode, "anything (no password is needed)")
+    pick = f"pick **{model}** (a model this proxy serves)" if model else "pick a model"
     if service not in FIRST_PARTY:
         return (
-            "SillyTavern → API Connections (plug icon)\n"
-            "  API:                     Chat Completion\n"
-            "  Chat Completion Source:  Custom (OpenAI-compatible)\n"
-            f"  Custom Endpoint (Base URL):  {url}\n"
-            f"  Custom API Key:              {password}\n"
-            "Then press Connect and pick a model."
+            "In SillyTavern, open **API Connections** (the plug icon), then:\n\n"
+            "1. **API**: Chat Completion\n"
+            "2. **Chat Completion Source**: Custom (OpenAI-compatible)\n"
+            "3. **Custom Endpoint (Base URL)**:\n\n"
+            f"   ```text\n   {url}\n   ```\n"
+            f"4. **Custom API Key**: {password}\n"
+            f"5. Press **Connect**, then {pick}.\n"
         )
     source = {"anthropic": "Claude", "google-ai": "Google AI Studio"}.get(service, "OpenAI")
     if service == "google-ai":
         url = url.removesuffix("/v1")  # SillyTavern adds /v1beta/models/... itself
     return (
-        "SillyTavern → API Connections (plug icon)\n"
-        "  API:                     Chat Completion\n"
-        f"  Chat Completion Source:  {source}\n"
-        f"  Reverse Proxy → Proxy Server URL:  {url}\n"
-        f"  Reverse Proxy → Proxy Password:    {password}\n"
-        "Then press Connect and pick a model."
+        "In SillyTavern, open **API Connections** (the plug icon), then:\n\n"
+        "1. **API**: Chat Completion\n"
+        f"2. **Chat Completion Source**: {source}\n"
+        "3. **Reverse Proxy → Proxy Server URL**:\n\n"
+        f"   ```text\n   {url}\n   ```\n"
+        f"4. **Reverse Proxy → Proxy Password**: {password}\n"
+        f"5. Press **Connect**, then {pick}.\n"
     )
 
 
-def snippets(service: str, base: str, auth_mode: str) -> list[Snippet]:
-    """Set-up text for one service, built around the public base URL."""
+def snippets(service: str, base: str, auth_mode: str, model: str | None = None) -> list[Snippet]:
+    """Set-up text for one service, built around the public base URL and a served model."""
     base = base.rstrip("/")
     url = base + service_path(service)
     key = credential_placeholder(auth_mode)
-    model = EXAMPLE_MODELS.get(service, "MODEL_NAME")
+    model = model or FALLBACK_MODELS.get(service, "MODEL_NAME")
     openai_sdk = (
         "from openai import OpenAI\n\n"
         f'client = OpenAI(base_url="{url}", api_key="{key}")\n'
@@ -81,20 +105,39 @@ def snippets(service: str, base: str, auth_mode: str) -> list[Snippet]:
         ")\n"
         "print(reply.choices[0].message.content)\n"
     )
-    items = [Snippet("SillyTavern", "shell", sillytavern_steps(service, url, auth_mode))]
+    items = [Snippet("SillyTavern", "markdown", sillytavern_steps(service, url, auth_mode, model))]
     if service == "anthropic":
         items.append(
             Snippet(
                 "Anthropic SDK",
                 "python",
                 "import anthropic\n\n"
-                f'client = anthropic.Anthropic(base_url="{base}/proxy/anthropic", api_key="{key}")\n'
+                "# The SDK adds /v1/messages itself: the base URL has no /v1.\n"
+                f'client = anthropic.Anthropic(base_url="{native_url(base, service)}", api_key="{key}")\n'
                 "message = client.messages.create(\n"
                 f'    model="{model}",\n'
                 "    max_tokens=512,\n"
                 '    messages=[{"role": "user", "content": "Hello!"}],\n'
                 ")\n"
                 "print(message.content[0].text)\n",
+            )
+        )
+        native = native_url(base, service)
+        items.append(
+            Snippet(
+                "LangChain / litellm",
+                "python",
+                "# Both add /v1/messages themselves: the base URL has no /v1.\n"
+                "from langchain_anthropic import ChatAnthropic\n\n"
+                f'llm = ChatAnthropic(model="{model}", base_url="{native}", api_key="{key}")\n'
+                'print(llm.invoke("Hello!").content)\n\n'
+                "import litellm\n\n"
+                "reply = litellm.completion(\n"
+                f'    model="anthropic/{model}",\n'
+                f'    api_base="{native}",\n'
+                f'    api_key="{key}",\n'
+                '    messages=[{"role": "user", "content": "Hello!"}],\n'
+                ")\n",
             )
         )
         items.append(Snippet("OpenAI SDK (OpenAI format)", "python", openai_sdk))
@@ -158,13 +201,15 @@ def missing_service_note(service: str) -> str:
 
 
 class ConnectPanel:
-    """Builds the Connect tab; `wire(demo)` fills the URLs from the page's own request."""
+    """Builds the Connect tab; `wire(demo)` fills the URLs from the page's own request, and the
+    snippets with a model the live keys serve (again when that model changes)."""
 
     def __init__(self, ctx: UIContext) -> None:
         self.ctx = ctx
-        self.url_boxes: dict[str, gr.Textbox] = {}
-        self.code_boxes: dict[str, list[gr.Code]] = {}
+        self.url_boxes: dict[str, list[gr.Textbox]] = {}
+        self.code_boxes: dict[str, list[gr.Code | gr.Markdown]] = {}
         services = tuple(ctx.services)
+        self.shown_models = gr.State(None)  # the models the snippets name; refreshed when it changes
         gr.Markdown(
             "Share the base URL below with your friends. Clients talk to it exactly as they "
             "would talk to the provider; the real keys never leave this server.",
@@ -174,20 +219,38 @@ class ConnectPanel:
             gr.Markdown("No provider keys are configured yet, so there is nothing to connect to.")
         for service in services:
             with gr.Column(elem_classes=["service-card"]):
-                self.url_boxes[service] = gr.Textbox(
-                    label=f"{service_label(service)} base URL",
-                    value="",
-                    placeholder="loading…",
-                    interactive=False,
-                    buttons=["copy"],
-                    elem_id=f"share-url-{service}",
-                )
+                boxes = [
+                    gr.Textbox(
+                        label=f"{service_label(service)} base URL"
+                        + (" — SillyTavern, OpenAI SDK, curl" if service == "anthropic" else ""),
+                        value="",
+                        placeholder="loading…",
+                        interactive=False,
+                        buttons=["copy"],
+                        elem_id=f"share-url-{service}",
+                    )
+                ]
+                if service == "anthropic":
+                    boxes.append(
+                        gr.Textbox(
+                            label=f"{service_label(service)} base URL — {NATIVE_CLIENTS} (no /v1: they add it)",
+                            value="",
+                            placeholder="loading…",
+                            interactive=False,
+                            buttons=["copy"],
+                            elem_id=f"share-url-{service}-native",
+                        )
+                    )
+                self.url_boxes[service] = boxes
                 with gr.Accordion("Set-up instructions", open=service == services[0]):
-                    boxes = []
-                    with gr.Tabs():
+                    codes: list[gr.Code | gr.Markdown] = []
+                    with gr.Tabs(overflow_behavior="wrap"):
                         for snippet in snippets(service, "https://example", ctx.auth_mode):
                             with gr.Tab(snippet.title):
-                                boxes.append(
+                                if snippet.language == "markdown":
+                                    codes.append(gr.Markdown("", elem_classes=["steps"]))
+                                    continue
+                                codes.append(
                                     gr.Code(
                                         value="",
                                         language=snippet.language,  # type: ignore[arg-type]
@@ -199,39 +262,51 @@ class ConnectPanel:
                                         buttons=["copy"],
                                     )
                                 )
-                    self.code_boxes[service] = boxes
+                    self.code_boxes[service] = codes
         for service in KNOWN_SERVICES:
             if service not in services:
                 gr.Markdown(missing_service_note(service), elem_classes=["note"])
 
     def outputs(self) -> list[gr.components.Component]:
         out: list[gr.components.Component] = []
-        for service, box in self.url_boxes.items():
-            out.append(box)
+        for service, boxes in self.url_boxes.items():
+            out.extend(boxes)
             out.extend(self.code_boxes[service])
         return out
 
-    def values(self, request: gr.Request | None = None) -> list[str]:
+    def models(self) -> dict[str, str]:
+        return {service: example_model(self.ctx, service) for service in self.url_boxes}
+
+    def values(self, request: gr.Request | None = None, models: dict[str, str] | None = None) -> list[str]:
         base = public_base_url(self.ctx, request)
         urls = share_urls(base, tuple(self.url_boxes))
+        models = models or self.models()
         values: list[str] = []
         for service in self.url_boxes:
             values.append(urls[service])
-            values.extend(s.code for s in snippets(service, base, self.ctx.auth_mode))
+            if service == "anthropic":
+                values.append(native_url(base, service))
+            values.extend(s.code for s in snippets(service, base, self.ctx.auth_mode, models[service]))
         return values
 
     def wire(self, demo: gr.Blocks) -> None:
         if not self.url_boxes:
             return
+        outputs = [*self.outputs(), self.shown_models]
 
-        def fill(request: gr.Request) -> list[str]:
-            return self.values(request)
+        def fill(shown: dict | None, request: gr.Request) -> list:
+            models = self.models()
+            if models == shown:
+                return [gr.skip()] * len(outputs)
+            return [*self.values(request, models), models]
 
-        demo.load(
-            fill,
-            inputs=None,
-            outputs=self.outputs(),
-            api_visibility="private",
-            concurrency_limit=None,
-            show_progress="hidden",
-        )
+        timer = gr.Timer(10)
+        for trigger in (demo.load, timer.tick):
+            trigger(
+                fill,
+                inputs=[self.shown_models],
+                outputs=outputs,
+                api_visibility="private",
+                concurrency_limit=None,
+                show_progress="hidden",
+            )

@@ -19,6 +19,7 @@ STATUS_ICONS = {
     "unchecked": "⚪ unchecked",
 }
 COUNT_FIELDS = ("active", "rate_limited", "unchecked", "over_quota", "revoked")
+FAMILY_HEADERS = ["Model family", "Active", "Limited", "Revoked", "In queue", "Expected wait"]
 
 
 def services_to_show(ctx: UIContext, snapshot: dict) -> list[str]:
@@ -86,6 +87,29 @@ def key_summary(service: str, service_status: dict | None, now: float | None = N
     )
 
 
+def family_rows(service_status: dict | None, queue: dict | None = None) -> list[list]:
+    """Per model family: keys active / limited (resting after a rate limit) / revoked (or out of
+    quota), and the queue's length and expected wait when the status reports a queue."""
+    by_family = (service_status or {}).get("by_family") or {}
+    queue = queue if isinstance(queue, dict) else {}
+    rows = []
+    for family in sorted(set(by_family) | set(queue)):
+        counts = by_family.get(family) or {}
+        waiting = queue.get(family) if isinstance(queue.get(family), dict) else None
+        wait_s = (waiting or {}).get("estimated_wait_s")
+        rows.append(
+            [
+                str(family),
+                int(counts.get("active") or 0),
+                int(counts.get("limited") or 0),
+                int(counts.get("revoked") or 0),
+                int(waiting.get("waiting") or 0) if waiting else "—",
+                fmt_duration(wait_s) if isinstance(wait_s, (int, float)) and waiting else "—",
+            ]
+        )
+    return rows
+
+
 class KeysPanel:
     def __init__(self, ctx: UIContext) -> None:
         self.ctx = ctx
@@ -93,11 +117,19 @@ class KeysPanel:
         self.services = services_to_show(ctx, snapshot)
         self.summaries: dict[str, gr.Markdown] = {}
         self.tables: dict[str, gr.Dataframe] = {}
+        self.families: dict[str, gr.Dataframe] = {}
         if not self.services:
             gr.Markdown("No provider keys are configured.")
         for service in self.services:
             with gr.Column(elem_classes=["service-card"]):
                 self.summaries[service] = gr.Markdown("Loading…")
+                self.families[service] = gr.Dataframe(
+                    headers=FAMILY_HEADERS[:4],
+                    value=pd.DataFrame([], columns=FAMILY_HEADERS[:4]),
+                    interactive=False,
+                    show_label=False,
+                    elem_id=f"keys-families-{service}",
+                )
                 self.tables[service] = gr.Dataframe(
                     headers=KEY_HEADERS,
                     value=pd.DataFrame([], columns=KEY_HEADERS),
@@ -106,23 +138,36 @@ class KeysPanel:
                     wrap=True,
                     show_label=False,
                     max_height=360,
-                    column_widths=["13%", "12%", "8%", "27%", "18%", "11%", "11%"],
+                    # Fixed widths: on a phone the table scrolls sideways with Key and Status in
+                    # view, instead of squeezing every column to a letter a line.
+                    column_widths=["120px", "130px", "80px", "220px", "190px", "110px", "110px"],
                     elem_id=f"keys-table-{service}",
                 )
 
     def outputs(self) -> list[gr.components.Component]:
         out: list[gr.components.Component] = []
         for service in self.services:
-            out += [self.summaries[service], self.tables[service]]
+            out += [self.summaries[service], self.families[service], self.tables[service]]
         return out
 
     def values(self, snapshot: dict | None = None) -> list:
         snapshot = safe_status(self.ctx) if snapshot is None else snapshot
-        by_service = snapshot.get("keys") or {}
         now = time.time()
         values: list = []
+        if "keys" not in snapshot and snapshot.get("locked"):
+            for _ in self.services:
+                values.append("Enter the service info password above to see the keys' status.")
+                values.append(pd.DataFrame([], columns=FAMILY_HEADERS[:4]))
+                values.append(pd.DataFrame([], columns=KEY_HEADERS))
+            return values
+        by_service = snapshot.get("keys") or {}
+        queues = snapshot.get("queue") if isinstance(snapshot.get("queue"), dict) else {}
         for service in self.services:
             service_status = by_service.get(service)
             values.append(key_summary(service, service_status, now))
+            rows = family_rows(service_status, queues.get(service))
+            if service not in queues:  # no queue reported: its columns would only say "—"
+                rows = [row[:4] for row in rows]
+            values.append(pd.DataFrame(rows, columns=FAMILY_HEADERS[: 6 if service in queues else 4]))
             values.append(pd.DataFrame(key_rows(service_status, now), columns=KEY_HEADERS))
         return values

@@ -6,6 +6,7 @@ UI), so model sets are immutable and replaced, never mutated in place.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 import re
@@ -16,7 +17,7 @@ from enum import StrEnum
 from functools import lru_cache
 from typing import Any
 
-from proxy.families import families_of, is_allowed
+from proxy.families import NON_TEXT, families_of, family_of, is_allowed
 
 log = logging.getLogger("proxy.keys")
 
@@ -73,16 +74,44 @@ _STATES = frozenset(s.value for s in KeyState)
 _DATED = re.compile(r"^(.*?)-(\d{8}|\d{4}-\d{2}-\d{2})$")
 
 
+def undated(model: str) -> str:
+    """A model id without its date or alias suffix: claude-haiku-4-5-20251001 -> claude-haiku-4-5,
+    claude-3-5-haiku-latest -> claude-3-5-haiku, gpt-4o-2024-08-06 -> gpt-4o."""
+    dated = _DATED.match(model)
+    base = dated.group(1) if dated else model
+    return base.removesuffix("-latest").removesuffix("-0")
+
+
 def _alias_listed(model: str, models: frozenset[str]) -> bool:
-    """Whether `model` is an undated alias of a listed id: claude-3-5-haiku-latest, claude-sonnet-4-0."""
-    return model.removesuffix("-latest").removesuffix("-0") in _undated(models)
+    """Whether `model` names a listed id under its other spelling, both ways: an undated alias of a
+    dated id (claude-3-5-haiku-latest, claude-sonnet-4-0, claude-haiku-4-5 for
+    claude-haiku-4-5-20251001) or a dated id of an undated one (claude-haiku-4-5-20251001 for
+    claude-haiku-4-5). Exactly one side is dated: two different dates are two different snapshots."""
+    dated, plain = _bases(models)
+    return undated(model) in (plain if _DATED.match(model) else dated)
 
 
 @lru_cache(maxsize=64)
-def _undated(models: frozenset[str]) -> frozenset[str]:
-    """The listed ids without their date suffix. Cached by model list (what the upstream lists,
-    a handful of distinct lists), never by a name a client sent."""
-    return frozenset(dated.group(1) for listed in models if (dated := _DATED.match(listed)))
+def _bases(models: frozenset[str]) -> tuple[frozenset[str], frozenset[str]]:
+    """The undated names of the listed dated ids, and of the listed undated ones. Cached by model
+    list (what the upstream lists, a handful of distinct lists), never by a name a client sent."""
+    dated: set[str] = set()
+    plain: set[str] = set()
+    for listed in models:
+        (dated if _DATED.match(listed) else plain).add(undated(listed))
+    return frozenset(dated), frozenset(plain)
+
+
+def closest_models(model: str | None, served: Iterable[str], service: str, limit: int = 3) -> list[str]:
+    """Served models most like `model`: its own family first, then by similarity of the name."""
+    wanted = (model or "").lower()
+    family = family_of(wanted, service) if wanted else ""
+
+    def rank(candidate: str) -> tuple[bool, float, str]:
+        similar = difflib.SequenceMatcher(None, wanted, candidate.lower()).ratio()
+        return (family_of(candidate, service) != family, -similar, candidate)
+
+    return sorted(served, key=rank)[:limit]
 
 
 @dataclass(eq=False)
@@ -207,7 +236,9 @@ class KeyPool:
             return NoKey(503, f"No {name} key can serve {wanted}: every key is revoked or out of quota.")
         serving = [k for k in alive if k.serves(model)]
         if not serving:
-            return NoKey(404, f"No {name} key on this proxy can use the model {wanted}.")
+            suggestions = closest_models(model, self.chat_models(), name)
+            hint = f" Models it serves that come closest: {', '.join(suggestions)}." if suggestions else ""
+            return NoKey(404, f"No {name} key on this proxy can use the model {wanted}.{hint}")
         locked = [k for k in serving if k.locked_until > now]
         if len(locked) == len(serving):
             wait = max(1.0, min(k.locked_until for k in locked) - now)
@@ -368,6 +399,34 @@ class KeyPool:
             return None if any(k.usable for k in self.keys) else set()
         return set().union(*(k.available_models() for k in listed))
 
+    def chat_models(self) -> set[str]:
+        """Models the live, listed keys serve, in families this proxy serves, text generation only."""
+        served = set().union(*(k.available_models() for k in self.keys if k.usable and k.models is not None))
+        return {
+            m
+            for m in served
+            if is_allowed(family_of(m, self.service), self.family_filter)
+            and family_of(m, self.service) not in NON_TEXT | {"embeddings"}
+        }
+
+    def family_counts(self) -> dict[str, dict[str, int]]:
+        """Per model family, its keys: active (free now), limited (resting after a rate limit) and
+        revoked (revoked or out of quota). Only keys whose model list is known count."""
+        now = self.clock()
+        counts: dict[str, dict[str, int]] = {}
+        for key in self.keys:
+            if key.models is None:
+                continue
+            status = key.status(now)
+            bucket = {"active": "active", "rate_limited": "limited"}.get(status, "revoked")
+            if status == "unchecked":
+                continue
+            for family in families_of(key.available_models(), self.service):
+                if is_allowed(family, self.family_filter):
+                    entry = counts.setdefault(family, {"active": 0, "limited": 0, "revoked": 0})
+                    entry[bucket] += 1
+        return dict(sorted(counts.items()))
+
     def snapshot(self) -> dict:
         """Public counts and per-key rows (ids only).
 
@@ -389,5 +448,6 @@ class KeyPool:
             "checking": self.checking,
             "last_check": max(checked) if checked else None,
             "families": [f for f in families_of(served, self.service) if is_allowed(f, self.family_filter)],
+            "by_family": self.family_counts(),
             "keys": [k.public(now) for k in self.keys],
         }
