@@ -26,6 +26,7 @@ from proxy.config import Settings
 from proxy.errors import Redactor
 from proxy.keys.checker import KeyChecker
 from proxy.keys.pool import KeyPool
+from proxy.page_limits import limit_body
 from proxy.pipeline import Pipeline, Service
 from proxy.providers.registry import services_from
 from proxy.usage import UsageEvent, UsageLedger
@@ -54,6 +55,7 @@ class Runtime:
     checker: KeyChecker | None = None
     # Lets the page's own calls (from this machine) say which visitor they act for.
     internal_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+    _status_cache: dict[str, tuple[float, dict]] = field(default_factory=dict, repr=False)
 
     def client_ip(self, request: Any) -> str:
         """The caller's IP, for per-IP limits and lockouts.
@@ -91,7 +93,22 @@ class Runtime:
         return {name: f"{root}/proxy/{name}/v1" for name in self.services}
 
     def status(self, base_url: str = "") -> dict:
-        """The public snapshot served at /status and read by the UI. It holds no secret."""
+        """The public snapshot served at /status and read by the UI. It holds no secret.
+
+        Built at most once per STATUS_CACHE_SECONDS per base URL, however many visitors poll it: the
+        snapshot walks every key and the usage series, work the proxy's requests must not wait
+        behind. The caller must not change the dict it gets."""
+        now = time.monotonic()
+        cached = self._status_cache.get(base_url)
+        if cached is not None and now - cached[0] < self.settings.status_cache_seconds:
+            return cached[1]
+        snapshot = self._build_status(base_url)
+        if len(self._status_cache) >= 16:  # base URLs come from the Host header: keep a few
+            self._status_cache.clear()
+        self._status_cache[base_url] = (now, snapshot)
+        return snapshot
+
+    def _build_status(self, base_url: str) -> dict:
         return {
             "uptime_s": round(time.time() - self.started_at, 1),
             "title": self.settings.title,
@@ -113,6 +130,7 @@ class ProxyApp(FastAPI):
 
     proxy_handler: Callable[[Request], Awaitable[Response]] | None = None
     proxy_serves: Callable[[str, bytes], bool] | None = None
+    page_max_body_bytes: int | None = None  # every other route's body limit (proxy/page_limits.py)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler, serves = self.proxy_handler, self.proxy_serves
@@ -126,6 +144,9 @@ class ProxyApp(FastAPI):
             scope["app"] = self
             response = await handler(Request(scope, receive, send))
             await response(scope, receive, send)
+            return
+        if scope["type"] == "http" and self.page_max_body_bytes is not None:
+            await limit_body(super().__call__, scope, receive, send, self.page_max_body_bytes)
             return
         await super().__call__(scope, receive, send)
 
@@ -218,6 +239,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app = ProxyApp(title=settings.title, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime = runtime
     app.proxy_handler, app.proxy_serves = pipeline.handle, pipeline.serves
+    app.page_max_body_bytes = settings.page_max_body_bytes
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
