@@ -4,9 +4,9 @@ uvicorn has no deadline for receiving a request (its keep-alive timer is reset b
 a client trickling one byte at a time holds a connection for ever), and httptools buffers a
 header of any size. This protocol adds, per connection:
 
-- a deadline for the request line and headers (armed when the connection opens and when the
-  next request's first byte arrives; a keep-alive connection idle between requests is uvicorn's
-  `timeout_keep_alive`), answered with 408 and a close;
+- a deadline for the request line and headers (armed when the connection opens and when a read
+  leaves a request's headers incomplete; a keep-alive connection idle between requests is
+  uvicorn's `timeout_keep_alive`), answered with 408 and a close;
 - a limit on their total size, answered with 431 and a close, checked after each read so that
   at most one read (uvloop reads at most 256 KB) is ever buffered beyond it;
 - a minimum body rate: while a body is being received and the app is reading it, each window of
@@ -75,6 +75,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
+        self._body_pending = False
         self._body_bytes = 0
         cap = self.limits.connections_per_ip
         if cap and self._ip is not None:
@@ -99,15 +100,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self._awaiting_headers:
-            if self._header_timer is None:
-                self._arm_header_timer()
             self._header_bytes += len(data)
         elif self._body_timer is not None:
             self._body_bytes += len(data)
         super().data_received(data)
-        limit = self.limits.max_header_bytes
-        if self._awaiting_headers and self._header_bytes > limit and not self.transport.is_closing():
-            self._refuse(431, "Request Header Fields Too Large", f"Request headers over {limit} bytes.")
+        # Timers are armed only for what one read did not complete: most requests arrive whole.
+        if self.transport.is_closing():
+            return
+        if self._awaiting_headers:
+            limit = self.limits.max_header_bytes
+            if self._header_bytes > limit:
+                self._refuse(431, "Request Header Fields Too Large", f"Request headers over {limit} bytes.")
+            elif self._header_bytes and self._header_timer is None:
+                self._arm_header_timer()
+        elif self._body_pending and self._body_timer is None:
+            self._body_bytes = 0
+            self._body_timer = self.loop.call_later(self.limits.body_window, self._check_body_rate)
 
     # Parser callbacks
     def on_headers_complete(self) -> None:
@@ -115,10 +123,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._cancel_header_timer()
         super().on_headers_complete()
-        self._body_bytes = 0
-        self._body_timer = self.loop.call_later(self.limits.body_window, self._check_body_rate)
+        self._body_pending = True
 
     def on_message_complete(self) -> None:
+        self._body_pending = False
         self._cancel_body_timer()
         self._awaiting_headers = True
         super().on_message_complete()
@@ -151,7 +159,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _check_body_rate(self) -> None:
         self._body_timer = None
-        if self.transport.is_closing() or self._awaiting_headers or self.cycle is None:
+        if self.transport.is_closing() or not self._body_pending or self.cycle is None:
             return
         enough = self.limits.body_min_rate * self.limits.body_window
         if self.flow.read_paused or self._body_bytes >= enough:
