@@ -7,8 +7,8 @@ header of any size. This protocol adds, per connection:
 - a deadline for the request line and headers (armed when the connection opens and when a read
   leaves a request's headers incomplete; a keep-alive connection idle between requests is
   uvicorn's `timeout_keep_alive`), answered with 408 and a close;
-- a limit on their total size, answered with 431 and a close, checked after each read so that
-  at most one read (uvloop reads at most 256 KB) is ever buffered beyond it;
+- a limit on their total size, answered with 431 and a close, checked before each read is
+  parsed, so nothing beyond the limit is ever buffered;
 - a minimum body rate: while a body is being received and the app is reading it, each window of
   `body_window` seconds must bring `body_min_rate` bytes a second on average, else 408 (or a
   plain close once the response has begun);
@@ -101,6 +101,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         if self._awaiting_headers:
             self._header_bytes += len(data)
+            limit = self.limits.max_header_bytes
+            if self._header_bytes > limit:
+                # Over the limit unless the headers end in this read within it (a body may follow).
+                end = data.find(b"\r\n\r\n")
+                size = self._header_bytes if end < 0 else self._header_bytes - len(data) + end + 4
+                if size > limit:
+                    self._refuse(431, "Request Header Fields Too Large", f"Request headers over {limit} bytes.")
+                    return
         elif self._body_timer is not None:
             self._body_bytes += len(data)
         super().data_received(data)
@@ -108,10 +116,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self._awaiting_headers:
-            limit = self.limits.max_header_bytes
-            if self._header_bytes > limit:
-                self._refuse(431, "Request Header Fields Too Large", f"Request headers over {limit} bytes.")
-            elif self._header_bytes and self._header_timer is None:
+            if self._header_bytes and self._header_timer is None:
                 self._arm_header_timer()
         elif self._body_pending and self._body_timer is None:
             self._body_bytes = 0
