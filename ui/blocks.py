@@ -6,6 +6,8 @@ app = gr.mount_gradio_app(app, build_ui(ctx), path="/", ssr_mode=False,
 
 from __future__ import annotations
 
+import time
+
 import gradio as gr
 
 from ui.admin import AdminPanel
@@ -17,6 +19,7 @@ from ui.me import MePanel
 from ui.usage import UsagePanel
 
 REFRESH_SECONDS = 5
+REFRESH_RENDER_SECONDS = 1.0  # the live panels are rendered at most this often, for everyone
 SPACE_SECRETS = (
     "`OPENAI_KEY` and/or `ANTHROPIC_KEY` (your provider keys, comma-separated for several), "
     "`PROXY_KEY` (one password for all your friends) or `ADMIN_KEY` (to hand out personal "
@@ -91,9 +94,16 @@ def build_ui(ctx: UIContext) -> gr.Blocks:
             with gr.Tab("Admin", id="admin"):
                 admin = AdminPanel(ctx)
 
-        def refresh() -> list:
-            snapshot = safe_status(ctx)
-            return [header_markdown(ctx, snapshot), *keys.values(snapshot), *usage.values(snapshot)]
+        rendered: list = [float("-inf"), []]  # when, and the outputs rendered then
+
+        async def refresh() -> list:
+            # Rendered at most once a second for all visitors, on the event loop (no thread hop):
+            # visitors polling the page cost the proxy's requests next to nothing.
+            now = time.monotonic()
+            if now - rendered[0] >= REFRESH_RENDER_SECONDS:
+                snapshot = safe_status(ctx)
+                rendered[:] = [now, [header_markdown(ctx, snapshot), *keys.values(snapshot), *usage.values(snapshot)]]
+            return rendered[1]
 
         live_outputs = [header, *keys.outputs(), *usage.outputs()]
         timer = gr.Timer(REFRESH_SECONDS)
