@@ -22,7 +22,10 @@ def build_app(settings: Settings, self_url: str | None = None) -> FastAPI:
     import gradio as gr
 
     from proxy.server import build_runtime, create_app
+    from ui import sessions
     from ui.blocks import CSS, UIContext, build_theme, build_ui
+
+    sessions.install()  # a visitor's new session no longer renders the whole page's config
 
     runtime = build_runtime(settings)
     app = create_app(settings, runtime)  # proxy routes first: a mount at "/" shadows later routes

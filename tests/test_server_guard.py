@@ -200,9 +200,8 @@ def raw_post(served: Served, path: str, headers: bytes, body: Any, source: str) 
 
 
 def test_a_declared_body_over_the_page_limit_is_refused_unread(guarded: Served) -> None:
-    data = raw_post(
-        guarded, "/admin/api/import", b"Content-Length: 400000000\r\nContent-Type: application/json\r\n", [b"["], "127.0.3.1"
-    )
+    headers = b"Content-Length: 400000000\r\nContent-Type: application/json\r\n"
+    data = raw_post(guarded, "/admin/api/import", headers, [b"["], "127.0.3.1")
     assert data.startswith(b"HTTP/1.1 413"), data[:100]
 
 

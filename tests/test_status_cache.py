@@ -104,3 +104,25 @@ def test_visitors_looping_the_page_refresh_build_the_status_at_most_once_a_secon
     elapsed = time.monotonic() - start
     assert refreshes >= 20, refreshes
     assert 1 <= len(builds) <= int(elapsed) + 2, (len(builds), refreshes)
+
+
+def test_a_new_visitors_first_event_renders_only_what_it_updates(
+    whole: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gradio.blocks import BlocksConfig
+
+    rendered: list[int] = []
+    original = BlocksConfig.config_for_block
+
+    def counted(_id: int, *args, **kwargs):
+        rendered.append(_id)
+        return original(_id, *args, **kwargs)
+
+    monkeypatch.setattr(BlocksConfig, "config_for_block", staticmethod(counted))
+    config = httpx.get(whole.url + "/config", timeout=10).json()
+    fn_index = refresh_event(whole.url)
+    rendered.clear()
+    run_refresh(whole.url, fn_index)  # a new session hash: a new visitor
+    assert len(config["components"]) > 60
+    # Gradio 6 rendered every block's config for each new session (~120 here); now only the outputs.
+    assert len(rendered) <= 12, len(rendered)

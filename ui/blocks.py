@@ -113,7 +113,10 @@ def build_ui(ctx: UIContext) -> gr.Blocks:
                 inputs=None,
                 outputs=live_outputs,
                 api_visibility="private",
-                concurrency_limit=None,
+                # One refresh at a time for all visitors: a crowd polling the page queues up in
+                # Gradio's queue instead of crowding the event loop the proxy's requests share.
+                concurrency_limit=1,
+                concurrency_id="live-refresh",
                 show_progress="hidden",
             )
         connect.wire(demo)
