@@ -14,7 +14,7 @@ header of any size. This protocol adds, per connection:
   plain close once the response has begun);
 - a cap on simultaneous connections from one peer address (the peer is the socket's: behind a
   front proxy every connection comes from it, hence `Settings.connections_per_ip` is off on a
-  Space), answered with 429 and a close.
+  Space, and 127.0.0.1 and ::1, this machine, are not capped), answered with 429 and a close.
 
 Everything else is uvicorn's (httptools parser, flow control, pipelining), so the proxy's
 throughput is unchanged (bench/README.md).
@@ -31,6 +31,9 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("proxy.guard")
+
+# This machine: the page's own calls to the proxy, or a front proxy running beside it.
+UNCAPPED = frozenset({"127.0.0.1", "::1"})
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._body_pending = False
         self._body_bytes = 0
         cap = self.limits.connections_per_ip
-        if cap and self._ip is not None:
+        if cap and self._ip is not None and self._ip not in UNCAPPED:
             held = self.open_by_ip.get(self._ip, 0)
             if held >= cap:
                 log.warning("refused a connection: %d already open from one address", held)
