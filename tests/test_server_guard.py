@@ -211,3 +211,19 @@ def test_a_chunked_body_growing_past_the_page_limit_is_cut_off(guarded: Served) 
     headers = b"Transfer-Encoding: chunked\r\nAuthorization: Bearer admin-key-guard-tests-77\r\n"
     data = raw_post(guarded, "/admin/api/import", headers, pieces, "127.0.3.2")
     assert data.startswith(b"HTTP/1.1 413"), data[:100]
+
+
+def test_the_per_address_cap_is_off_on_a_space_where_every_connection_is_its_front_proxy() -> None:
+    assert make_settings({}).connections_per_ip == 64
+    assert make_settings({"SPACE_ID": "someone/proxy"}).connections_per_ip == 0
+    assert make_settings({"SPACE_ID": "someone/proxy", "MAX_CONNECTIONS_PER_IP": "10"}).connections_per_ip == 10
+    assert make_settings({"MAX_CONNECTIONS_PER_IP": "0"}).connections_per_ip == 0
+
+
+def test_this_machine_is_never_capped(guarded: Served) -> None:
+    held = [connect(guarded, "127.0.0.1") for _ in range(8)]  # over the cap of 5
+    try:
+        assert health_ms(guarded, "127.0.0.1") < 500
+    finally:
+        for sock in held:
+            sock.close()
