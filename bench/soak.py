@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import random
 import signal
@@ -386,6 +387,8 @@ def main() -> int:
     parser.add_argument("--json", help="also write the report here")
     parser.add_argument("--exclude", default="", help=f"comma-separated request kinds to leave out: {', '.join(KINDS)}")
     args = parser.parse_args()
+    # The fakes log a traceback each time the proxy cancels an abandoned stream upstream: expected.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     exclude = {k for k in args.exclude.split(",") if k}
     report = run_soak(args.duration, args.workers, args.slow, args.pause, args.health_ms, exclude)
     text = json.dumps(report, indent=2)
