@@ -96,9 +96,8 @@ def build_ui(ctx: UIContext) -> gr.Blocks:
 
         rendered: list = [float("-inf"), []]  # when, and the outputs rendered then
 
-        async def refresh() -> list:
-            # Rendered at most once a second for all visitors, on the event loop (no thread hop):
-            # visitors polling the page cost the proxy's requests next to nothing.
+        def refresh() -> list:
+            # Rendered at most once a second for all visitors, however many poll the page.
             now = time.monotonic()
             if now - rendered[0] >= REFRESH_RENDER_SECONDS:
                 snapshot = safe_status(ctx)
