@@ -22,8 +22,10 @@ def build_app(settings: Settings, self_url: str | None = None) -> FastAPI:
     import gradio as gr
 
     from proxy.server import build_runtime, create_app
-    from ui.admin import MAX_IMPORT_BYTES
+    from ui import sessions
     from ui.blocks import CSS, UIContext, build_theme, build_ui
+
+    sessions.install()  # a visitor's new session no longer renders the whole page's config
 
     runtime = build_runtime(settings)
     app = create_app(settings, runtime)  # proxy routes first: a mount at "/" shadows later routes
@@ -63,7 +65,8 @@ def build_app(settings: Settings, self_url: str | None = None) -> FastAPI:
         footer_links=[],
         allowed_paths=[],  # nothing beyond Gradio's own cache, uploads, CWD and temp dir
         blocked_paths=blocked_paths(settings),
-        max_file_size=MAX_IMPORT_BYTES,  # the only upload is the Admin tab's import, bounded the same
+        max_file_size=1,  # the page takes no file: uploads are refused (proxy/page_limits.py)
+        show_error=False,  # an unexpected error's text (paths, values) stays in the redacted log
     )
     # Gradio checks the file paths an event's inputs name (only files it received as uploads) and
     # its outputs name (no blocked path) only once `has_launched` is set, which `launch()` does and
@@ -98,22 +101,24 @@ def main() -> int:
     import uvicorn
 
     from proxy.errors import Redactor
-    from proxy.logs import configure_logging
+    from proxy.guard import server_config
+    from proxy.logs import configure_logging, redact_std_streams
+    from proxy.store import StoreError
 
-    configure_logging(settings.log_level, Redactor(settings.secrets))
-    app = build_app(settings)
+    redactor = Redactor(settings.secrets)
+    configure_logging(settings.log_level, redactor)
+    redact_std_streams(redactor)  # Gradio prints tracebacks to stderr itself, past logging
+    try:
+        app = build_app(settings)
+    except StoreError as exc:  # e.g. another instance holds DATA_DIR
+        print(f"Cannot start: {exc}", file=sys.stderr)
+        return 1
     # Gradio's large, long-lived heap made every garbage collection walk it: freezing it took
     # ~30% off the proxy's CPU per request (bench/README.md).
     gc.collect()
     gc.freeze()
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        proxy_headers=False,  # whose forwarded-for to believe is decided in Runtime.client_ip
-        access_log=False,  # the pipeline logs one line per proxy request itself
-    )
+    # uvicorn with the connection guard: request deadlines, header size and per-address limits.
+    uvicorn.Server(server_config(app, settings)).run()
     return 0
 
 

@@ -89,14 +89,14 @@ def main() -> int:
 
     # As app.py runs uvicorn (log_config=None, proxy_headers off, uvicorn's own access
     # log left at its default, on); keep in step with app.py.
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_config=None,
-        proxy_headers=False,
-        access_log=args.access_log == "on",
-    )
+    access_log = args.access_log == "on"
+    options = dict(host="127.0.0.1", port=port, log_config=None, proxy_headers=False, access_log=access_log)
+    try:
+        from proxy.guard import server_config  # app.py's server: uvicorn with the connection guard
+    except ImportError:  # an older tree: plain uvicorn
+        config = uvicorn.Config(app, **options)
+    else:
+        config = server_config(app, settings, **options)
     config.load()
     loop_factory = config.get_loop_factory()
     loop_name = getattr(loop_factory, "__module__", "asyncio") if loop_factory else "asyncio"

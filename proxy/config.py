@@ -69,6 +69,13 @@ class Settings(BaseModel):
     max_tools: int = Field(512, gt=0)
     max_json_depth: int = Field(100, ge=8, le=250)
     max_reply_bytes: int = Field(64_000_000, gt=0)
+    header_timeout: float = Field(10.0, gt=0)
+    max_header_bytes: int = Field(65536, ge=1024)
+    body_min_rate: int = Field(1024, ge=0)
+    body_rate_window: float = Field(10.0, gt=0)
+    max_connections_per_ip: int | None = Field(None, ge=0)
+    page_max_body_bytes: int = Field(4_000_000, gt=0)
+    status_cache_seconds: float = Field(1.0, ge=0)
 
     # Access
     gatekeeper: Literal["none", "proxy_key", "user_token", ""] = ""
@@ -180,6 +187,14 @@ class Settings(BaseModel):
     def public_host(self) -> str:
         """The Space's own host (first entry of SPACE_HOST), or '' when not on a Space."""
         return split_keys(self.space_host)[0] if self.space_host.strip() else ""
+
+    @property
+    def connections_per_ip(self) -> int:
+        """MAX_CONNECTIONS_PER_IP, else 64; none on a Space, where every connection comes from its
+        front proxy."""
+        if self.max_connections_per_ip is not None:
+            return self.max_connections_per_ip
+        return 0 if self.on_space else 64
 
     @property
     def title(self) -> str:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
+from collections.abc import Iterable
+from typing import Any, TextIO
 
 from proxy.errors import Redactor
 
@@ -109,3 +112,33 @@ def configure_logging(level: str, redactor: Redactor) -> None:
             handler.addFilter(flt)
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class RedactingStream:
+    """A text stream that redacts what is written to it before passing it on.
+
+    Gradio prints an event's traceback with `traceback.print_exc()`, straight to `sys.stderr`:
+    past every logging filter, with the values (an admin key typed in a form) it carried."""
+
+    def __init__(self, stream: TextIO, redactor: Redactor) -> None:
+        self._stream = stream
+        self._redact = redactor
+
+    def write(self, text: str) -> int:
+        self._stream.write(self._redact(text) if isinstance(text, str) else text)
+        return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def redact_std_streams(redactor: Redactor) -> None:
+    """Redact whatever is printed to stdout and stderr (logging handlers already redact)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, RedactingStream):
+            setattr(sys, name, RedactingStream(stream, redactor))

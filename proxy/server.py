@@ -28,6 +28,7 @@ from proxy.errors import Redactor
 from proxy.keys.checker import KeyChecker
 from proxy.keys.pool import KeyPool
 from proxy.limits import RequestLimits
+from proxy.page_limits import limit_body
 from proxy.pipeline import Pipeline, Service
 from proxy.prices import cost, price_table
 from proxy.providers.registry import services_from
@@ -60,6 +61,7 @@ class Runtime:
     # Lets the page's own calls (from this machine) say which visitor they act for.
     internal_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     info_guard: FailureGuard = field(default_factory=lambda: FailureGuard(limit=10, window_s=300, lockout_s=300))
+    _status_cache: dict[str, tuple[float, dict]] = field(default_factory=dict, repr=False)
 
     def client_ip(self, request: Any) -> str:
         """The caller's IP, for per-IP limits and lockouts.
@@ -98,21 +100,38 @@ class Runtime:
 
     def status(self, base_url: str = "", *, full: bool = True) -> dict:
         """The public snapshot served at /status and read by the UI. It holds no secret.
-        `full=False`: only what anyone may see when SERVICE_INFO_PASSWORD hides the rest."""
-        public = {
+        `full=False`: only what anyone may see when SERVICE_INFO_PASSWORD hides the rest.
+
+        The full one is built at most once per STATUS_CACHE_SECONDS per base URL, however many
+        visitors poll it: it walks every key and the usage series, work the proxy's requests must
+        not wait behind. The caller must not change the dict it gets."""
+        if not full:
+            return {**self._public_status(base_url), "locked": True}
+        now = time.monotonic()
+        cached = self._status_cache.get(base_url)
+        if cached is not None and now - cached[0] < self.settings.status_cache_seconds:
+            return cached[1]
+        snapshot = self._build_status(base_url)
+        if len(self._status_cache) >= 16:  # base URLs come from the Host header: keep a few
+            self._status_cache.clear()
+        self._status_cache[base_url] = (now, snapshot)
+        return snapshot
+
+    def _public_status(self, base_url: str) -> dict:
+        return {
             "uptime_s": round(time.time() - self.started_at, 1),
             "title": self.settings.title,
             "gatekeeper": self.settings.auth_mode,
             "endpoints": self.endpoints(base_url),
             "greeting": self.settings.greeting,
         }
-        if not full:
-            return {**public, "locked": True}
+
+    def _build_status(self, base_url: str) -> dict:
         usage = self.ledger.snapshot()
         if self.settings.show_token_costs:
             add_costs(usage, price_table(self.settings.token_prices))
         return {
-            **public,
+            **self._public_status(base_url),
             "keys": {name: service.pool.snapshot() for name, service in self.services.items()},
             "usage": {**usage, **self.ledger.activity()},
         }
@@ -146,6 +165,7 @@ class ProxyApp(FastAPI):
 
     proxy_handler: Callable[[Request], Awaitable[Response]] | None = None
     proxy_serves: Callable[[str, bytes], bool] | None = None
+    page_max_body_bytes: int | None = None  # every other route's body limit (proxy/page_limits.py)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler, serves = self.proxy_handler, self.proxy_serves
@@ -159,6 +179,9 @@ class ProxyApp(FastAPI):
             scope["app"] = self
             response = await handler(Request(scope, receive, send))
             await response(scope, receive, send)
+            return
+        if scope["type"] == "http" and self.page_max_body_bytes is not None:
+            await limit_body(super().__call__, scope, receive, send, self.page_max_body_bytes)
             return
         await super().__call__(scope, receive, send)
 
@@ -269,6 +292,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app = ProxyApp(title=settings.title, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime = runtime
     app.proxy_handler, app.proxy_serves = pipeline.handle, pipeline.serves
+    app.page_max_body_bytes = settings.page_max_body_bytes
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

@@ -39,20 +39,25 @@ class Served:
 
 
 @contextmanager
-def serve(app: Any, settings: Settings) -> Iterator[Served]:
+def serve(app: Any, settings: Settings, guarded: bool = False) -> Iterator[Served]:
     """Serve an ASGI app on 127.0.0.1 (OS-assigned port) until the block ends.
 
     `app` may also be a builder taking the server's own URL (the whole app needs it: the page's
-    test chat and admin tab call the server over HTTP), called once the socket is bound."""
+    test chat and admin tab call the server over HTTP), called once the socket is bound.
+    `guarded`: with the connection guard, as `python app.py` serves (proxy/guard.py)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     if not hasattr(app, "router"):
         app = app(url)
-    config = uvicorn.Config(
-        app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2, proxy_headers=False
-    )
+    options: dict[str, Any] = dict(log_level="warning", lifespan="on", timeout_graceful_shutdown=2, proxy_headers=False)
+    if guarded:
+        from proxy.guard import server_config
+
+        config = server_config(app, settings, log_config=uvicorn.config.LOGGING_CONFIG, **options)
+    else:
+        config = uvicorn.Config(app, **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -75,7 +80,8 @@ _data_dirs = itertools.count()
 
 def make_settings(env: dict[str, str], tmp_path: Any = None) -> Settings:
     """Settings from `env` alone (never the process environment), each app with its own DATA_DIR."""
-    base = {"CHECK_KEYS": "false", "LOG_LEVEL": "warning"}
+    # A fresh status on every read: tests check it right after the requests they make.
+    base = {"CHECK_KEYS": "false", "LOG_LEVEL": "warning", "STATUS_CACHE_SECONDS": "0"}
     if tmp_path is not None:
         base["DATA_DIR"] = str(tmp_path / f"data-{next(_data_dirs)}")
     return load_settings({**base, **env}, env_file=None)

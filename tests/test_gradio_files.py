@@ -5,7 +5,9 @@ driven over HTTP the way a crafted client would (queue/join + the SSE stream of 
 (`processing_utils._check_allowed`) for a Blocks that has not launched: any path named in an
 event's input was copied into the cache and served back. These tests send such paths to every
 event that takes the chatbot, and to the Admin tab's Import, and prove the files are never opened,
-copied or served; that uploads are bounded; and that a real upload still imports."""
+copied or served; that uploads are refused (the import is pasted JSON, issue 9 item 5); that
+the export is handed over as text, leaving no file behind (item 18); and that a pasted import
+still imports."""
 
 from __future__ import annotations
 
@@ -252,7 +254,7 @@ def import_event(page: dict) -> tuple[dict, int, int]:
     return dep, key, file_input
 
 
-def call_import(served: Served, page: dict, admin_key: str, file: dict | None) -> dict:
+def call_import(served: Served, page: dict, admin_key: str, file: Any) -> dict:
     dep, key, file_input = import_event(page)
     data = [admin_key if i == key else file if i == file_input else None for i in dep["inputs"]]
     return run_event(served, dep, data)
@@ -285,38 +287,33 @@ def test_a_path_crafted_into_the_admin_import_is_never_read(
     assert "Imported" not in status_text(here)
 
 
-def test_a_real_upload_with_a_wrong_key_is_not_read_and_with_the_right_key_imports(
-    served: Served, page: dict, opened: Any
+def test_a_pasted_import_with_a_wrong_key_is_refused_and_with_the_right_key_imports(
+    served: Served, page: dict
 ) -> None:
-    token = f"uploaded-{uuid.uuid4().hex}"
-    response = upload(served, "users.json", json.dumps({"users": [{"token": token, "nickname": "up"}]}).encode())
-    assert response.status_code == 200, response.text
-    (path,) = response.json()
-    assert Path(path).resolve().is_relative_to(upload_folder().resolve())
-    opens = opened(path)
+    token = f"pasted-{uuid.uuid4().hex}"
+    text = json.dumps({"users": [{"token": token, "nickname": "pasted"}]})
 
-    refused = call_import(served, page, "wrong-admin-key-000", file_data(path, "users.json"))
+    refused = call_import(served, page, "wrong-admin-key-000", text)
     assert "Wrong admin key." in status_text(refused), refused
-    assert opens == [], "the upload was read before the admin key was checked"
     assert not user_exists(served, token)
 
-    done = call_import(served, page, ADMIN_KEY, file_data(path, "users.json"))
+    done = call_import(served, page, ADMIN_KEY, text)
     assert "Imported 1 user(s)." in status_text(done), done
     assert user_exists(served, token)
 
 
-# ---------------------------------------------------------------- uploads are bounded
+# ---------------------------------------------------------------- no uploads (issue 9, item 5)
 
 
-def test_an_oversized_upload_is_refused(served: Served, page: dict) -> None:
-    limit = page.get("max_file_size")
-    assert isinstance(limit, int) and 0 < limit <= 20 * 1024 * 1024, limit
-    marker = f"oversized-{uuid.uuid4().hex}".encode()
-    too_big = upload(served, "big.json", marker + b" " * (limit + 1 - len(marker)))
-    assert too_big.status_code == 413, too_big.status_code
+@pytest.mark.parametrize("size", [16, 30 * 1024 * 1024], ids=["small", "30MB"])
+def test_uploads_to_the_page_are_refused_and_nothing_is_stored(served: Served, size: int) -> None:
+    marker = f"upload-{uuid.uuid4().hex}".encode()
+    before = {p for p in upload_folder().rglob("*")} if upload_folder().is_dir() else set()
+    response = upload(served, "users.json", marker + b" " * max(0, size - len(marker)))
+    assert response.status_code == 403, response.status_code
+    after = {p for p in upload_folder().rglob("*")} if upload_folder().is_dir() else set()
     assert cached_copies(marker) == []
-    fits = upload(served, "small.json", b'{"users": []}')
-    assert fits.status_code == 200, fits.text
+    assert after <= before, "the refused upload left files behind"
 
 
 # ---------------------------------------------------------------- the fix keeps the page working
@@ -333,19 +330,28 @@ def test_the_mounted_page_checks_paths_and_blocks_the_data_directory(served: Ser
     assert Path(".env").resolve() in blocked
 
 
-def test_the_admin_export_still_hands_out_its_file(served: Served, page: dict) -> None:
+def test_the_admin_export_is_handed_over_once_as_text_and_leaves_no_file(served: Served, page: dict) -> None:
+    import tempfile
+
     token = create_user(served, "exported")
     button = component_id(page, elem_id="admin-export")
     (dep,) = dependencies(page, target=(button, "click"))
     key = component_id(page, elem_id="admin-key")
+    temp = Path(tempfile.gettempdir())
+    before = set(temp.glob("proxy-export-*"))
+
     reply = run_event(served, dep, [ADMIN_KEY if i == key else None for i in dep["inputs"]])
     assert reply.get("success") is True, reply
-    (url,) = {u for u in FILE_URL.findall(json.dumps(reply)) if u.endswith(".json")}
-    got = httpx.get(served.url + url, timeout=10)
-    assert got.status_code == 200 and token in got.text
+    assert token in json.dumps(reply), "the export did not reach the admin"
+    assert FILE_URL.findall(json.dumps(reply)) == [], "the export is served as a file"
+    assert cached_copies(token.encode()) == [], "a copy of the export sits in Gradio's cache"
+    assert set(temp.glob("proxy-export-*")) == before, "a plaintext copy was left in the temp directory"
+
+    wrong = run_event(served, dep, ["wrong-admin-key-000" if i == key else None for i in dep["inputs"]])
+    assert token not in json.dumps(wrong)
 
 
-def test_the_admin_imports_a_file_chosen_in_the_browser(served: Served, tmp_path: Path) -> None:
+def test_the_admin_imports_pasted_json_in_the_browser(served: Served) -> None:
     from tests.browser_util import chromium_path, field, launch_chromium, open_tab
 
     chromium = chromium_path()
@@ -354,8 +360,7 @@ def test_the_admin_imports_a_file_chosen_in_the_browser(served: Served, tmp_path
     from playwright.sync_api import expect, sync_playwright
 
     token = f"browser-import-{uuid.uuid4().hex}"
-    export = tmp_path / "users.json"
-    export.write_text(json.dumps({"users": [{"token": token, "nickname": "from-browser"}]}))
+    export = json.dumps({"users": [{"token": token, "nickname": "from-browser"}]})
     with sync_playwright() as playwright:
         browser = launch_chromium(playwright, chromium)
         try:
@@ -368,8 +373,7 @@ def test_the_admin_imports_a_file_chosen_in_the_browser(served: Served, tmp_path
             tab.locator("#admin-unlock").click()
             expect(tab.locator("#admin-status")).to_contain_text("Unlocked", timeout=15_000)
             tab.get_by_text("Backup", exact=True).click()
-            tab.locator('#admin-area input[type=file][accept=".json"]').set_input_files(str(export))
-            expect(tab.locator("#admin-area")).to_contain_text(re.compile(r"users\s*\.json"), timeout=15_000)
+            field(tab, "admin-import-text").fill(export)
             tab.locator("#admin-import").click()
             expect(tab.locator("#admin-status")).to_contain_text("Imported 1 user(s).", timeout=15_000)
             assert not errors, errors

@@ -5,13 +5,8 @@ checks it; tokens are shown masked, except a freshly created one, shown once and
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import os
-import tempfile
 import time
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -33,23 +28,12 @@ from ui.admin_api import (
 from ui.common import UIContext, esc
 
 NEW_TOKEN_SECONDS = 120
-EXPORT_LIFETIME_SECONDS = 300
-MAX_IMPORT_BYTES = 20 * 1024 * 1024
+# The pasted import travels in one Gradio event, under PAGE_MAX_BODY_BYTES (JSON-escaped there).
+MAX_IMPORT_CHARS = 3_000_000
 
 
 def users_frame(users: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(user_rows(users), columns=USER_HEADERS)
-
-
-def _schedule_removal(path: str, delay: float) -> None:
-    def remove() -> None:
-        with contextlib.suppress(OSError):
-            os.remove(path)
-
-    try:
-        asyncio.get_running_loop().call_later(delay, remove)
-    except RuntimeError:
-        remove()
 
 
 class AdminPanel:
@@ -141,9 +125,24 @@ class AdminPanel:
             with gr.Accordion("Backup", open=False), gr.Row():
                 with gr.Column():
                     self.export_btn = gr.Button("Export users (JSON)", elem_id="admin-export")
-                    self.export_file = gr.File(label="Export", visible=False, interactive=False)
+                    # Handed over as text, once: no file is written, nothing stays in Gradio's cache.
+                    self.export_file = gr.Textbox(
+                        label="Export: every user's token, copy it somewhere safe",
+                        visible=False,
+                        interactive=False,
+                        lines=6,
+                        max_lines=12,
+                        buttons=["copy"],
+                        elem_id="admin-export-text",
+                    )
                 with gr.Column():
-                    self.import_file = gr.File(label="Import users (JSON)", file_types=[".json"], type="filepath")
+                    self.import_file = gr.Textbox(
+                        label="Import users: paste an export's JSON",
+                        lines=4,
+                        max_lines=12,
+                        max_length=MAX_IMPORT_CHARS,
+                        elem_id="admin-import-text",
+                    )
                     self.import_btn = gr.Button("Import", elem_id="admin-import")
 
     # ------------------------------------------------------------ helpers
@@ -165,7 +164,8 @@ class AdminPanel:
             self.selected_md: "No user selected.",
             self.new_token: gr.Textbox(value="", visible=False),
             self.copied_btn: gr.Button(visible=False),
-            self.export_file: gr.File(value=None, visible=False),
+            self.export_file: gr.Textbox(value="", visible=False),
+            self.import_file: "",
         }
 
     # ------------------------------------------------------------ handlers
@@ -327,36 +327,31 @@ class AdminPanel:
         result = await api.export(key)
         if not result.ok:
             return {self.status: failure(result, "export")}
-        folder = tempfile.mkdtemp(prefix="proxy-export-")
-        path = Path(folder) / time.strftime("users-%Y%m%d-%H%M%S.json", time.gmtime())
-        path.write_text(json.dumps(result.data, indent=2), encoding="utf-8")
-        os.chmod(path, 0o600)
-        _schedule_removal(str(path), EXPORT_LIFETIME_SECONDS)
         return {
-            self.status: "Export ready: it holds every user's token, keep it safe.",
-            self.export_file: gr.File(value=str(path), visible=True),
+            self.status: "Export ready below: it holds every user's token, keep it safe. Lock clears it.",
+            self.export_file: gr.Textbox(value=json.dumps(result.data, indent=2), visible=True),
         }
 
-    async def import_(self, key: str, file_path: str | None, request: gr.Request | None = None) -> dict:
+    async def import_(self, key: str, text: str | None, request: gr.Request | None = None) -> dict:
         api = AdminAPI(self.ctx, request)
-        if not file_path:
-            return {self.status: "Choose a JSON file first."}
-        checked = await api.list_users(key)  # the admin key first: no file is touched without it
+        if not isinstance(text, str) or not text.strip():
+            return {self.status: "Paste an export's JSON first."}
+        checked = await api.list_users(key)  # the admin key first
         if not checked.ok:
             return {self.status: failure(checked, "import")}
+        if len(text) > MAX_IMPORT_CHARS:
+            return {self.status: f"That export is over {MAX_IMPORT_CHARS} characters."}
         try:
-            if os.path.getsize(file_path) > MAX_IMPORT_BYTES:
-                return {self.status: "That file is too large."}
-            data = json.loads(Path(file_path).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {self.status: "That file is not valid JSON."}
+            data = json.loads(text)
+        except ValueError:
+            return {self.status: "That is not valid JSON."}
         result = await api.import_(key, data)
         if not result.ok:
             return {self.status: failure(result, "import")}
         count = result.data.get("imported") if isinstance(result.data, dict) else None
         return {
             self.status: f"Imported {int(count or 0)} user(s).",
-            self.import_file: None,
+            self.import_file: "",
             **await self._listing(api, key),
         }
 

@@ -6,6 +6,8 @@ app = gr.mount_gradio_app(app, build_ui(ctx), path="/", ssr_mode=False,
 
 from __future__ import annotations
 
+import time
+
 import gradio as gr
 
 from ui.admin import AdminPanel
@@ -17,6 +19,7 @@ from ui.me import MePanel
 from ui.usage import UsagePanel
 
 REFRESH_SECONDS = 5
+REFRESH_RENDER_SECONDS = 1.0  # the live panels are rendered at most this often, for everyone
 SPACE_SECRETS = (
     "`OPENAI_KEY` and/or `ANTHROPIC_KEY` (your provider keys, comma-separated for several), "
     "`PROXY_KEY` (one password for all your friends) or `ADMIN_KEY` (to hand out personal "
@@ -126,11 +129,20 @@ def build_ui(ctx: UIContext) -> gr.Blocks:
             with gr.Tab("Admin", id="admin", visible=ctx.admin_enabled):
                 admin = AdminPanel(ctx)
 
+        rendered: dict[bool, tuple[float, list]] = {}  # per lock state: when, and the outputs then
+
         def refresh(unlocked: bool = ctx.info_check is None) -> list:
+            # Rendered at most once a second for all visitors, however many poll the page.
+            now = time.monotonic()
+            last = rendered.get(unlocked)
+            if last is not None and now - last[0] < REFRESH_RENDER_SECONDS:
+                return last[1]
             snapshot = safe_status(ctx)
             if not unlocked:
                 snapshot = locked_snapshot(snapshot)
-            return [header_markdown(ctx, snapshot), *keys.values(snapshot), *usage.values(snapshot)]
+            outputs = [header_markdown(ctx, snapshot), *keys.values(snapshot), *usage.values(snapshot)]
+            rendered[unlocked] = (now, outputs)
+            return outputs
 
         live_outputs = [header, *keys.outputs(), *usage.outputs()]
         timer = gr.Timer(REFRESH_SECONDS)
@@ -140,7 +152,10 @@ def build_ui(ctx: UIContext) -> gr.Blocks:
                 inputs=[info_ok],
                 outputs=live_outputs,
                 api_visibility="private",
-                concurrency_limit=None,
+                # One refresh at a time for all visitors: a crowd polling the page queues up in
+                # Gradio's queue instead of crowding the event loop the proxy's requests share.
+                concurrency_limit=1,
+                concurrency_id="live-refresh",
                 show_progress="hidden",
             )
         if ctx.info_check is not None:
