@@ -1,7 +1,8 @@
 """The admin API (users, export/import, key recheck) and each friend's own `/proxy/me`.
 
-Every admin call needs `Authorization: Bearer <ADMIN_KEY>`. A client that keeps guessing is
-locked out for a while, even with the right key. Errors are `{"error": {"message", "type"}}`.
+Every admin call needs `Authorization: Bearer <ADMIN_KEY>`. An address that keeps guessing is
+locked out for a while: its wrong keys get 429, slowly; the right key still works.
+Errors are `{"error": {"message", "type"}}`.
 Routes are `async def`: they run on the event loop, like the request pipeline, so user
 objects are never changed from two threads at once.
 """
@@ -23,8 +24,8 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
-from proxy.access.gatekeeper import Gatekeeper, credential_from
-from proxy.access.ratelimit import FailureGuard
+from proxy.access.gatekeeper import TARPIT_DELAY_S, TARPIT_HELD, Gatekeeper, GuessRefused, credential_from
+from proxy.access.ratelimit import FailureGuard, Tarpit, network_of
 from proxy.access.users import User, UserService, next_refill
 from proxy.access.validation import CREATE_FIELDS, PATCH_FIELDS, UserError, parse_record
 from proxy.errors import ProxyError
@@ -128,29 +129,35 @@ def admin_router(
     pass the pipeline's X-Forwarded-For aware function)."""
     _mask_access_log()
     guard = guard or FailureGuard(limit=10, window_s=300, lockout_s=300, clock=clock)
+    tarpit = Tarpit(TARPIT_DELAY_S, TARPIT_HELD, clock)
     key_digest = _digest(admin_key) if admin_key else None
     pending: set[asyncio.Future] = set()
 
     async def authorize(request: Request) -> None:
         if key_digest is None:
             raise AdminError(503, "The admin API is off: set ADMIN_KEY and restart.", "unavailable")
-        client = client_ip(request)
-        wait = guard.retry_after(client)
-        if wait is not None:
-            raise AdminError(
-                429, f"Too many wrong admin keys; try again in {wait} s.", "rate_limit", {"Retry-After": str(wait)}
-            )
         supplied = credential_from(request.headers)
-        if supplied is None or not hmac.compare_digest(_digest(supplied), key_digest):
-            guard.failed(client)
-            log.warning("admin: rejected a wrong or missing key from %s", client)
+        if supplied is not None and hmac.compare_digest(_digest(supplied), key_digest):
+            return  # the right key works even from an address locked out for guessing
+        client = network_of(client_ip(request))
+        locked = guard.retry_after(client) is not None  # the guess that starts a lockout gets its 401
+        guard.failed(client)
+        log.warning("admin: rejected a wrong or missing key from %s", client)
+        wait = guard.retry_after(client)
+        if locked and wait is not None:
+            await asyncio.sleep(tarpit.delay(client))
             raise AdminError(
-                401,
-                "This needs the admin key: send 'Authorization: Bearer <ADMIN_KEY>'.",
-                "authentication",
-                {"WWW-Authenticate": "Bearer"},
+                429,
+                f"Too many wrong admin keys from this address; wrong keys are refused for {wait} s.",
+                "rate_limit",
+                {"Retry-After": str(wait)},
             )
-        guard.succeeded(client)
+        raise AdminError(
+            401,
+            "This needs the admin key: send 'Authorization: Bearer <ADMIN_KEY>'.",
+            "authentication",
+            {"WWW-Authenticate": "Bearer"},
+        )
 
     router = APIRouter(route_class=_JSONErrorRoute, dependencies=[Depends(authorize)])
 
@@ -292,7 +299,10 @@ def me_router(
         try:
             user = gatekeeper.user_for(credential_from(request.headers), client_ip(request))
         except ProxyError as exc:
-            raise AdminError(exc.status, exc.message, "rate_limit", exc.headers) from None
+            if isinstance(exc, GuessRefused):
+                await asyncio.sleep(exc.delay)
+            kind = "rate_limit" if exc.status == 429 else "authentication"
+            raise AdminError(exc.status, exc.message, kind, exc.headers) from None
         if user is None:
             raise AdminError(401, "Send your user token as 'Authorization: Bearer <token>'.", "authentication")
         return JSONResponse(_own_view(gatekeeper, user, clock()))

@@ -86,6 +86,11 @@ class Settings(BaseModel):
     text_model_rate_limit: int = Field(0, ge=0)
     quota_refresh_period: Literal["hourly", "daily", ""] = ""
     errors_as_chat: bool = False
+    trusted_proxies: str = ""
+    max_ips_window_hours: float = Field(24.0, gt=0)
+    user_concurrency_limit: int = Field(0, ge=0)
+    # TOKEN_QUOTA_<FAMILY>: default token limits for new users, by model family (see token_quota_env).
+    token_quota: dict[str, int] = Field(default_factory=dict)
 
     # Keys
     check_keys: bool = True
@@ -132,6 +137,13 @@ class Settings(BaseModel):
 
         parse_prices(value)
         return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, value: str) -> str:
+        from proxy.access.client_ip import valid_setting
+
+        return valid_setting(value)
 
     @field_validator("gatekeeper", "quota_refresh_period", "log_level", mode="before")
     @classmethod
@@ -267,10 +279,64 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path
     except ValueError:
         custom = []  # reported by the validator below, with the variable's name
     custom_keys = {name: upper[key_variable(name)] for name, _ in custom if upper.get(key_variable(name))}
+    chosen.pop("token_quota", None)  # set from the TOKEN_QUOTA_<FAMILY> variables only
+    quotas = token_quota_env(source)
     try:
-        return Settings(**{name: value for name, (_, value) in chosen.items()}, custom_keys=custom_keys)
+        return Settings(
+            **{name: value for name, (_, value) in chosen.items()}, custom_keys=custom_keys, token_quota=quotas
+        )
     except ValidationError as exc:
         raise ConfigError(_describe(exc, {name: variable for name, (variable, _) in chosen.items()})) from None
+
+
+# The Node original's family names (TOKEN_QUOTA_GPT4O...), for the families they correspond to here.
+_NODE_FAMILY_NAMES = {
+    "TURBO": ("gpt-3.5-turbo",),
+    "GPT4": ("gpt-4",),
+    "GPT4_32K": ("gpt-4-32k",),
+    "GPT4_TURBO": ("gpt-4-turbo",),
+    "GPT4O": ("gpt-4o",),
+    "O1": ("o-series",),
+    "DALL_E": ("dall-e",),
+    "CLAUDE": ("claude-sonnet", "claude-haiku", "claude"),
+    "CLAUDE_OPUS": ("claude-opus",),
+}
+TOKEN_QUOTA_PREFIX = "TOKEN_QUOTA_"
+
+
+def quota_variable(family: str) -> str:
+    """The variable that sets `family`'s default quota: TOKEN_QUOTA_ + the name in capitals,
+    dashes and dots as underscores (gpt-4.1-mini: TOKEN_QUOTA_GPT_4_1_MINI)."""
+    return TOKEN_QUOTA_PREFIX + re.sub(r"[-.]", "_", family.upper())
+
+
+def token_quota_env(source: Mapping[str, str]) -> dict[str, int]:
+    """Default token limits per family from TOKEN_QUOTA_<FAMILY> variables (0 or empty: no limit).
+
+    Our own family names and the Node original's (TOKEN_QUOTA_GPT4O, TOKEN_QUOTA_TURBO...) are
+    both understood; our name wins when both are set. An unknown family stops the start."""
+    from proxy.families import known_families
+
+    ours = {quota_variable(f): f for f in known_families()}
+    named: dict[str, int] = {}
+    aliased: dict[str, int] = {}
+    for raw_name, raw in source.items():
+        name = raw_name.upper()
+        if not name.startswith(TOKEN_QUOTA_PREFIX) or str(raw).strip() == "":
+            continue
+        value = str(raw).strip().replace("_", "")
+        if not value.isdigit():
+            raise ConfigError(f"Invalid configuration: {name}: must be a whole number of tokens, 0 or more")
+        short = name[len(TOKEN_QUOTA_PREFIX) :]
+        if short in _NODE_FAMILY_NAMES:  # TOKEN_QUOTA_CLAUDE: every Claude but Opus, as in the original
+            for family in _NODE_FAMILY_NAMES[short]:
+                aliased[family] = int(value)
+        elif name in ours:
+            named[ours[name]] = int(value)
+        else:
+            known = ", ".join(sorted(ours))
+            raise ConfigError(f"Invalid configuration: {name}: unknown model family. Known: {known}")
+    return {family: n for family, n in (aliased | named).items() if n > 0}
 
 
 def _by_field(values: dict[str, str]) -> dict[str, tuple[str, str]]:

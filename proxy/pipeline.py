@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from proxy import error_chat, jsonx, upstream
-from proxy.access.gatekeeper import Admission, Gatekeeper, credential_from, hashed
+from proxy.access.gatekeeper import Admission, Gatekeeper, GuessRefused, credential_from, hashed
 from proxy.body import output_reserve, read_json
 from proxy.client import ClientGone, unless_client_leaves
 from proxy.errors import SHAPES, Kind, ProxyError, Redactor
@@ -157,6 +157,8 @@ class Pipeline:
             else:
                 response = await self._generate(request, service, endpoint, caller, ctx)
         except ProxyError as exc:
+            if isinstance(exc, GuessRefused) and exc.delay:
+                await asyncio.sleep(exc.delay)  # slows guessing from a locked-out address
             self._count_refusal(ctx, exc)
             response = await self._refusal_response(request, ctx, shape, exc)
         except UpstreamReply as exc:

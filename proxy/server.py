@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from proxy import upstream
 from proxy.access import Access, build_access
+from proxy.access.client_ip import TrustedProxies
 from proxy.access.gatekeeper import Gatekeeper, credential_from
 from proxy.access.ratelimit import FailureGuard, network_of
 from proxy.admin import admin_router, me_router
@@ -62,13 +63,19 @@ class Runtime:
     internal_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     info_guard: FailureGuard = field(default_factory=lambda: FailureGuard(limit=10, window_s=300, lockout_s=300))
     _status_cache: dict[str, tuple[float, dict]] = field(default_factory=dict, repr=False)
+    trusted_proxies: TrustedProxies | None = None
+
+    def __post_init__(self) -> None:
+        if self.trusted_proxies is None:
+            self.trusted_proxies = TrustedProxies.parse(self.settings.trusted_proxies, on_space=self.settings.on_space)
 
     def client_ip(self, request: Any) -> str:
         """The caller's IP, for per-IP limits and lockouts.
 
         Believed, in order: the page's own calls, which prove themselves with a per-process secret
-        and arrive from this machine; on a Space, the last X-Forwarded-For entry (the one the
-        Space's front proxy added: earlier entries are whatever the client sent); else the peer.
+        and arrive from this machine; else the X-Forwarded-For entry the trusted front proxies
+        vouch for (TRUSTED_PROXIES; on a Space by default the Space's own front proxy, which
+        connects from a private network); else the socket peer.
         """
         peer = request.client.host if request.client else "unknown"
         headers = request.headers
@@ -77,11 +84,8 @@ class Runtime:
             proof = headers.get(INTERNAL_HEADER)
             if vouched and proof and hmac.compare_digest(proof.encode(), self.internal_secret.encode()):
                 return vouched[:64]
-        if self.settings.on_space:
-            forwarded = headers.get("x-forwarded-for")
-            if forwarded:
-                return forwarded.rsplit(",", 1)[-1].strip()[:64] or peer
-        return peer
+        assert self.trusted_proxies is not None
+        return self.trusted_proxies.client_of(peer, headers.get("x-forwarded-for"))
 
     def page_headers(self, request: Any) -> dict[str, str]:
         """Headers the page adds to the calls it makes for a visitor: who the visitor is, vouched."""

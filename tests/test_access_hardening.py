@@ -50,14 +50,18 @@ def guess(gk: Gatekeeper, ip: str, times: int, credential: str = "pk-wrong-guess
 # 1. Guessing the proxy key or a user token --------------------------------------------------------
 
 
-def test_twenty_wrong_proxy_keys_lock_the_ip_out_even_for_the_right_key(tmp_path: Path, clock: Clock) -> None:
+def test_twenty_wrong_proxy_keys_lock_out_wrong_keys_while_the_right_key_still_works(
+    tmp_path: Path, clock: Clock
+) -> None:
     gk = proxy_key_gate(tmp_path, clock)
     guess(gk, "198.51.100.7", 20)
 
-    error = refused(gk.identify, RIGHT, "198.51.100.7")
+    error = refused(gk.identify, "pk-another-guess", "198.51.100.7")
     assert error.status == 429 and error.kind is Kind.RATE_LIMIT
     assert 1 <= int(error.headers["Retry-After"]) <= 300
-    assert gk.identify(RIGHT, "198.51.100.8").label == "proxy-key"  # another IP is not affected
+    # Everyone else behind the same address (a NAT, a front proxy) who knows the key goes on.
+    assert gk.identify(RIGHT, "198.51.100.7").label == "proxy-key"
+    assert gk.identify(RIGHT, "198.51.100.8").label == "proxy-key"
 
 
 def test_nineteen_wrong_keys_are_not_yet_a_lockout(tmp_path: Path, clock: Clock) -> None:
@@ -69,11 +73,11 @@ def test_nineteen_wrong_keys_are_not_yet_a_lockout(tmp_path: Path, clock: Clock)
 def test_the_lockout_ends_after_its_time(tmp_path: Path, clock: Clock) -> None:
     gk = proxy_key_gate(tmp_path, clock)
     guess(gk, "198.51.100.7", 20)
-    wait = int(refused(gk.identify, RIGHT, "198.51.100.7").headers["Retry-After"])
+    wait = int(refused(gk.identify, "pk-guess", "198.51.100.7").headers["Retry-After"])
     clock.advance(wait - 1)
-    assert refused(gk.identify, RIGHT, "198.51.100.7").status == 429
-    clock.advance(1.5)
-    assert gk.identify(RIGHT, "198.51.100.7").label == "proxy-key"
+    assert refused(gk.identify, "pk-guess", "198.51.100.7").status == 429
+    clock.advance(300.5)  # each wrong guess while locked out extends the lockout
+    assert refused(gk.identify, "pk-guess", "198.51.100.7").status == 401
 
 
 def test_a_success_does_not_wipe_the_failures_counted_so_far(tmp_path: Path, clock: Clock) -> None:
@@ -82,7 +86,7 @@ def test_a_success_does_not_wipe_the_failures_counted_so_far(tmp_path: Path, clo
         guess(gk, "198.51.100.7", 2)
         assert gk.identify(RIGHT, "198.51.100.7").label == "proxy-key"
     guess(gk, "198.51.100.7", 2)
-    assert refused(gk.identify, RIGHT, "198.51.100.7").status == 429
+    assert refused(gk.identify, "pk-guess", "198.51.100.7").status == 429
 
 
 def test_failures_older_than_the_window_are_forgotten(tmp_path: Path, clock: Clock) -> None:
@@ -104,8 +108,9 @@ def test_ipv6_clients_are_counted_by_their_slash_64(tmp_path: Path, clock: Clock
     gk = proxy_key_gate(tmp_path, clock)
     for n in range(20):  # one host owns a whole /64: a new address per guess changes nothing
         assert refused(gk.identify, "pk-wrong", f"2001:db8:1:2::{n + 1:x}").status == 401
-    assert refused(gk.identify, RIGHT, "2001:db8:1:2:ffff::1").status == 429
-    assert gk.identify(RIGHT, "2001:db8:1:3::1").label == "proxy-key"
+    assert refused(gk.identify, "pk-wrong", "2001:db8:1:2:ffff::1").status == 429
+    assert refused(gk.identify, "pk-wrong", "2001:db8:1:3::1").status == 401
+    assert gk.identify(RIGHT, "2001:db8:1:2:ffff::1").label == "proxy-key"
 
 
 def test_user_token_guesses_are_locked_out_and_known_users_cannot_reset_them(tmp_path: Path, clock: Clock) -> None:
@@ -119,7 +124,8 @@ def test_user_token_guesses_are_locked_out_and_known_users_cannot_reset_them(tmp
         guess(gk, "198.51.100.7", 2, credential="not-a-token")
         assert gk.identify(mallory.token, "198.51.100.7").label == "mallory"
     guess(gk, "198.51.100.7", 2, credential="not-a-token")
-    assert refused(gk.identify, alice.token, "198.51.100.7").status == 429
+    assert refused(gk.identify, "not-a-token", "198.51.100.7").status == 429
+    assert gk.identify(alice.token, "198.51.100.7").label == "alice"  # valid tokens still work
     assert gk.identify(alice.token, "198.51.100.9").label == "alice"
 
 
@@ -133,10 +139,12 @@ def test_other_token_lookups_share_the_guessing_lockout(tmp_path: Path, clock: C
     assert gk.user_for(dave.token, "198.51.100.7") is dave
     assert gk.user_for(None, "198.51.100.7") is None
     for n in range(20):
-        assert gk.user_for(f"not-a-token-{n}", "198.51.100.7") is None
-    error = refused(gk.user_for, dave.token, "198.51.100.7")
+        assert refused(gk.user_for, f"not-a-token-{n}", "198.51.100.7").status == 401
+    error = refused(gk.user_for, "not-a-token", "198.51.100.7")
     assert error.status == 429 and "Retry-After" in error.headers
-    assert refused(gk.identify, dave.token, "198.51.100.7").status == 429  # one count for both doors
+    assert refused(gk.identify, "not-a-token", "198.51.100.7").status == 429  # one count for both doors
+    assert gk.user_for(dave.token, "198.51.100.7") is dave  # dave's own page still answers him
+    assert gk.identify(dave.token, "198.51.100.7").label == "dave"
 
 
 def test_a_refused_user_token_is_not_a_guess(tmp_path: Path, clock: Clock) -> None:
@@ -164,7 +172,7 @@ def test_guesses_and_lockouts_never_log_or_echo_the_credential(
     gk = proxy_key_gate(tmp_path, clock)
     with caplog.at_level(logging.DEBUG):
         messages = [refused(gk.identify, f"pk-secret-guess-{n}", "198.51.100.7").message for n in range(25)]
-        messages.append(refused(gk.identify, RIGHT, "198.51.100.7").message)
+        assert gk.identify(RIGHT, "198.51.100.7").label == "proxy-key"
     assert "pk-secret-guess" not in caplog.text + "".join(messages)
     assert RIGHT not in caplog.text + "".join(messages)
     assert "198.51.100.7" in caplog.text  # the lockout is logged, by IP
@@ -189,7 +197,7 @@ def test_a_failure_counter_holds_no_more_than_its_limit(clock: Clock) -> None:
 
 
 def test_a_locked_out_ip_gets_429_with_retry_after_over_http(claude_pool) -> None:
-    served, fake = claude_pool({PAID: KeyBehaviour()}, SPACE_ID="someone/proxy")  # X-Forwarded-For believed
+    served, fake = claude_pool({PAID: KeyBehaviour()}, TRUSTED_PROXIES="1")  # X-Forwarded-For believed
     url = f"{served.proxy('anthropic')}/messages"
 
     def post(key: str, ip: str) -> httpx.Response:
@@ -197,12 +205,15 @@ def test_a_locked_out_ip_gets_429_with_retry_after_over_http(claude_pool) -> Non
         return httpx.post(url, json=MESSAGE, headers=headers, timeout=10)
 
     assert {post(f"pk-guess-{n}", "203.0.113.5").status_code for n in range(20)} == {401}
-    locked = post(PROXY_KEY, "203.0.113.5")
+    started = time.monotonic()
+    locked = post("pk-guess-again", "203.0.113.5")
+    assert time.monotonic() - started >= 0.9  # a locked-out guesser waits for each answer
     assert locked.status_code == 429
     assert 1 <= int(locked.headers["retry-after"]) <= 300
     assert locked.json()["error"]["type"] == "rate_limit_error"
+    assert post(PROXY_KEY, "203.0.113.5").status_code == 200  # the others at that address go on
     assert post(PROXY_KEY, "203.0.113.6").status_code == 200
-    assert fake.calls_by_key == {PAID: 1}
+    assert fake.calls_by_key == {PAID: 2}
 
 
 # 2. A client's request cannot revoke the Claude pool ---------------------------------------------
@@ -370,3 +381,23 @@ def test_a_restored_state_keeps_lost_models_bounded() -> None:
     )
     assert len(pool.keys[0].lost_models) == MAX_LOST_MODELS
     assert pool.keys[1].lost_models == {HAIKU}
+
+
+def test_a_valid_token_reads_its_own_page_and_uses_the_proxy_from_a_locked_out_address(
+    proxy_app, fake_openai
+) -> None:
+    served = proxy_app(OPENAI_KEY="sk-paid-0123456789abcdef", OPENAI_BASE_URL=fake_openai.base_url,
+                       GATEKEEPER="user_token", ADMIN_KEY=ADMIN_KEY)  # fmt: skip
+    token = served.runtime.access.users.create(nickname="nat-neighbour").token
+    me = f"{served.url}/proxy/me"
+    for n in range(20):  # someone else behind the same address guesses tokens
+        assert httpx.get(me, headers={"authorization": f"Bearer guess-{n}-0123456789"}).status_code == 401
+    assert httpx.get(me, headers={"authorization": "Bearer guess-0123456789"}, timeout=10).status_code == 429
+    mine = httpx.get(me, headers={"authorization": f"Bearer {token}"})
+    assert mine.status_code == 200 and mine.json()["nickname"] == "nat-neighbour"
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    chat = httpx.post(f"{served.proxy()}/chat/completions", json=body, headers={"authorization": f"Bearer {token}"})
+    assert chat.status_code == 200
+    wrong = httpx.post(f"{served.proxy()}/chat/completions", json=body, headers={"authorization": "Bearer nope"})
+    assert wrong.status_code == 429 and wrong.json()["error"]["type"] == "rate_limit_error"
+    assert httpx.get(f"{served.url}/admin/api/users", headers={"authorization": f"Bearer {ADMIN_KEY}"}).status_code == 200

@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
-from proxy.access.ratelimit import FailureGuard, SlidingWindow, network_of
+from proxy.access.ratelimit import FailureGuard, SlidingWindow, Tarpit, network_of
 from proxy.access.users import MAX_REMEMBERED_IPS, User, UserService, next_refill
 from proxy.config import Settings
 from proxy.errors import Kind, ProxyError
@@ -21,11 +21,28 @@ from proxy.usage import Usage
 log = logging.getLogger("proxy.access")
 
 # Guessing the proxy key (a password a human chose) or a user token: this many wrong ones from one
-# address (an IPv4 address or an IPv6 /64) within the window lock that address out, even with the
-# right credential, for the lockout. Successes reset nothing: a valid token must not launder guesses.
+# address (an IPv4 address or an IPv6 /64) within the window lock that address out for the
+# lockout: its wrong credentials get 429 (slowly, see TARPIT_DELAY_S), its valid ones still work.
+# Successes reset nothing: a valid token must not launder guesses.
 GUESS_LIMIT = 20
 GUESS_WINDOW_S = 300.0
 GUESS_LOCKOUT_S = 300.0
+
+
+# A wrong credential from a locked-out address is answered after a delay, for at most this many
+# answers per address at a time: a guesser waiting for answers one by one is slowed to about one
+# guess a second; one opening many connections at once is not held further (its connections
+# would otherwise pile up here) and is refused at once.
+TARPIT_DELAY_S = 1.0
+TARPIT_HELD = 4
+
+
+class GuessRefused(ProxyError):
+    """A wrong credential from an address locked out for guessing; answer it after `delay` s."""
+
+    def __init__(self, *args: Any, delay: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.delay = delay
 
 
 @dataclass(slots=True)
@@ -107,55 +124,43 @@ class Gatekeeper:
         self._lock = threading.Lock()
         self._guesses = guesses or FailureGuard(GUESS_LIMIT, GUESS_WINDOW_S, GUESS_LOCKOUT_S, clock)
         self._guess_lock = threading.Lock()
+        self._tarpit = Tarpit(TARPIT_DELAY_S, TARPIT_HELD, clock)
 
     # Identity
     def identify(self, credential: str | None, ip: str) -> Caller:
-        """Raise a 401 ProxyError unless the credential is accepted, 403 when it is refused, and
-        429 while `ip` is locked out for guessing (see GUESS_LIMIT)."""
+        """Raise a 401 ProxyError unless the credential is accepted, 403 when it is refused.
+
+        A valid credential is accepted even while `ip` is locked out for guessing (see
+        GUESS_LIMIT): behind a NAT or a front proxy, many people share one address, and one of
+        them guessing must not lock the others out. A wrong one is answered 429 while locked out."""
         if self.mode == "none":
             return Caller(label="anon", ip=ip)
-        client = self._not_locked_out(ip)
         if self.mode == "proxy_key":
             if credential is None:
                 raise ProxyError(
                     401, "This proxy needs a proxy key: send it as 'Authorization: Bearer <key>'.", Kind.AUTHENTICATION
                 )
             if not hmac.compare_digest(credential.encode(), self._proxy_key):
-                self._guessed(client)
-                raise ProxyError(401, "The proxy key is not valid.", Kind.AUTHENTICATION)
+                self._guessed(network_of(ip), "The proxy key is not valid.")
             return Caller(label="proxy-key", ip=ip)
-        return self._identify_user(credential, ip, client)
+        return self._identify_user(credential, ip)
 
     def user_for(self, credential: str | None, ip: str) -> User | None:
         """The user a token names, for routes off the proxy path (such as /proxy/me), under the
-        same guessing lockout as `identify`: None for a missing or unknown token (an unknown one
-        counts as a guess), a 429 ProxyError while `ip` is locked out. Nothing else is checked."""
-        if self.users is None:
-            return None
-        client = self._not_locked_out(ip)
-        if credential is None:
+        same guessing rules as `identify`: None for a missing token, a 401 ProxyError for an
+        unknown one (a guess), 429 for an unknown one while `ip` is locked out. A known token
+        is always answered. Nothing else is checked."""
+        if self.users is None or credential is None:
             return None
         user = self.users.find(credential)
         if user is None:
-            self._guessed(client)
+            self._guessed(network_of(ip), "This user token is not valid.")
         return user
 
-    def _not_locked_out(self, ip: str) -> str:
-        """The address `ip` is counted under for guessing; a 429 ProxyError while it is locked out."""
-        client = network_of(ip)
-        wait = self._guesses.retry_after(client)
-        if wait is not None:
-            what = "proxy keys" if self.mode == "proxy_key" else "user tokens"
-            raise ProxyError(
-                429,
-                f"Too many wrong {what} from this address; try again in {wait} s.",
-                Kind.RATE_LIMIT,
-                headers={"Retry-After": str(wait)},
-            )
-        return client
-
-    def _guessed(self, client: str) -> None:
-        """Count a wrong credential from `client` (never the credential itself: not even in logs)."""
+    def _guessed(self, client: str, message: str) -> NoReturn:
+        """Count a wrong credential from `client` (never the credential itself: not even in logs),
+        and refuse it: 401, or 429 with Retry-After once `client` is locked out for guessing."""
+        wait = self._guesses.retry_after(client)  # the guess that starts a lockout still gets its 401
         with self._guess_lock:
             locked = self._guesses.failed(client)
         if locked:
@@ -165,8 +170,19 @@ class Gatekeeper:
                 self._guesses.lockout_s,
                 self._guesses.limit,
             )
+        if wait is None:
+            raise ProxyError(401, message, Kind.AUTHENTICATION)
+        wait = self._guesses.retry_after(client) or wait  # extended by this guess
+        what = "proxy keys" if self.mode == "proxy_key" else "user tokens"
+        raise GuessRefused(
+            429,
+            f"Too many wrong {what} from this address; a valid one still works, others are refused for {wait} s.",
+            Kind.RATE_LIMIT,
+            headers={"Retry-After": str(wait)},
+            delay=self._tarpit.delay(client),
+        )
 
-    def _identify_user(self, credential: str | None, ip: str, client: str) -> Caller:
+    def _identify_user(self, credential: str | None, ip: str) -> Caller:
         assert self.users is not None
         if credential is None:
             raise ProxyError(
@@ -176,8 +192,7 @@ class Gatekeeper:
             )
         user = self.users.find(credential)
         if user is None:
-            self._guessed(client)
-            raise ProxyError(401, "This user token is not valid.", Kind.AUTHENTICATION)
+            self._guessed(network_of(ip), "This user token is not valid.")
         if user.disabled:
             reason = user.disabled_reason or "no reason given"
             raise ProxyError(403, f"This user token is disabled: {reason}", Kind.PERMISSION, code="user_disabled")

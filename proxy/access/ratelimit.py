@@ -87,8 +87,8 @@ class SlidingWindow:
 class FailureGuard:
     """Locks out a client after `limit` failures within `window_s`, for `lockout_s` seconds.
 
-    While locked out, the client is refused even with the right credential, so guessing a key
-    costs `lockout_s` per `limit` guesses. Every call is O(1) (amortized): ended lockouts and
+    A lockout refuses only wrong credentials (the callers check the credential first): a valid
+    one from a shared address still works. Every call is O(1) (amortized): ended lockouts and
     quiet counters are swept once per window, not on each call."""
 
     def __init__(
@@ -135,6 +135,21 @@ class FailureGuard:
         """Forget `client`'s failures. Only for a credential no one else holds (the admin key):
         where many credentials are valid, a success must not launder another guess."""
         self._failures.forget(client)
+
+
+class Tarpit:
+    """How long to hold a refusal to `client`: `delay_s`, for at most `held` refusals per client
+    within any `delay_s` window; beyond that, 0 (answer at once rather than pile up connections)."""
+
+    def __init__(self, delay_s: float, held: int, clock: Callable[[], float] = time.time) -> None:
+        self.delay_s = delay_s
+        self._window = SlidingWindow(held, delay_s, clock) if delay_s > 0 and held > 0 else None
+
+    def delay(self, client: str) -> float:
+        if self._window is None or not self._window.check(client).allowed:
+            return 0.0
+        self._window.hit(client)
+        return self.delay_s
 
 
 def network_of(ip: str) -> str:
