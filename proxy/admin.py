@@ -329,7 +329,7 @@ def _own_view(gatekeeper: Gatekeeper, user: User, now: float) -> dict:
         "token_limits": dict(user.token_limits),
         "token_counts": dict(user.token_counts),
         "prompt_count": user.prompt_count,
-        "ip_count": len(user.ips),
+        "ip_count": gatekeeper.networks_in_window(user),
         "max_ips": gatekeeper.ip_limit(user),
         "quota": quota,
         "quota_exempt": user.exempt,

@@ -373,3 +373,30 @@ def test_user_token_mode_needs_users(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="UserService"):
         Gatekeeper(settings)
     assert Gatekeeper(settings, users=UserService(SQLiteStore(":memory:"))).mode == "user_token"
+
+
+# IP limit: networks (IPv6 by /64) seen within a window
+
+
+def test_a_phone_changing_ipv6_addresses_within_its_slash_64_counts_once(tmp_path: Path, clock: Clock) -> None:
+    gk = gatekeeper(tmp_path, clock, MAX_IPS_PER_USER="2", MAX_IPS_AUTO_BAN="true")
+    phone = gk.users.create(nickname="phone")
+    for n in range(50):  # privacy addresses: a new one every few minutes, all in one /64
+        gk.identify(phone.token, f"2001:db8:aa:bb:{n:x}::1")
+    gk.identify(phone.token, "198.51.100.7")
+    assert refused(gk.identify, phone.token, "2001:db8:cc:dd::1").status == 403
+    assert gk.users.get(phone.token).disabled
+
+
+def test_only_networks_seen_within_the_window_count_against_the_ip_limit(tmp_path: Path, clock: Clock) -> None:
+    gk = gatekeeper(tmp_path, clock, MAX_IPS_PER_USER="2", MAX_IPS_WINDOW_HOURS="24", MAX_IPS_AUTO_BAN="true")
+    traveller = gk.users.create(nickname="traveller")
+    gk.identify(traveller.token, "198.51.100.1")
+    gk.identify(traveller.token, "198.51.100.2")
+    assert refused(gk.identify, traveller.token, "198.51.100.3").status == 403
+    gk.users.update(traveller.token, {"disabled": False})
+    clock.advance(12 * HOUR)
+    gk.identify(traveller.token, "198.51.100.2")  # still in use: stays counted
+    clock.advance(13 * HOUR)  # .1 last seen 25 h ago, .2 13 h ago
+    gk.identify(traveller.token, "198.51.100.3")
+    assert refused(gk.identify, traveller.token, "198.51.100.4").status == 403

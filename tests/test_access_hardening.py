@@ -400,4 +400,5 @@ def test_a_valid_token_reads_its_own_page_and_uses_the_proxy_from_a_locked_out_a
     assert chat.status_code == 200
     wrong = httpx.post(f"{served.proxy()}/chat/completions", json=body, headers={"authorization": "Bearer nope"})
     assert wrong.status_code == 429 and wrong.json()["error"]["type"] == "rate_limit_error"
-    assert httpx.get(f"{served.url}/admin/api/users", headers={"authorization": f"Bearer {ADMIN_KEY}"}).status_code == 200
+    admin = httpx.get(f"{served.url}/admin/api/users", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert admin.status_code == 200

@@ -131,3 +131,20 @@ def test_a_spoofed_forwarded_for_does_not_get_twelve_clients_past_an_ip_limit_of
             )
             statuses.append(reply.status_code)
     assert statuses.count(200) == 5 and statuses.count(403) == 7
+
+
+def test_the_ip_limit_counts_ipv6_by_slash_64_and_forgets_networks_unseen_for_a_day(proxy_app, fake_openai) -> None:
+    served = proxy_app(OPENAI_KEY=PAID, OPENAI_BASE_URL=fake_openai.base_url, GATEKEEPER="user_token",
+                       ADMIN_KEY=ADMIN, MAX_IPS_PER_USER="2", TRUSTED_PROXIES="1")  # fmt: skip
+    user = served.runtime.access.users.create(nickname="phone")
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+
+    def post(ip: str) -> int:
+        headers = {"authorization": f"Bearer {user.token}", "x-forwarded-for": ip}
+        return httpx.post(f"{served.proxy()}/chat/completions", json=body, headers=headers).status_code
+
+    assert [post(f"2001:db8:1:2:{n:x}::9") for n in range(10)] == [200] * 10  # one /64
+    assert post("198.51.100.7") == 200
+    assert post("198.51.100.8") == 403
+    user.ip_seen = {net: seen - 25 * 3600 for net, seen in user.ip_seen.items()}  # a day passes
+    assert post("198.51.100.8") == 200

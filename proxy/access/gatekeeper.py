@@ -27,6 +27,8 @@ log = logging.getLogger("proxy.access")
 GUESS_LIMIT = 20
 GUESS_WINDOW_S = 300.0
 GUESS_LOCKOUT_S = 300.0
+# A network's last-seen time is refreshed in memory at most this often per user.
+IP_SEEN_RESOLUTION_S = 60.0
 
 
 # A wrong credential from a locked-out address is answered after a delay, for at most this many
@@ -116,6 +118,7 @@ class Gatekeeper:
         self.users = users if self.mode == "user_token" else None
         self.max_ips = settings.max_ips_per_user
         self.auto_ban = settings.max_ips_auto_ban
+        self.ip_window_s = settings.max_ips_window_hours * 3600
         self._clock = clock
         self._rate = (
             SlidingWindow(settings.text_model_rate_limit, 60.0, clock) if settings.text_model_rate_limit else None
@@ -201,8 +204,12 @@ class Gatekeeper:
             raise ProxyError(
                 403, f"This user token expired on {_when(user.expires_at)}.", Kind.PERMISSION, code="user_expired"
             )
-        if ip not in user.ips:
-            self._admit_ip(user, ip)
+        network = network_of(ip)
+        seen = user.ip_seen.get(network)
+        if seen is None or seen < now - self.ip_window_s:
+            self._admit_ip(user, ip, network)
+        elif now - seen > IP_SEEN_RESOLUTION_S:
+            user.ip_seen[network] = now  # in memory; written with the user's next change
         self.users.touch(user)
         return Caller(label=user.label, ip=ip, user_token=user.token)
 
@@ -212,16 +219,25 @@ class Gatekeeper:
             return 0
         return self.max_ips if user.max_ips is None else user.max_ips
 
-    def _admit_ip(self, user: User, ip: str) -> None:
+    def _admit_ip(self, user: User, ip: str, network: str) -> None:
+        """A network not seen from `user` within the window: count it against the IP limit."""
         assert self.users is not None
         limit = self.ip_limit(user)
-        if limit and len(user.ips) >= limit:
-            message = f"This user token has been used from more than {limit} IP addresses."
+        if limit and user.networks_since(self._clock() - self.ip_window_s) >= limit:
+            hours = self.ip_window_s / 3600
+            message = (
+                f"This user token has been used from more than {limit} networks (IP addresses; IPv6 by /64) "
+                f"in the last {hours:g} hours."
+            )
             if self.auto_ban:
                 self.users.disable(user, message)
                 message += " It is now disabled; ask the administrator."
             raise ProxyError(403, message, Kind.PERMISSION, code="too_many_ips")
-        self.users.add_ip(user, ip, keep=max(limit, MAX_REMEMBERED_IPS))
+        self.users.add_ip(user, ip, keep=max(limit, MAX_REMEMBERED_IPS), network=network)
+
+    def networks_in_window(self, user: User) -> int:
+        """How many networks count against `user`'s IP limit now."""
+        return user.networks_since(self._clock() - self.ip_window_s)
 
     # Limits
     def admit(self, caller: Caller, family: str | None, estimate: int = 0) -> Admission:

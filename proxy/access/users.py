@@ -43,6 +43,12 @@ class User:
     prompt_count: int = 0
     ips: list[str] = field(default_factory=list)
     max_ips: int | None = None
+    # When each network (an IPv4 address, an IPv6 /64) was last seen: what MAX_IPS_PER_USER counts.
+    ip_seen: dict[str, float] = field(default_factory=dict)
+
+    def networks_since(self, since: float) -> int:
+        """How many networks this user was seen from at or after `since`."""
+        return sum(1 for seen in self.ip_seen.values() if seen >= since)
 
     @property
     def label(self) -> str:
@@ -64,6 +70,7 @@ class User:
         for name in ("token_limits", "token_counts", "lifetime_token_counts"):
             data[name] = dict(data[name])
         data["ips"] = list(self.ips)
+        data["ip_seen"] = dict(self.ip_seen)
         return data
 
     @classmethod
@@ -203,13 +210,18 @@ class UserService:
                 self._store.delete_user(token)
             return True
 
-    def add_ip(self, user: User, ip: str, keep: int = MAX_REMEMBERED_IPS) -> None:
-        """Remember a new IP for `user` (the oldest are forgotten beyond `keep`)."""
+    def add_ip(self, user: User, ip: str, keep: int = MAX_REMEMBERED_IPS, network: str | None = None) -> None:
+        """Remember a new IP (and its network, seen now) for `user`; the oldest are forgotten
+        beyond `keep`."""
         with self._lock:
-            if ip in user.ips:
-                return
-            user.ips.append(ip)
-            del user.ips[: max(len(user.ips) - keep, 0)]
+            if network is not None:
+                user.ip_seen[network] = self._clock()
+                if len(user.ip_seen) > keep:
+                    for old, _ in sorted(user.ip_seen.items(), key=lambda item: item[1])[: len(user.ip_seen) - keep]:
+                        del user.ip_seen[old]
+            if ip not in user.ips:
+                user.ips.append(ip)
+                del user.ips[: max(len(user.ips) - keep, 0)]
             self._save(user, strict=False)
 
     def charge(self, user: User, family: str | None, tokens: int) -> None:

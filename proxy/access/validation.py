@@ -107,6 +107,12 @@ def _ips(name: str, value: Any) -> list[str]:
     return list(dict.fromkeys(value))
 
 
+def _seen(name: str, value: Any) -> dict[str, float]:
+    if not isinstance(value, dict) or len(value) > 10_000:
+        raise UserError(f"{name} must be an object mapping networks to the time each was last seen.")
+    return {str(net)[:64]: _time(f"{name}.{net}", seen) for net, seen in value.items()}
+
+
 def _token(name: str, value: Any) -> str:
     if not isinstance(value, str) or not _TOKEN.match(value):
         raise UserError(f"{name} must be 16 to 256 letters, digits or ._~+=:- characters.")
@@ -128,6 +134,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "counts_since": _time,
     "prompt_count": _count,
     "ips": _ips,
+    "ip_seen": _seen,
     "max_ips": _optional_count,
 }
 
