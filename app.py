@@ -53,6 +53,7 @@ def build_app(settings: Settings, self_url: str | None = None) -> FastAPI:
             else None
         ),
         families=limit_families(runtime),
+        quota_defaults=dict(settings.token_quota),
     )
     blocks = build_ui(ctx)
     app = gr.mount_gradio_app(

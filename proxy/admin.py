@@ -332,6 +332,8 @@ def _own_view(gatekeeper: Gatekeeper, user: User, now: float) -> dict:
         "ip_count": gatekeeper.networks_in_window(user),
         "max_ips": gatekeeper.ip_limit(user),
         "quota": quota,
+        "requests_in_progress": gatekeeper.in_flight(user),
+        "concurrency_limit": 0 if user.exempt else gatekeeper.concurrency,
         "quota_exempt": user.exempt,
         "quota_refresh": period or None,
         "quota_refills_at": next_refill(period, now),

@@ -45,7 +45,7 @@ _OPENAI_TYPES = {
     Kind.NOT_FOUND: "invalid_request_error",
     Kind.TOO_LARGE: "invalid_request_error",
     Kind.RATE_LIMIT: "rate_limit_error",
-    Kind.QUOTA: "insufficient_quota",
+    Kind.QUOTA: "quota_exceeded",
     Kind.UPSTREAM: "upstream_error",
     Kind.TIMEOUT: "timeout_error",
     Kind.UNAVAILABLE: "service_unavailable",
@@ -55,7 +55,7 @@ _OPENAI_CODES = {
     Kind.NOT_FOUND: "unknown_url",
     Kind.TOO_LARGE: "request_too_large",
     Kind.RATE_LIMIT: "rate_limit_exceeded",
-    Kind.QUOTA: "insufficient_quota",
+    Kind.QUOTA: "quota_exceeded",
 }
 _ANTHROPIC_TYPES = {
     Kind.INVALID_REQUEST: "invalid_request_error",
@@ -64,7 +64,7 @@ _ANTHROPIC_TYPES = {
     Kind.NOT_FOUND: "not_found_error",
     Kind.TOO_LARGE: "request_too_large",
     Kind.RATE_LIMIT: "rate_limit_error",
-    Kind.QUOTA: "rate_limit_error",
+    Kind.QUOTA: "billing_error",  # Anthropic's own type for 402: SDKs do not retry it
     Kind.UPSTREAM: "api_error",
     Kind.TIMEOUT: "api_error",
     Kind.UNAVAILABLE: "overloaded_error",

@@ -16,7 +16,7 @@ from starlette.responses import Response, StreamingResponse
 
 from proxy import error_chat, jsonx, upstream
 from proxy.access.gatekeeper import Admission, Gatekeeper, GuessRefused, credential_from, hashed
-from proxy.body import output_reserve, read_json
+from proxy.body import read_json
 from proxy.client import ClientGone, unless_client_leaves
 from proxy.errors import SHAPES, Kind, ProxyError, Redactor
 from proxy.families import family_of, is_allowed
@@ -197,11 +197,9 @@ class Pipeline:
             raise ProxyError(400, "'stream' must be true or false.", Kind.INVALID_REQUEST)
         ctx.streamed = stream is True and endpoint.kind != "embeddings"
         limits.check_counts(payload, endpoint.kind)
-        estimate = estimate_tokens(ctx.body_len) + output_reserve(endpoint.kind, payload)
-        if endpoint.kind == "count_tokens":
-            estimate = 0  # counting is free: rate-limited, never charged
         path = service.dialect.upstream_path(endpoint, model, stream is True, ctx.params)
-        admission = self.gatekeeper.admit(caller, family, estimate)
+        # Limits before any expensive work; under a quota, the reply is capped in `payload` to fit.
+        admission = await self.gatekeeper.admit_request(caller, family, endpoint.kind, payload)
         try:
             if ctx.body_len < OFFLOAD_BYTES:
                 upstream_payload, state, body = self._upstream_body(service, endpoint, payload)

@@ -147,12 +147,16 @@ def test_a_per_user_ip_limit_overrides_the_global_one(tmp_path: Path, clock: Clo
 # Quotas
 
 
-def test_a_user_out_of_quota_for_a_family_gets_429_mentioning_quota(tmp_path: Path, clock: Clock) -> None:
+def test_a_user_out_of_quota_for_a_family_gets_a_402_clients_do_not_retry(tmp_path: Path, clock: Clock) -> None:
     gk = gatekeeper(tmp_path, clock)
     erin = gk.users.create(nickname="erin", token_limits={"gpt-4o": 100})
     request(gk, erin.token, "gpt-4o", estimate=10, used=95)
     error = refused(gk.admit, gk.identify(erin.token, "10.0.0.1"), "gpt-4o", 10)
-    assert error.status == 429 and error.kind is Kind.QUOTA and "quota" in error.message.lower()
+    assert error.status == 402 and error.kind is Kind.QUOTA and "quota" in error.message.lower()
+    assert error.headers["x-should-retry"] == "false" and error.code == "quota_exceeded"
+    request(gk, erin.token, "gpt-4o", estimate=5, used=5)
+    spent = refused(gk.admit, gk.identify(erin.token, "10.0.0.1"), "gpt-4o", 1)
+    assert spent.status == 402 and "spent: 100 of 100" in spent.message
     request(gk, erin.token, "gpt-5", estimate=5000, used=5000)  # other families are unlimited
 
 
@@ -263,7 +267,7 @@ def test_quotas_refill_at_each_period_boundary(tmp_path: Path, period: str, leng
     jo = gk.users.create(nickname="jo", token_limits={"gpt-4o": 100})
     request(gk, jo.token, estimate=100, used=100)
     clock.advance(length - 20)  # still the same period
-    assert refused(gk.admit, gk.identify(jo.token, "10.0.0.1"), "gpt-4o", 1).status == 429
+    assert refused(gk.admit, gk.identify(jo.token, "10.0.0.1"), "gpt-4o", 1).status == 402
     clock.advance(15)  # 5 s into the next one
     request(gk, jo.token, estimate=100, used=40)
     user = gk.users.get(jo.token)
@@ -276,7 +280,7 @@ def test_without_a_refresh_period_quotas_never_refill(tmp_path: Path, clock: Clo
     kim = gk.users.create(nickname="kim", token_limits={"gpt-4o": 100})
     request(gk, kim.token, estimate=100, used=100)
     clock.advance(400 * 24 * HOUR)
-    assert refused(gk.admit, gk.identify(kim.token, "10.0.0.1"), "gpt-4o", 1).status == 429
+    assert refused(gk.admit, gk.identify(kim.token, "10.0.0.1"), "gpt-4o", 1).status == 402
 
 
 # Rate limits

@@ -109,21 +109,24 @@ def test_a_client_that_aborts_a_stream_is_charged_what_was_streamed(
 def test_out_of_quota_is_refused_with_a_message_that_says_quota_and_reaches_no_upstream(
     served: Served, fake_openai: FakeOpenAI
 ) -> None:
-    # Room for one request: its estimate (~20 prompt + 5 reply tokens) fits in 30, but not what
-    # is left after it.
+    # Requests are admitted while quota is left (the last one's reply capped to fit), then refused.
     user = new_user(served, token_limits={"gpt-4o": 30})
     client = openai.OpenAI(base_url=served.proxy(), api_key=user["token"], max_retries=0)
-    client.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=5)
+    for _ in range(10):
+        try:
+            client.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=5)
+        except openai.APIStatusError as exc:
+            refused = exc
+            break
+    else:
+        raise AssertionError("a 30-token quota was never refused")
     fake_openai.reset()
 
-    with pytest.raises(openai.RateLimitError) as refused:
-        client.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=5)
-
-    assert "quota" in str(refused.value).lower()
-    assert fake_openai.requests == []
-    # Without max_tokens, a default reply allowance is reserved: far more than is left.
-    with pytest.raises(openai.RateLimitError):
+    assert refused.status_code == 402 and "quota" in str(refused).lower()
+    with pytest.raises(openai.APIStatusError):
         client.chat.completions.create(model="gpt-4o", messages=HELLO)
+    assert fake_openai.requests == []
+    assert user_of(served, user["token"])["token_counts"]["gpt-4o"] <= 30
     # Another family has no limit and still works.
     assert client.chat.completions.create(model="gpt-4o-mini", messages=HELLO).choices
 
@@ -159,11 +162,11 @@ def test_claude_refusals_come_in_anthropic_shape(proxy_app, fake_anthropic: Fake
     first = httpx.post(f"{served.proxy('anthropic')}/messages", json=body, headers=headers)
     second = httpx.post(f"{served.proxy('anthropic')}/messages", json=body, headers=headers)
 
-    assert first.status_code == 429  # the estimate alone is over a 1-token quota
+    assert first.status_code == 402  # the prompt alone is over a 1-token quota
     assert first.json()["type"] == "error"
-    assert first.json()["error"]["type"] == "rate_limit_error"
+    assert first.json()["error"]["type"] == "billing_error"
     assert "quota" in first.json()["error"]["message"].lower()
-    assert second.status_code == 429
+    assert second.status_code == 402
     assert fake_anthropic.requests == []
 
 

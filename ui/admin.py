@@ -36,6 +36,20 @@ def users_frame(users: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(user_rows(users), columns=USER_HEADERS)
 
 
+def quota_defaults_text(defaults: dict[str, int] | None) -> str:
+    """What an empty limits field means when creating a user, in plain words."""
+    if not defaults:
+        return (
+            "Families you leave out have no limit: this server sets no TOKEN_QUOTA_<FAMILY> defaults. "
+            "Write family=number for each family to limit."
+        )
+    listed = ", ".join(f"{family}={limit:,}" for family, limit in sorted(defaults.items()))
+    return (
+        f"Families you leave out get this server's defaults (TOKEN_QUOTA_<FAMILY>): {listed}. "
+        "Any other family has no limit."
+    )
+
+
 class AdminPanel:
     def __init__(self, ctx: UIContext) -> None:
         self.ctx = ctx
@@ -62,8 +76,9 @@ class AdminPanel:
                     self.new_max_ips = gr.Number(label="Max IPs (0 = default)", precision=0, minimum=0)
                     self.new_expires = gr.Number(label="Expires in hours (0 = never)", minimum=0)
                 self.new_limits = gr.Textbox(
-                    label="Token limits per model family (empty = default)",
+                    label="Token limits per model family (family=0: no limit)",
                     placeholder="gpt-4o=100000, claude-sonnet=50000",
+                    info=quota_defaults_text(ctx.quota_defaults),
                     elem_id="admin-new-limits",
                 )
                 with gr.Row(elem_classes=["form-row"]):
@@ -113,7 +128,9 @@ class AdminPanel:
                     self.edit_max_ips = gr.Number(label="Max IPs (0 = unchanged)", precision=0, minimum=0)
                     self.edit_expires = gr.Number(label="Expires in hours from now (0 = unchanged)", minimum=0)
                 self.edit_limits = gr.Textbox(
-                    label="Token limits per model family (empty = unchanged, {} = none)", placeholder="gpt-4o=100000"
+                    label="Token limits per model family (empty = unchanged, {} = none)",
+                    placeholder="gpt-4o=100000",
+                    info="What you write replaces all the user's limits; a family left out has no limit.",
                 )
                 self.save_btn = gr.Button("Save changes", variant="primary", elem_id="admin-save")
                 with gr.Row(elem_classes=["form-row"]):

@@ -57,6 +57,8 @@ class UIContext:
     # SERVICE_INFO_PASSWORD: None when not set; else checks (typed password, gr.Request) on the server.
     info_check: Callable[[str | None, Any], bool] | None = None
     families: tuple[str, ...] = ()  # model families a token limit may name, served ones first
+    # TOKEN_QUOTA_<FAMILY>: the token limits a new user gets for families left empty.
+    quota_defaults: Mapping[str, int] | None = None
 
 
 def served_models(ctx: UIContext, service: str) -> list[str]:

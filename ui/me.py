@@ -63,12 +63,22 @@ def me_summary(user: dict, now: float | None = None) -> str:
         f"IP addresses used: {ips}" + (f" of {int(max_ips)}" if isinstance(max_ips, (int, float)) and max_ips else ""),
         f"Expires: {fmt_time(expires)}" if expires else "Expires: never",
     ]
+    at_once = user.get("concurrency_limit")
+    if isinstance(at_once, int) and at_once > 0:
+        lines.append(f"Requests at once: at most {at_once} ({int(user.get('requests_in_progress') or 0)} in progress)")
     if user.get("quota_exempt"):
         lines.append("No quotas or rate limits apply to you.")
-    elif user.get("quota_refresh"):
+    else:
         refill = user.get("quota_refills_at")
-        when = f", next at {fmt_time(refill)}" if isinstance(refill, (int, float)) else ""
-        lines.append(f"Quotas refill {esc(user['quota_refresh'])}{when}.")
+        if user.get("quota_refresh"):
+            when = f", next at {fmt_time(refill)}" if isinstance(refill, (int, float)) else ""
+            lines.append(f"Quotas refill {esc(user['quota_refresh'])}{when}.")
+        spent = [row[0] for row in quota_rows(user) if row[3] == "0"]
+        if spent:
+            until = "until the administrator raises it"
+            if isinstance(refill, (int, float)):
+                until = f"until {fmt_time(refill)}"
+            lines.append(f"Spent: {esc(', '.join(spent))}. Requests to these families are refused {until}.")
     return "  \n".join(lines)
 
 

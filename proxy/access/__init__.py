@@ -62,6 +62,8 @@ def build_access(
     store = SQLiteStore.open(settings.data_dir)
     if backup is not None:
         backup.store = store
-    users = UserService(store, clock=clock, refresh_period=settings.quota_refresh_period)
+    users = UserService(
+        store, clock=clock, refresh_period=settings.quota_refresh_period, default_limits=settings.token_quota
+    )
     gatekeeper = Gatekeeper(settings, users=users, clock=clock)
     return Access(store=store, users=users, gatekeeper=gatekeeper, backup=backup)

@@ -12,7 +12,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
+from proxy.access.quota import (
+    NO_REPLY,
+    Holds,
+    InFlight,
+    OutputAsk,
+    apply_cap,
+    output_ask,
+    quota_refusal,
+    reply_allowance,
+)
 from proxy.access.ratelimit import FailureGuard, SlidingWindow, Tarpit, network_of
+from proxy.access.tokens import count_prompt_async
 from proxy.access.users import MAX_REMEMBERED_IPS, User, UserService, next_refill
 from proxy.config import Settings
 from proxy.errors import Kind, ProxyError
@@ -27,6 +38,8 @@ log = logging.getLogger("proxy.access")
 GUESS_LIMIT = 20
 GUESS_WINDOW_S = 300.0
 GUESS_LOCKOUT_S = 300.0
+# Requests that use no tokens (counting tokens): rate-limited, never held against a quota.
+FREE_KINDS = frozenset({"count_tokens"})
 # A network's last-seen time is refreshed in memory at most this often per user.
 IP_SEEN_RESOLUTION_S = 60.0
 
@@ -76,6 +89,10 @@ class Admission:
     reservation: Reservation | None = None
     headers: dict[str, str] = field(default_factory=dict)
     done: bool = False
+    user: User | None = field(default=None, repr=False)
+    quota_left: int | None = None  # tokens left of the quota at entry; None: no quota applies
+    output_cap: int | None = None  # the reply cap per choice written into the request, if any
+    slot: str | None = None  # the concurrency slot held, if any
 
 
 def credential_from(headers: Any) -> str | None:
@@ -123,7 +140,10 @@ class Gatekeeper:
         self._rate = (
             SlidingWindow(settings.text_model_rate_limit, 60.0, clock) if settings.text_model_rate_limit else None
         )
-        self._reserved: dict[tuple[str, str], int] = {}
+        self._holds = Holds()
+        self._in_flight = InFlight()
+        self.concurrency = settings.user_concurrency_limit
+        self.default_max_tokens = settings.anthropic_default_max_tokens
         self._lock = threading.Lock()
         self._guesses = guesses or FailureGuard(GUESS_LIMIT, GUESS_WINDOW_S, GUESS_LOCKOUT_S, clock)
         self._guess_lock = threading.Lock()
@@ -241,17 +261,44 @@ class Gatekeeper:
 
     # Limits
     def admit(self, caller: Caller, family: str | None, estimate: int = 0) -> Admission:
-        """Apply rate limits and quotas for one request to `family` (None: not a model request).
+        """Apply the rate and concurrency limits for one request to `family` (None: not a model
+        request) and, under a quota, hold `estimate` tokens (the whole cost: no reply is capped).
+        The pipeline uses `admit_request`, which counts the prompt and caps the reply."""
+        admission = self.enter(caller, family)
+        try:
+            self.hold(admission, estimate, NO_REPLY)
+        except BaseException:
+            self.release(admission)
+            raise
+        return admission
 
-        `estimate` is the most the request is expected to cost in tokens. It must fit in what is
-        left of the caller's quota for `family` (counting other requests still running), and it
-        stays reserved until `settle` replaces it with the real count or `release` drops it."""
+    async def admit_request(self, caller: Caller, family: str, kind: str, payload: dict) -> Admission:
+        """`enter`, then under a quota: count the prompt (bounded by what is left; in a thread
+        when big), hold prompt + reply allowance, and cap the reply in `payload` to that."""
+        admission = self.enter(caller, family, quota=kind not in FREE_KINDS)
+        try:
+            if admission.quota_left is not None:
+                ask = output_ask(kind, family, payload, translated_default=self.default_max_tokens)
+                claude = family.startswith("claude") or family.startswith("anthropic")
+                prompt = await count_prompt_async(payload, bound=admission.quota_left, claude=claude)
+                self.hold(admission, prompt, ask)
+                apply_cap(kind, payload, admission.output_cap, family)
+        except BaseException:
+            self.release(admission)
+            raise
+        return admission
+
+    def enter(self, caller: Caller, family: str | None, *, quota: bool = True) -> Admission:
+        """The cheap checks, in order: the rate limit (429), the caller's requests in progress
+        (429), and whether anything is left of the quota for `family` (402). Counts the request
+        against the first two; `settle` or `release` gives the concurrency slot back."""
         if family is None:
             return Admission(caller=caller, family=None)
         user = self._user_of(caller)
         exempt = user is not None and user.exempt
         rate_key = caller.user_token or f"ip:{caller.ip}"
         rate = self._rate if not exempt else None
+        slot = None if exempt or not self.concurrency else (caller.user_token or f"ip:{network_of(caller.ip)}")
         with self._lock:  # check everything, then count: a refused request uses up nothing
             if rate is not None:
                 decision = rate.check(rate_key)
@@ -262,72 +309,95 @@ class Gatekeeper:
                         Kind.RATE_LIMIT,
                         headers=decision.headers(),
                     )
-            reservation = None
-            if user is not None and not exempt:
-                reservation = self._reserve(user, family, max(int(estimate), 1))
+            left = None
+            if quota and user is not None and not exempt and user.limit_for(family):
+                left = self._left(user, family)
+                if left <= 0:
+                    raise self._spent(user, family, 0)
+            if slot is not None and not self._in_flight.enter(slot, self.concurrency):
+                raise ProxyError(
+                    429,
+                    f"Too many requests at once: at most {self.concurrency} in progress. Try again when one ends.",
+                    Kind.RATE_LIMIT,
+                    headers={"Retry-After": "1"},
+                    code="too_many_concurrent_requests",
+                )
             headers: dict[str, str] = {}
             if rate is not None:
                 rate.hit(rate_key)
                 headers = rate.check(rate_key).headers()
-        return Admission(caller=caller, family=family, reservation=reservation, headers=headers)
+        return Admission(
+            caller=caller, family=family, headers=headers, user=user, quota_left=left, slot=slot
+        )
 
-    def _reserve(self, user: User, family: str, amount: int) -> Reservation | None:
-        """Hold `amount` tokens of `user`'s quota for `family`; the caller holds `_lock`."""
-        limit = user.limit_for(family)
-        if not limit:
-            return None
+    def hold(self, admission: Admission, prompt: int, ask: OutputAsk) -> None:
+        """Hold `prompt` tokens and the reply's allowance against the quota (when one applies),
+        and set `admission.output_cap` when the reply must be capped to fit."""
+        user, family = admission.user, admission.family
+        if user is None or family is None or admission.quota_left is None:
+            return
+        with self._lock:
+            left = self._left(user, family)
+            try:
+                reply, admission.output_cap = reply_allowance(ask, left - prompt)
+            except ValueError:
+                raise self._spent(user, family, prompt) from None
+            amount = prompt + reply
+            self._holds.hold(user.token, family, amount)
+        admission.reservation = Reservation(user=user, family=family, amount=amount)
+
+    def _left(self, user: User, family: str) -> int:
+        """Tokens left of `user`'s quota for `family`, counting requests in progress. The caller
+        holds `_lock`."""
         assert self.users is not None
         self.users.refresh(user)
-        key = (user.token, family)
-        used = user.token_counts.get(family, 0)
-        held = self._reserved.get(key, 0)
-        if amount > limit - used - held:
-            raise ProxyError(429, self._quota_message(family, limit, used, held, amount), Kind.QUOTA)
-        self._reserved[key] = held + amount
-        return Reservation(user=user, family=family, amount=amount)
+        return user.limit_for(family) - user.token_counts.get(family, 0) - self._holds.held(user.token, family)
 
-    def _quota_message(self, family: str, limit: int, used: int, held: int, amount: int) -> str:
-        left = max(limit - used - held, 0)
-        message = f"Token quota exceeded for {family}: {used} of {limit} tokens used"
-        if held:
-            message += f", {held} held by requests in progress"
-        message += f"; this request may need {amount}, {left} left."
+    def _spent(self, user: User, family: str, prompt: int) -> ProxyError:
+        """The refusal of a request that does not fit in what is left of the quota."""
         refill = next_refill(self.users.refresh_period if self.users else "", self._clock())
-        if refill is not None:
-            message += f" The quota refills at {_when(refill)}."
-        return message
+        return quota_refusal(
+            family,
+            limit=user.limit_for(family),
+            used=user.token_counts.get(family, 0),
+            held=self._holds.held(user.token, family),
+            prompt=prompt,
+            refills_at=_when(refill) if refill is not None else None,
+        )
 
     def settle(self, admission: Admission, usage: Usage) -> None:
-        """Charge what the request used: tokens against the quota, one request to the count."""
+        """Charge what the request used (the upstream's own numbers): tokens against the quota,
+        one request to the count. Gives back what was held and the concurrency slot."""
         if admission.done:
             return
         admission.done = True
-        self._unreserve(admission.reservation)
+        self._free(admission)
         user = self._user_of(admission.caller)
         if user is not None and admission.family is not None:
             self.users.charge(user, admission.family, usage.total)  # type: ignore[union-attr]
 
     def release(self, admission: Admission) -> None:
-        """The request failed before using anything: give back any reservation."""
+        """The request failed before using anything: give back what was held and its slot."""
         if admission.done:
             return
         admission.done = True
-        self._unreserve(admission.reservation)
+        self._free(admission)
 
-    def _unreserve(self, reservation: Reservation | None) -> None:
-        if reservation is None:
-            return
-        key = (reservation.user.token, reservation.family)
-        with self._lock:
-            held = self._reserved.get(key, 0) - reservation.amount
-            if held > 0:
-                self._reserved[key] = held
-            else:
-                self._reserved.pop(key, None)
+    def _free(self, admission: Admission) -> None:
+        if admission.slot is not None:
+            self._in_flight.leave(admission.slot)
+        reservation = admission.reservation
+        if reservation is not None:
+            with self._lock:
+                self._holds.give_back(reservation.user.token, reservation.family, reservation.amount)
 
     def reserved(self, user: User, family: str) -> int:
         """Tokens held for `user` by requests in progress."""
-        return self._reserved.get((user.token, family), 0)
+        return self._holds.held(user.token, family)
+
+    def in_flight(self, user: User) -> int:
+        """`user`'s requests in progress."""
+        return self._in_flight.count(user.token)
 
     def _user_of(self, caller: Caller) -> User | None:
         if self.users is None or caller.user_token is None:

@@ -112,8 +112,11 @@ class UserService:
         *,
         clock: Callable[[], float] = time.time,
         refresh_period: RefreshPeriod | str = "",
+        default_limits: dict[str, int] | None = None,
     ) -> None:
         self._store = store
+        # TOKEN_QUOTA_<FAMILY>: what a new user gets for each family the administrator leaves empty.
+        self.default_limits = dict(default_limits or {})
         self._clock = clock
         self.refresh_period = refresh_period
         self._lock = threading.RLock()
@@ -155,13 +158,14 @@ class UserService:
         max_ips: int | None = None,
         expires_at: float | None = None,
     ) -> User:
-        """A new user with a fresh random token (192 bits)."""
+        """A new user with a fresh random token (192 bits). Families missing from `token_limits`
+        get the default limits (TOKEN_QUOTA_<FAMILY>); a 0 given for a family means no limit."""
         now = self._clock()
         checked = parse_record(
             {
                 "nickname": nickname,
                 "type": type,
-                "token_limits": token_limits or {},
+                "token_limits": self.default_limits | (token_limits or {}),
                 "max_ips": max_ips,
                 "expires_at": expires_at,
             },
@@ -169,6 +173,7 @@ class UserService:
         )
         if checked.get("type") == "temporary" and checked.get("expires_at") is None:
             raise UserError("A temporary user needs expires_at.")
+        checked["token_limits"] = {family: n for family, n in checked["token_limits"].items() if n > 0}
         user = User(token=secrets.token_urlsafe(24), created_at=now, counts_since=now, **checked)
         with self._lock:
             self._index(user)

@@ -98,7 +98,8 @@ def _counts(name: str, value: Any, *, families: bool = False) -> dict[str, int]:
 
 
 def _limits(name: str, value: Any) -> dict[str, int]:
-    return {family: n for family, n in _counts(name, value, families=True).items() if n > 0}
+    """Limits by family; a 0 is kept (no limit, on purpose: it overrides a TOKEN_QUOTA default)."""
+    return _counts(name, value, families=True)
 
 
 def _ips(name: str, value: Any) -> list[str]:
