@@ -93,25 +93,3 @@ def drop_redirect_fields(payload: dict) -> None:
     """Remove the top-level fields that could redirect a request (api_base, base_url, ...)."""
     for name in REDIRECT_FIELDS.intersection(payload):
         del payload[name]
-
-
-# Reserved against a quota for the reply when the client sets no max_tokens: without it, a burst
-# of requests could each reserve almost nothing and together overshoot a limit by far.
-DEFAULT_OUTPUT_RESERVE = 1024
-
-
-def output_reserve(kind: str, payload: dict) -> int:
-    """Tokens a reply may use: max_tokens (or the default) for each of the `n` choices."""
-    if kind in ("embeddings", "count_tokens"):
-        return 0
-    limit = (
-        positive_int(payload.get("max_tokens"))
-        or positive_int(payload.get("max_completion_tokens"))
-        or positive_int(payload.get("max_output_tokens"))  # the Responses API's name
-    )
-    choices = positive_int(payload.get("n"))
-    config = payload.get("generationConfig")  # Gemini's native request
-    if isinstance(config, dict):
-        limit = limit or positive_int(config.get("maxOutputTokens"))
-        choices = choices or positive_int(config.get("candidateCount"))
-    return (limit or DEFAULT_OUTPUT_RESERVE) * max(1, choices)

@@ -14,8 +14,10 @@ event loop keeps serving others (tiktoken releases the GIL).
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import tiktoken
@@ -32,6 +34,7 @@ SCHEMA_KEYS = frozenset({"tools", "functions", "response_format", "tool_choice"}
 
 _lock = threading.Lock()
 _encoding: tiktoken.Encoding | None = None
+_counting = ThreadPoolExecutor(max_workers=2, thread_name_prefix="count-prompt")
 
 
 def encoding() -> tiktoken.Encoding:
@@ -104,10 +107,12 @@ def count_prompt(payload: dict, *, bound: int, claude: bool = False) -> int:
 
 
 async def count_prompt_async(payload: dict, *, bound: int, claude: bool = False) -> int:
-    """`count_prompt`, in a worker thread when the prompt is big enough to stall the event loop."""
+    """`count_prompt`, in a worker thread when the prompt is big enough to stall the event loop.
+    Its own two threads: big prompts wait for each other, never for (or instead of) other work."""
     if text_size(payload) <= INLINE_CHARS:
         return count_prompt(payload, bound=bound, claude=claude)
-    return await asyncio.to_thread(count_prompt, payload, bound=bound, claude=claude)
+    work = functools.partial(count_prompt, payload, bound=bound, claude=claude)
+    return await asyncio.get_running_loop().run_in_executor(_counting, work)
 
 
 def _walk(counter: _Counter, value: Any, *, keys: bool) -> None:
