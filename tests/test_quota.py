@@ -130,12 +130,46 @@ def test_the_claude_door_caps_max_tokens_to_what_is_left(proxy_app, fake_anthrop
     assert httpx.post(f"{served.proxy('anthropic')}/messages", json=body, headers=headers).status_code == 200
     sent = fake_anthropic.requests[-1].json["max_tokens"]
     assert 0 < sent < 100  # 100, less the prompt (counted with a margin for Claude's tokenizer)
+    other = new_user(served, token_limits={"claude-haiku": 100})
     door = {"model": HAIKU, "messages": [{"role": "user", "content": "Hi"}]}  # OpenAI format, no max
     reply = httpx.post(f"{served.proxy('anthropic')}/chat/completions", json=door,
-                       headers={"authorization": f"Bearer {user['token']}"})  # fmt: skip
-    assert reply.status_code in (200, 402)
-    if reply.status_code == 200:
-        assert fake_anthropic.requests[-1].json["max_tokens"] < 100
+                       headers={"authorization": f"Bearer {other['token']}"})  # fmt: skip
+    assert reply.status_code == 200
+    assert 0 < fake_anthropic.requests[-1].json["max_tokens"] < 100  # not the door's default 4,096
+
+
+@pytest.mark.parametrize(
+    ("kind", "family", "payload", "field"),
+    [
+        ("chat", "o-series", {}, "max_completion_tokens"),  # reasoning models refuse max_tokens
+        ("chat", "gpt-4o", {}, "max_tokens"),
+        ("chat", "gpt-4o", {"max_completion_tokens": 900}, "max_completion_tokens"),
+        ("chat", "gpt-5", {"max_tokens": 900}, "max_completion_tokens"),
+        ("completions", "legacy-completions", {"max_tokens": 900}, "max_tokens"),
+        ("messages", "claude-sonnet", {"max_tokens": 900, "thinking": {"budget_tokens": 800}}, "max_tokens"),
+    ],
+)
+def test_the_reply_cap_goes_in_the_field_the_model_reads(kind: str, family: str, payload: dict, field: str) -> None:
+    from proxy.access.quota import apply_cap, output_ask, reply_allowance
+
+    ask = output_ask(kind, family, payload, translated_default=4096)
+    held, cap = reply_allowance(ask, 120)
+    assert held == 120 and cap == 120
+    apply_cap(kind, payload, cap, family)
+    assert payload[field] == 120 and len({"max_tokens", "max_completion_tokens"} & set(payload)) == 1
+    if "thinking" in payload:
+        assert payload["thinking"]["budget_tokens"] < 120
+
+
+def test_a_reply_that_fits_is_left_as_the_client_asked() -> None:
+    from proxy.access.quota import output_ask, reply_allowance
+
+    assert reply_allowance(output_ask("chat", "gpt-4o", {"max_tokens": 50, "n": 2}, translated_default=4096), 500) == (
+        100,
+        None,
+    )
+    # No max set, and more left than the model can write: nothing to cap, its maximum is held.
+    assert reply_allowance(output_ask("chat", "gpt-4", {}, translated_default=4096), 100_000) == (8192, None)
 
 
 def test_user_concurrency_limit_refuses_one_more_request_in_progress(proxy_app, fake_openai: FakeOpenAI) -> None:
