@@ -344,3 +344,25 @@ def test_gatekeeper_counts_nothing_when_no_quota_applies(tmp_path) -> None:
     payload = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 1000}], "max_tokens": 99}
     admission = asyncio.run(gk.admit_request(gk.identify("pk-some-key-123", "10.0.0.1"), "gpt-4o", "chat", payload))
     assert admission.quota_left is None and admission.reservation is None and payload["max_tokens"] == 99
+
+
+def test_the_responses_api_reply_cap_is_max_output_tokens() -> None:
+    from proxy.access.quota import apply_cap, output_ask, reply_allowance
+
+    payload = {"model": "gpt-4o", "input": "hi", "max_output_tokens": 900}
+    held, cap = reply_allowance(output_ask("responses", "gpt-4o", payload, translated_default=4096), 120)
+    apply_cap("responses", payload, cap, "gpt-4o")
+    assert (held, payload["max_output_tokens"]) == (120, 120) and "max_tokens" not in payload
+
+
+def test_counting_tokens_is_free_even_with_a_spent_quota(proxy_app, fake_anthropic: FakeAnthropic) -> None:
+    served = proxy_app(ANTHROPIC_KEY="sk-ant-paid-0123456789", ANTHROPIC_BASE_URL=fake_anthropic.base_url,
+                       GATEKEEPER="user_token", ADMIN_KEY=ADMIN)  # fmt: skip
+    user = new_user(served, token_limits={"claude-haiku": 10})
+    admin(served).patch(f"/users/{user['token']}", json={"token_counts": {"claude-haiku": 10}})
+    headers = {"x-api-key": user["token"], "anthropic-version": "2023-06-01"}
+    body = {"model": HAIKU, "messages": [{"role": "user", "content": "hi"}]}
+    counted = httpx.post(f"{served.proxy('anthropic')}/messages/count_tokens", json=body, headers=headers)
+    assert counted.status_code == 200, counted.text
+    spent = httpx.post(f"{served.proxy('anthropic')}/messages", json={**body, "max_tokens": 5}, headers=headers)
+    assert spent.status_code == 402
