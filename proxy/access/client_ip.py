@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -31,6 +32,7 @@ class TrustedProxies:
     def __init__(self, hops: int = 0, networks: Iterable[str] = ()) -> None:
         self.hops = hops
         self.networks: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n.strip(), strict=False) for n in networks)
+        self._masks = tuple((net.version, int(net.network_address), int(net.netmask)) for net in self.networks)
 
     @classmethod
     def parse(cls, setting: str, *, on_space: bool) -> TrustedProxies:
@@ -42,37 +44,51 @@ class TrustedProxies:
             return cls(hops=int(value))
         return cls(networks=[part for part in value.replace(" ", ",").split(",") if part.strip()])
 
-    @property
-    def trusts_anything(self) -> bool:
-        return self.hops > 0 or bool(self.networks)
-
     def client_of(self, peer: str, forwarded: str | None) -> str:
         """The client's address: `peer` unless trusted proxies vouch for an X-Forwarded-For entry."""
-        if not forwarded or not self.trusts_anything:
+        if not forwarded or not (self.hops or self._masks):
             return peer
-        entries = [e.strip() for e in forwarded.split(",", MAX_FORWARDED_ENTRIES)[-MAX_FORWARDED_ENTRIES:]]
-        entries = [e for e in entries if e]
-        if not entries:
-            return peer
+        entries = forwarded.rsplit(",", MAX_FORWARDED_ENTRIES)[-MAX_FORWARDED_ENTRIES:]
         if self.hops:
             # N proxies appended N entries; the last one the first proxy appended is the client.
-            index = max(len(entries) - self.hops, 0)
-            return entries[index][:MAX_IP_CHARS]
+            for entry in entries[max(len(entries) - self.hops, 0) :]:
+                entry = entry.strip()
+                if entry:
+                    return entry[:MAX_IP_CHARS]
+            return peer
         if not self._trusted(peer):
             return peer
-        for entry in reversed(entries):
-            if not self._trusted(entry):
+        entry = ""
+        for raw in reversed(entries):
+            entry = raw.strip()
+            if entry and not self._trusted(entry):
                 return entry[:MAX_IP_CHARS]
-        return entries[0][:MAX_IP_CHARS]
+        return entry[:MAX_IP_CHARS] or peer
 
     def _trusted(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
+        """Whether `address` is inside a trusted network. On every request's path, so done with
+        inet_pton and integer masks (the ipaddress module is ten times slower)."""
+        parsed = _packed(address)
+        if parsed is None:
             return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip.version == net.version and ip in net for net in self.networks)
+        family, value = parsed
+        return any(version == family and value & mask == network for version, network, mask in self._masks)
+
+
+def _packed(address: str) -> tuple[int, int] | None:
+    """(4 or 6, the address as an integer); an IPv4-mapped IPv6 address counts as IPv4."""
+    try:
+        if ":" not in address:
+            return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big")
+        packed = socket.inet_pton(socket.AF_INET6, address.split("%", 1)[0])
+    except (OSError, ValueError):
+        return None
+    if packed[:12] == _V4_MAPPED:
+        return 4, int.from_bytes(packed[12:], "big")
+    return 6, int.from_bytes(packed, "big")
+
+
+_V4_MAPPED = bytes(10) + b"\xff\xff"
 
 
 def valid_setting(value: str) -> str:

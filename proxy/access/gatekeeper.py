@@ -326,9 +326,7 @@ class Gatekeeper:
             if rate is not None:
                 rate.hit(rate_key)
                 headers = rate.check(rate_key).headers()
-        return Admission(
-            caller=caller, family=family, headers=headers, user=user, quota_left=left, slot=slot
-        )
+        return Admission(caller=caller, family=family, headers=headers, user=user, quota_left=left, slot=slot)
 
     def hold(self, admission: Admission, prompt: int, ask: OutputAsk) -> None:
         """Hold `prompt` tokens and the reply's allowance against the quota (when one applies),

@@ -167,9 +167,7 @@ def apply_cap(kind: str, payload: dict, cap: int | None, family: str = "") -> No
         payload["max_tokens"] = cap
 
 
-def quota_refusal(
-    family: str, *, limit: int, used: int, held: int, prompt: int, refills_at: str | None
-) -> ProxyError:
+def quota_refusal(family: str, *, limit: int, used: int, held: int, prompt: int, refills_at: str | None) -> ProxyError:
     """Why a request does not fit in what is left: 402 with `x-should-retry: false` when the quota
     is spent or the prompt alone is too big (retrying cannot help before the refill); 429 with
     Retry-After when it would fit but the user's own requests in progress hold the rest."""
