@@ -400,7 +400,7 @@ class Pipeline:
                 usage = meter.usage
                 if not meter.seen_usage:
                     usage = Usage(
-                        max(usage.tokens_in, estimate_tokens(ctx.body_len)),
+                        max(usage.tokens_in, admission.prompt_tokens or estimate_tokens(ctx.body_len)),
                         max(usage.tokens_out, estimate_tokens(meter.text_chars)),
                         estimated=True,
                     )

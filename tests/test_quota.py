@@ -366,3 +366,19 @@ def test_counting_tokens_is_free_even_with_a_spent_quota(proxy_app, fake_anthrop
     assert counted.status_code == 200, counted.text
     spent = httpx.post(f"{served.proxy('anthropic')}/messages", json={**body, "max_tokens": 5}, headers=headers)
     assert spent.status_code == 402
+
+
+def test_a_stream_cut_short_is_charged_within_what_was_held(served: Served, fake_openai: FakeOpenAI) -> None:
+    """With no usage from the upstream, the prompt is charged as counted for the quota, not as
+    body bytes / 4 (which counts every field, here a 2 KB `user` tag, and overshoots)."""
+    fake_openai.chunks, fake_openai.stream_delay = 40, 0.05
+    user = new_user(served, token_limits={"gpt-4o": 60})
+    body = {"model": "gpt-4o", "stream": True, "user": "t" * 2000, "messages": [{"role": "user", "content": "Hi"}]}
+    headers = {"authorization": f"Bearer {user['token']}"}
+    with httpx.stream("POST", f"{served.proxy()}/chat/completions", json=body, headers=headers) as reply:
+        assert reply.status_code == 200
+        next(reply.iter_raw())  # the first chunk, then hang up
+    deadline = time.monotonic() + 5
+    while used(served, user["token"]) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert 0 < used(served, user["token"]) <= 60

@@ -92,6 +92,8 @@ class Admission:
     user: User | None = field(default=None, repr=False)
     quota_left: int | None = None  # tokens left of the quota at entry; None: no quota applies
     output_cap: int | None = None  # the reply cap per choice written into the request, if any
+    prompt_tokens: int = 0  # the prompt as counted for the quota (0: not counted): the estimate
+    # charged when an upstream reports no usage, so that it stays within what was held
     slot: str | None = None  # the concurrency slot held, if any
 
 
@@ -342,6 +344,7 @@ class Gatekeeper:
                 raise self._spent(user, family, prompt) from None
             amount = prompt + reply
             self._holds.hold(user.token, family, amount)
+            admission.prompt_tokens = prompt
         admission.reservation = Reservation(user=user, family=family, amount=amount)
 
     def _left(self, user: User, family: str) -> int:
