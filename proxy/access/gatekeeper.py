@@ -291,9 +291,10 @@ class Gatekeeper:
         return admission
 
     def enter(self, caller: Caller, family: str | None, *, quota: bool = True) -> Admission:
-        """The cheap checks, in order: the rate limit (429), the caller's requests in progress
-        (429), and whether anything is left of the quota for `family` (402). Counts the request
-        against the first two; `settle` or `release` gives the concurrency slot back."""
+        """The cheap checks, in order: the rate limit (429), whether anything is left of the quota
+        for `family` (402; skipped with `quota=False`), and the caller's requests in progress
+        (429). Counts the request against the rate and concurrency limits only once all pass;
+        `settle` or `release` gives the concurrency slot back."""
         if family is None:
             return Admission(caller=caller, family=None)
         user = self._user_of(caller)
