@@ -200,13 +200,19 @@ def test_response_quotas_count_by_model_family(proxy_app: ProxyApp, fake_openai:
     client = sdk(served, user["token"])
 
     reply = client.responses.create(model="gpt-5", input="hello", max_output_tokens=100)
-    with pytest.raises(openai.RateLimitError) as refused:
-        client.responses.create(model="gpt-5", input="hello", max_output_tokens=5000)
+    spent = reply.usage.input_tokens + reply.usage.output_tokens
+    # More than is left: admitted while quota is left, its max_output_tokens capped to fit (issue 9).
+    capped = client.responses.create(model="gpt-5", input="hello", max_output_tokens=5000)
+    assert upstream_calls(fake_openai, "/responses")[-1].json["max_output_tokens"] < 2000 - spent
 
     counts = admin.get(f"/users/{user['token']}").json()["token_counts"]
-    assert counts == {"gpt-5": reply.usage.input_tokens + reply.usage.output_tokens}
+    assert counts == {"gpt-5": spent + capped.usage.input_tokens + capped.usage.output_tokens}
+    admin.patch(f"/users/{user['token']}", json={"token_counts": {"gpt-5": 2000}})
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.responses.create(model="gpt-5", input="hello", max_output_tokens=5)
+    assert refused.value.status_code == 402
     assert "quota" in str(refused.value).lower() and "gpt-5" in str(refused.value)
-    assert len(upstream_calls(fake_openai, "/responses")) == 1
+    assert len(upstream_calls(fake_openai, "/responses")) == 2
 
 
 # models.retrieve --------------------------------------------------------------------------------
