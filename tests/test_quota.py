@@ -147,6 +147,7 @@ def test_the_claude_door_caps_max_tokens_to_what_is_left(proxy_app, fake_anthrop
         ("chat", "gpt-5", {"max_tokens": 900}, "max_completion_tokens"),
         ("completions", "legacy-completions", {"max_tokens": 900}, "max_tokens"),
         ("messages", "claude-sonnet", {"max_tokens": 900, "thinking": {"budget_tokens": 800}}, "max_tokens"),
+        ("generate", "gemini-flash", {}, "maxOutputTokens"),
     ],
 )
 def test_the_reply_cap_goes_in_the_field_the_model_reads(kind: str, family: str, payload: dict, field: str) -> None:
@@ -156,6 +157,9 @@ def test_the_reply_cap_goes_in_the_field_the_model_reads(kind: str, family: str,
     held, cap = reply_allowance(ask, 120)
     assert held == 120 and cap == 120
     apply_cap(kind, payload, cap, family)
+    if kind == "generate":  # Gemini: generationConfig.maxOutputTokens
+        assert payload["generationConfig"][field] == 120
+        return
     assert payload[field] == 120 and len({"max_tokens", "max_completion_tokens"} & set(payload)) == 1
     if "thinking" in payload:
         assert payload["thinking"]["budget_tokens"] < 120
@@ -382,3 +386,13 @@ def test_a_stream_cut_short_is_charged_within_what_was_held(served: Served, fake
     while used(served, user["token"]) == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert 0 < used(served, user["token"]) <= 60
+
+
+def test_gemini_prompts_are_counted_and_inline_images_are_not_read_as_text() -> None:
+    image = {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo" * 20_000}}
+    payload = {
+        "systemInstruction": {"parts": [{"text": "Be brief."}]},
+        "contents": [{"role": "user", "parts": [{"text": "What is in this picture?"}, image]}],
+    }
+    counted = count_prompt(payload, bound=100_000)
+    assert 1600 < counted < 1650  # the words, and one image at its flat allowance

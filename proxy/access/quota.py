@@ -35,6 +35,10 @@ FAMILY_MAX_OUTPUT = {
     "o-series": 100_000,
     "gpt-oss": 131_072,
     "legacy-completions": 16,  # the completions API's own default max_tokens
+    "gemini-pro": 65_536,
+    "gemini-flash": 65_536,
+    "gemini-flash-lite": 65_536,
+    "gemini": 8192,
 }
 DEFAULT_MAX_OUTPUT = 4096
 
@@ -109,6 +113,14 @@ def output_ask(kind: str, family: str, payload: dict, *, translated_default: int
     """What `payload` (in the client's format, before any translation) asks the model to write."""
     if kind in ("embeddings", "count_tokens"):
         return NO_REPLY
+    if kind == "generate":  # Gemini's native request
+        config = payload.get("generationConfig")
+        config = config if isinstance(config, dict) else {}
+        return OutputAsk(
+            wanted=_count(config.get("maxOutputTokens")) or None,
+            n=max(1, _count(config.get("candidateCount"))),
+            ceiling=FAMILY_MAX_OUTPUT.get(family, DEFAULT_MAX_OUTPUT),
+        )
     if kind == "responses":
         return OutputAsk(
             wanted=_count(payload.get("max_output_tokens")) or None,
@@ -153,6 +165,12 @@ def apply_cap(kind: str, payload: dict, cap: int | None, family: str = "") -> No
         return
     if kind == "responses":
         payload["max_output_tokens"] = cap
+        return
+    if kind == "generate":
+        config = payload.get("generationConfig")
+        if not isinstance(config, dict):
+            config = payload["generationConfig"] = {}
+        config["maxOutputTokens"] = cap
         return
     if kind == "messages":
         payload["max_tokens"] = cap

@@ -31,6 +31,12 @@ IMAGE_TOKENS = 1600  # an image: Claude ~1,600 at most for 1.15 MP; GPT-4o high 
 CLAUDE_MARGIN = 1.25  # Claude's tokenizer counts more than cl100k; this covers the difference
 NON_TEXT_PARTS = frozenset({"image_url", "image", "input_image", "input_audio", "document", "file", "input_file"})
 SCHEMA_KEYS = frozenset({"tools", "functions", "response_format", "tool_choice"})
+# Where requests carry their prompt: OpenAI, Anthropic, the Responses API, Gemini's native API.
+PROMPT_KEYS = frozenset(
+    {"messages", "input", "prompt", "system", "instructions", "contents", "systemInstruction", "system_instruction"}
+)
+# Gemini's non-text parts: {"inlineData": {"mimeType", "data": <base64>}}.
+NON_TEXT_KEYS = frozenset({"inlineData", "inline_data", "fileData", "file_data"})
 
 _lock = threading.Lock()
 _encoding: tiktoken.Encoding | None = None
@@ -96,7 +102,7 @@ def count_prompt(payload: dict, *, bound: int, claude: bool = False) -> int:
         for key, value in payload.items():
             if key in SCHEMA_KEYS:
                 _walk(counter, value, keys=True)
-            elif key in ("messages", "input", "prompt", "system", "instructions"):
+            elif key in PROMPT_KEYS:
                 if key == "messages" and isinstance(value, list):
                     counter.add(PER_MESSAGE * len(value))
                 _walk(counter, value, keys=False)
@@ -124,7 +130,7 @@ def _walk(counter: _Counter, value: Any, *, keys: bool) -> None:
         if isinstance(item, str):
             counter.text(item)
         elif isinstance(item, dict):
-            if item.get("type") in NON_TEXT_PARTS:
+            if item.get("type") in NON_TEXT_PARTS or not NON_TEXT_KEYS.isdisjoint(item):
                 counter.add(IMAGE_TOKENS)
                 continue
             for k, v in item.items():
