@@ -95,6 +95,7 @@ class Admission:
     prompt_tokens: int = 0  # the prompt as counted for the quota (0: not counted): the estimate
     # charged when an upstream reports no usage, so that it stays within what was held
     slot: str | None = None  # the concurrency slot held, if any
+    rate_key: str | None = None  # the rate-limit key still to count (under a quota: once it fits)
 
 
 def credential_from(headers: Any) -> str | None:
@@ -326,10 +327,15 @@ class Gatekeeper:
                     code="too_many_concurrent_requests",
                 )
             headers: dict[str, str] = {}
-            if rate is not None:
+            deferred = None
+            if rate is not None and left is not None:
+                deferred = rate_key  # counted by `hold`, once the request is known to fit the quota
+            elif rate is not None:
                 rate.hit(rate_key)
                 headers = rate.check(rate_key).headers()
-        return Admission(caller=caller, family=family, headers=headers, user=user, quota_left=left, slot=slot)
+        return Admission(
+            caller=caller, family=family, headers=headers, user=user, quota_left=left, slot=slot, rate_key=deferred
+        )
 
     def hold(self, admission: Admission, prompt: int, ask: OutputAsk) -> None:
         """Hold `prompt` tokens and the reply's allowance against the quota (when one applies),
@@ -343,6 +349,17 @@ class Gatekeeper:
                 reply, admission.output_cap = reply_allowance(ask, left - prompt)
             except ValueError:
                 raise self._spent(user, family, prompt) from None
+            if admission.rate_key is not None and self._rate is not None:
+                decision = self._rate.check(admission.rate_key)  # again: others may have come meanwhile
+                if not decision.allowed:
+                    raise ProxyError(
+                        429,
+                        f"Too many requests: at most {decision.limit} a minute. Try again in {decision.reset_s} s.",
+                        Kind.RATE_LIMIT,
+                        headers=decision.headers(),
+                    )
+                self._rate.hit(admission.rate_key)
+                admission.headers = self._rate.check(admission.rate_key).headers()
             amount = prompt + reply
             self._holds.hold(user.token, family, amount)
             admission.prompt_tokens = prompt
