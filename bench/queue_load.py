@@ -1,7 +1,7 @@
 """The fair queue under load: 200 clients on one key that allows 20 requests a second.
 
-    python bench/queue.py                    # about 40 s; prints a markdown table
-    python bench/queue.py --duration 30 --clients 200 --rate 20
+    python bench/queue_load.py                    # about 40 s; prints a markdown table
+    python bench/queue_load.py --duration 30 --clients 200 --rate 20
 
 Starts an aiohttp fake upstream whose one key serves `--rate` requests per sliding second and
 answers 429 beyond (with `retry-after-ms` and OpenAI's `x-ratelimit-*-requests` headers on every
