@@ -39,6 +39,7 @@ def main() -> int:
         "--gc-freeze", default="on", choices=["on", "off"], help="gc.freeze() once the app is built (app.py: on)"
     )
     parser.add_argument("--data-dir", help="DATA_DIR (default: a new temporary directory)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="another setting")
     parser.add_argument("--repo", default=str(Path(__file__).resolve().parent.parent))
     args = parser.parse_args()
 
@@ -68,6 +69,7 @@ def main() -> int:
             "HOST": "127.0.0.1",
             "PORT": str(port),
             "DATA_DIR": args.data_dir or tempfile.mkdtemp(prefix="proxy-bench-data-"),
+            **dict(item.split("=", 1) for item in args.set),
         },
         env_file=None,
     )

@@ -57,6 +57,7 @@ class Settings(BaseModel):
     custom_upstreams: str = ""
     # <NAME>_KEY of each CUSTOM_UPSTREAMS entry, by name; filled by load_settings, not a variable.
     custom_keys: dict[str, str] = Field(default_factory=dict, repr=False)
+    upstream_max_connections: int = Field(512, gt=0)
 
     # Server
     host: str = Field("0.0.0.0", validation_alias=AliasChoices("HOST", "GRADIO_SERVER_NAME"))
@@ -97,6 +98,7 @@ class Settings(BaseModel):
     key_check_interval: float = Field(4 * 3600.0, gt=0)
     key_check_concurrency: int = Field(16, gt=0)
     allowed_model_families: str = ""
+    key_max_concurrency: int = Field(0, ge=0)
 
     # State
     data_dir: Path = Path("./data")
@@ -109,6 +111,10 @@ class Settings(BaseModel):
     service_info_password: str = Field("", repr=False)
     show_token_costs: bool = False
     token_prices: str = ""
+    # Queue
+    queue_timeout: float = Field(300.0, ge=0)
+    max_queue_length: int = Field(1000, gt=0)
+    heartbeat_interval: float = Field(10.0, ge=0)
 
     # Set by Hugging Face Spaces
     space_host: str = ""

@@ -16,10 +16,12 @@ from starlette.responses import Response, StreamingResponse
 
 from proxy import error_chat, jsonx, upstream
 from proxy.access.gatekeeper import Admission, Gatekeeper, GuessRefused, credential_from, hashed
+from proxy.access.queue import QueueFull, QueueTimeout, RequestQueue, Ticket
 from proxy.body import read_json
 from proxy.client import ClientGone, unless_client_leaves
 from proxy.errors import SHAPES, Kind, ProxyError, Redactor
 from proxy.families import family_of, is_allowed
+from proxy.keepalive import keep_alive
 from proxy.keys.pool import Key, KeyPool, Outcome, Verdict
 from proxy.limits import RequestLimits, check_model
 from proxy.logs import log_safe
@@ -96,6 +98,8 @@ class Pipeline:
         limits: RequestLimits | None = None,
         max_reply_bytes: int = 64_000_000,
         errors_as_chat: bool = False,
+        queue: RequestQueue | None = None,
+        heartbeat: float = 0.0,
     ) -> None:
         self.services = services
         self.router = Router({name: s.dialect for name, s in services.items()})
@@ -107,6 +111,8 @@ class Pipeline:
         self.retry_budget = retry_budget
         self.client_ip = client_ip
         self.door = Door(default_max_tokens)
+        self.queue = queue or RequestQueue({name: s.pool for name, s in services.items()})
+        self.heartbeat = heartbeat  # HEARTBEAT_INTERVAL: SSE comments while a stream waits or is silent
         self.limits = limits or RequestLimits()
         self.max_reply_bytes = max_reply_bytes
         self.errors_as_chat = errors_as_chat  # ERRORS_AS_CHAT: refusals answered as a chat reply
@@ -211,6 +217,7 @@ class Pipeline:
             self.gatekeeper.release(admission)
             raise
         reviser = self.door if endpoint.translated else service.dialect
+        ticket = ctx.ticket = self.queue.ticket(ctx.service, family, caller.user_token or f"ip:{caller.ip}", model)
 
         def revise(status: int, parsed: Any) -> bytes | None:
             """The request fixed after an upstream 400 that names what to change (learned per model)."""
@@ -219,7 +226,7 @@ class Pipeline:
 
         async def deliver() -> tuple[Upstream, Response | None]:
             """Forward, then read a non-streamed reply: one watch on the client covers both."""
-            reply = await self._forward(service, endpoint, request.headers, body, model, revise, path)
+            reply = await self._forward(service, endpoint, request.headers, body, model, revise, path, ticket)
             ctx.key_id = reply.key.id
             if "text/event-stream" in reply.response.headers.get("content-type", ""):
                 return reply, None
@@ -230,15 +237,109 @@ class Pipeline:
                 raise
 
         try:
-            reply, response = await unless_client_leaves(request, deliver())
-            if response is None:
-                ctx.streamed = True  # metered whatever the client asked: usage must be counted
-                response = self._stream(service, endpoint, reply, state, admission, ctx, payload)
-        except BaseException:
+            if ctx.streamed and self.heartbeat > 0:
+                work = deliver()
+                response = await self._stream_or_wait(request, work, service, endpoint, state, admission, ctx, payload)
+            else:
+                reply, response = await unless_client_leaves(request, deliver())
+                if response is None:
+                    ctx.streamed = True  # metered whatever the client asked: usage must be counted
+                    response = self._stream(service, endpoint, reply, state, admission, ctx, payload)
+        except BaseException as exc:
             self.gatekeeper.release(admission)  # a no-op once settled
+            self.queue.done(ticket)
+            if isinstance(exc, ClientGone) and ticket.queued_s:  # left the line: counted, charged nothing
+                self._account(ctx, admission, Usage(), 499)
             raise
         response.headers.update(admission.headers)
         return response
+
+    # Waiting in line, seen by a streaming client -------------------------------------------------
+    async def _stream_or_wait(
+        self, request: Request, work: Any, service: Service, endpoint: Endpoint, state: dict,
+        admission: Admission, ctx: _Ctx, payload: dict,
+    ) -> Response:  # fmt: skip
+        """A streamed request answered as usual when its upstream answers soon; when it has to wait
+        in line (or the upstream is silent for HEARTBEAT_INTERVAL), the SSE headers go out at once,
+        then comments until the reply comes: `: queued, position 3, about 40 s`."""
+        ticket = ctx.ticket
+        assert ticket is not None
+        queued = asyncio.get_running_loop().create_future()
+        ticket.on_queued = lambda: queued.done() or queued.set_result(None)
+        task = asyncio.ensure_future(unless_client_leaves(request, work))
+        try:
+            await asyncio.wait((task, queued), timeout=self.heartbeat, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            ticket.on_queued = None
+        if task.done():
+            reply, response = task.result()
+            if response is None:
+                response = self._stream(service, endpoint, reply, state, admission, ctx, payload)
+            return response
+        body = self._waiting_body(task, service, endpoint, state, admission, ctx, payload)
+        return StreamingResponse(body, 200, headers=dict(STREAM_HEADERS), media_type="text/event-stream")
+
+    def _wait_comment(self, ticket: Ticket) -> bytes:
+        if not ticket.waiting:
+            return b": waiting for the upstream\n\n"
+        position, wait = self.queue.wait_of(ticket)
+        return f": queued, position {position}, about {wait} s\n\n".encode()
+
+    async def _waiting_body(
+        self, task: asyncio.Future, service: Service, endpoint: Endpoint, state: dict, admission: Admission,
+        ctx: _Ctx, payload: dict,
+    ):  # fmt: skip
+        """Comments while the request waits; then the relayed stream, or one error event in the
+        client's dialect (the status line is already sent)."""
+        ticket = ctx.ticket
+        assert ticket is not None
+        status, relayed = 499, False
+        try:
+            yield self._wait_comment(ticket)
+            while not (await asyncio.wait((task,), timeout=self.heartbeat))[0]:
+                yield self._wait_comment(ticket)
+            try:
+                reply, response = task.result()
+            except ProxyError as exc:
+                status = exc.status
+                yield self._error_event(endpoint.shape, self.error_response(endpoint.shape, exc))
+                return
+            except UpstreamReply as exc:
+                status = exc.status
+                yield self._error_event(endpoint.shape, self._pass_error(endpoint.shape, exc))
+                return
+            except ClientGone:
+                return
+            except Exception:
+                log.exception("unexpected error on %s %s", ctx.method, log_safe(ctx.path))
+                status = 500
+                error = ProxyError(500, "The proxy failed to handle this request; it has been logged.", Kind.UPSTREAM)
+                yield self._error_event(endpoint.shape, self.error_response(endpoint.shape, error))
+                return
+            relayed = True  # accounted by _complete or _relay from here on
+            if response is not None:  # the upstream answered a stream request with one JSON reply
+                yield self._error_event(endpoint.shape, response)
+                return
+            ctx.streamed = True
+            async for chunk in self._relay(service, endpoint, reply, state, admission, ctx, payload):
+                yield chunk
+        finally:
+            if not task.done():
+                task.cancel()
+            if not relayed:
+                self.gatekeeper.release(admission)
+                self._account(ctx, admission, Usage(), status)
+                self._log(ctx, status)
+
+    @staticmethod
+    def _error_event(shape: str, response: Response) -> bytes:
+        """An error reply's body as the stream's last event: OpenAI `data: {"error": ...}`,
+        Anthropic `event: error`."""
+        body = bytes(response.body).decode("utf-8", errors="replace").replace("\n", " ")
+        return f"event: error\ndata: {body}\n\n".encode() if shape == "anthropic" else f"data: {body}\n\n".encode()
 
     def _upstream_body(self, service: Service, endpoint: Endpoint, payload: dict) -> tuple[dict, dict, bytes]:
         """The upstream's request (translated for the door), the dialect's stream state, and the
@@ -261,22 +362,43 @@ class Pipeline:
         model: str | None,
         revise: Callable[[int, Any], bytes | None] | None = None,
         path: str | None = None,
+        ticket: Ticket | None = None,
     ) -> Upstream:
         """Send to the best key; on a key problem or a transient failure, try another key.
 
-        Each key is tried at most once per request, within the retry time budget. Nothing has
-        reached the client yet, so a retry that succeeds hides the failure entirely.
+        With a `ticket`, keys come from the queue: the request waits its turn when none is free,
+        and a key that answers 429 is locked until its reset while the request goes back to its
+        place in line. Other failing keys are tried at most once per request, within the retry
+        time budget (time in line not counted). Nothing has reached the client yet, so a retry
+        that succeeds hides the failure entirely.
         """
         pool, dialect = service.pool, service.dialect
         path = path or endpoint.upstream_path or dialect.models_path
-        deadline = time.monotonic() + self.retry_budget
+        started = time.monotonic()
         tried: set[str] = set()
+        failed: set[str] = set()  # keys that failed this request other than by a rate limit
+        queue = self.queue
+        exclude = failed if queue.enabled else tried
         unreachable = 0
         last: Exception | None = None  # the failure to report if no key is left to try
         again: Key | None = None  # the key to retry a revised request on
         revisions = 0
-        while time.monotonic() < deadline and unreachable < MAX_UNREACHABLE:
-            key, again = again or pool.select(model, tried), None
+        while unreachable < MAX_UNREACHABLE:
+            if time.monotonic() - started - (ticket.queued_s if ticket else 0.0) >= self.retry_budget:
+                break
+            key, again = again, None
+            if key is not None:
+                if ticket is not None:
+                    queue.hold(ticket, key)  # the revised request goes on the same key, at once
+            elif ticket is None:
+                key = pool.select(model, tried)
+            else:
+                try:
+                    key = await queue.acquire(ticket, exclude)
+                except QueueTimeout as exc:
+                    raise _queue_timeout(dialect.name, model, ticket.family, exc) from None
+                except QueueFull as exc:
+                    raise _queue_full(ticket.family, exc) from None
             if key is None:
                 break
             tried.add(key.id)
@@ -285,16 +407,24 @@ class Pipeline:
                 out = await dialect.target(call)
                 response = await upstream.send(self._session(), endpoint.method, out.url, out.headers, out.body)
             except TimeoutError:
+                if ticket is not None:
+                    queue.release(ticket)
+                failed.add(key.id)
                 unreachable += 1
                 pool.apply(key, _RETRYABLE)
                 last = ProxyError(504, f"The {dialect.name} upstream did not answer in time.", Kind.TIMEOUT)
                 continue
             except upstream.RedirectNotFollowed:
+                if ticket is not None:
+                    queue.release(ticket)
                 raise ProxyError(
                     502, f"The {dialect.name} upstream answered with a redirect, which this proxy never follows.",
                     Kind.UPSTREAM,
                 ) from None
             except upstream.NETWORK_ERRORS as exc:
+                if ticket is not None:
+                    queue.release(ticket)
+                failed.add(key.id)
                 unreachable += 1
                 pool.apply(key, _RETRYABLE)
                 last = ProxyError(
@@ -303,10 +433,16 @@ class Pipeline:
                 continue
             if response.status < 400:
                 pool.apply(key, _OK)
+                if ticket is not None:
+                    queue.answered(ticket, response.headers)
                 return Upstream(response, key)
             raw, parsed = await upstream.read_error_body(response)
             outcome = dialect.classify(response.status, response.headers, parsed)
             pool.apply(key, outcome, model)
+            if ticket is not None:
+                queue.release(ticket)
+            if outcome.verdict is not Verdict.RATE_LIMITED:
+                failed.add(key.id)  # a rate-limited key rests until its reset, then may serve again
             if outcome.verdict is Verdict.CLIENT_ERROR:
                 fixable = revise is not None and revisions < MAX_REVISIONS
                 revised = revise(response.status, parsed) if fixable else None
@@ -374,43 +510,47 @@ class Pipeline:
         ctx: _Ctx,
         payload: dict,
     ) -> StreamingResponse:
+        ctx.streamed = True
+        body = self._relay(service, endpoint, reply, state, admission, ctx, payload)
+        headers = self.redact.headers(upstream.pick_headers(reply.response.headers, service.dialect.response_headers))
+        headers.update(STREAM_HEADERS)
+        return StreamingResponse(body, 200, headers=headers, media_type="text/event-stream")
+
+    async def _relay(
+        self, service: Service, endpoint: Endpoint, reply: Upstream, state: dict, admission: Admission,
+        ctx: _Ctx, payload: dict,
+    ):  # fmt: skip
+        """The upstream's events, relayed; heartbeats while it is silent; accounted at the end."""
         dialect = service.dialect
         meter = dialect.meter(endpoint, state)
         render = None
         stream_error = getattr(meter, "stream_error", None) or dialect.stream_error
         if endpoint.translated:
             render, stream_error = self.door.stream(payload)
-
-        async def body():
-            status = 200
-            delivered = False
-            try:
-                async for chunk in upstream.relay_events(
-                    reply.response, meter, render, stream_error, redact=self.redact
-                ):
-                    yield chunk
-                    delivered = True
-                if not meter.finished:
-                    status = 502
-            except BaseException:
-                # The client went away; if the whole answer had reached it, it was served all the same.
-                status = 200 if meter.finished else 499
-                raise
-            finally:
-                usage = meter.usage
-                if not meter.seen_usage:
-                    usage = Usage(
-                        max(usage.tokens_in, admission.prompt_tokens or estimate_tokens(ctx.body_len)),
-                        max(usage.tokens_out, estimate_tokens(meter.text_chars)),
-                        estimated=True,
-                    )
-                # A stream cut short still charges what reached the client before the break.
-                self._account(ctx, admission, usage, status, charge=delivered and status == 502)
-                self._log(ctx, status)
-
-        headers = self.redact.headers(upstream.pick_headers(reply.response.headers, dialect.response_headers))
-        headers.update(STREAM_HEADERS)
-        return StreamingResponse(body(), 200, headers=headers, media_type="text/event-stream")
+        status = 200
+        delivered = False
+        try:
+            events = upstream.relay_events(reply.response, meter, render, stream_error, redact=self.redact)
+            async for chunk in keep_alive(events, self.heartbeat):
+                yield chunk
+                delivered = True
+            if not meter.finished:
+                status = 502
+        except BaseException:
+            # The client went away; if the whole answer had reached it, it was served all the same.
+            status = 200 if meter.finished else 499
+            raise
+        finally:
+            usage = meter.usage
+            if not meter.seen_usage:
+                usage = Usage(
+                    max(usage.tokens_in, admission.prompt_tokens or estimate_tokens(ctx.body_len)),
+                    max(usage.tokens_out, estimate_tokens(meter.text_chars)),
+                    estimated=True,
+                )
+            # A stream cut short still charges what reached the client before the break.
+            self._account(ctx, admission, usage, status, charge=delivered and status == 502)
+            self._log(ctx, status)
 
     async def _models(self, service: Service, ctx: _Ctx) -> Response:
         """Answered from the models the live keys can use; before any check, asked upstream once."""
@@ -452,6 +592,9 @@ class Pipeline:
     # Helpers -----------------------------------------------------------------------------------
     def _account(self, ctx: _Ctx, admission: Admission, usage: Usage, status: int, *, charge: bool = False) -> None:
         ctx.usage = usage
+        queue_ms = ctx.queue_ms
+        if ctx.ticket is not None:
+            self.queue.done(ctx.ticket)  # the key is free for the next in line
         if 200 <= status < 300 or status == 499 or charge:
             self.gatekeeper.settle(admission, usage)
         else:
@@ -471,6 +614,7 @@ class Pipeline:
                 user=ctx.user if ctx.user not in (None, "anon", "proxy-key") else None,
                 cached_in=usage.cached,
                 reasoning_out=usage.reasoning,
+                queue_ms=queue_ms,
             )
         )
 
@@ -493,6 +637,7 @@ class Pipeline:
                 status=error.status if error is not None else status,
                 user=ctx.user if ctx.user not in (None, "anon", "proxy-key") else None,
                 outcome=outcome,
+                queue_ms=ctx.queue_ms,
             )
         )
 
@@ -538,7 +683,7 @@ class Pipeline:
     def _log(self, ctx: _Ctx, status: int) -> None:
         usage = ctx.usage
         log.info(
-            "%s %s model=%s status=%d %.0fms key=%s user=%s stream=%s tokens=%s/%s",
+            "%s %s model=%s status=%d %.0fms key=%s user=%s stream=%s tokens=%s/%s queue=%.0fms",
             ctx.method,
             log_safe(ctx.path),
             log_safe(ctx.model) if ctx.model else "-",
@@ -549,6 +694,7 @@ class Pipeline:
             "yes" if ctx.streamed else "no",
             usage.tokens_in if usage else "-",
             usage.tokens_out if usage else "-",
+            ctx.queue_ms,
         )
 
 
@@ -570,6 +716,11 @@ class _Ctx:
     usage: Usage | None = None
     body_len: int = 0
     payload: dict | None = None
+    ticket: Ticket | None = None
+
+    @property
+    def queue_ms(self) -> float:
+        return round(self.ticket.waited_s * 1000, 1) if self.ticket is not None else 0.0
 
 
 def refusal_reason(error: ProxyError, *, identified: bool) -> str:
@@ -591,6 +742,30 @@ _REASONS = {
     Kind.INVALID_REQUEST: "refused: bad request",
     Kind.TOO_LARGE: "refused: bad request",
 }
+
+
+def _queue_timeout(service: str, model: str | None, family: str, exc: QueueTimeout) -> ProxyError:
+    return ProxyError(
+        429,
+        f"Waited {exc.waited_s:.0f} s in the queue for a free {service} key for '{model}' ({family}), the most "
+        f"this proxy waits (QUEUE_TIMEOUT={exc.timeout_s:g} s): every key that can serve it stayed rate-limited "
+        "or busy. Try again later.",
+        Kind.RATE_LIMIT,
+        headers={"retry-after": "30", "x-should-retry": "false"},
+        code="queue_timeout",
+    )
+
+
+def _queue_full(family: str, exc: QueueFull) -> ProxyError:
+    wait = max(1, int(exc.estimate_s + 0.999))
+    return ProxyError(
+        429,
+        f"The queue for {family} on this proxy is full ({exc.waiting} requests waiting); the expected wait is "
+        f"about {wait} s. Try again later.",
+        Kind.RATE_LIMIT,
+        headers={"retry-after": str(wait)},
+        code="queue_full",
+    )
 
 
 _OK = Outcome(Verdict.OK)

@@ -22,6 +22,7 @@ from proxy import upstream
 from proxy.access import Access, build_access
 from proxy.access.client_ip import TrustedProxies
 from proxy.access.gatekeeper import Gatekeeper, credential_from
+from proxy.access.queue import RequestQueue
 from proxy.access.ratelimit import FailureGuard, network_of
 from proxy.admin import admin_router, me_router
 from proxy.config import Settings
@@ -59,6 +60,7 @@ class Runtime:
     started_at: float = field(default_factory=time.time)
     session: aiohttp.ClientSession | None = None
     checker: KeyChecker | None = None
+    queue: RequestQueue | None = None
     # Lets the page's own calls (from this machine) say which visitor they act for.
     internal_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     info_guard: FailureGuard = field(default_factory=lambda: FailureGuard(limit=10, window_s=300, lockout_s=300))
@@ -138,6 +140,7 @@ class Runtime:
             **self._public_status(base_url),
             "keys": {name: service.pool.snapshot() for name, service in self.services.items()},
             "usage": {**usage, **self.ledger.activity()},
+            "queue": self.queue.snapshot() if self.queue is not None else {},
         }
 
     def info_password_ok(self, given: str | None, ip: str) -> bool:
@@ -201,6 +204,7 @@ def build_runtime(settings: Settings) -> Runtime:
         pool.restore(access.store.load_key_states(name))  # what earlier runs learned
         pool.on_change = _saving(access, pool)
         pool.on_lost = _losing(access, pool)
+        pool.max_in_flight = settings.key_max_concurrency
         services[name] = Service(
             dialect, spec.base_url, pool, spec.key_env, family_filter=settings.model_family_filter, check=spec.check
         )
@@ -215,7 +219,26 @@ def build_runtime(settings: Settings) -> Runtime:
         access=access,
     )
     runtime.checker = KeyChecker(runtime.services, runtime.get_session, settings)
+    runtime.queue = queue = RequestQueue(
+        {name: service.pool for name, service in services.items()},
+        timeout=settings.queue_timeout,
+        max_length=settings.max_queue_length,
+        max_connections=settings.upstream_max_connections,
+    )
+    for service in services.values():
+        service.pool.on_change = _waking(service.pool.on_change, queue)
     return runtime
+
+
+def _waking(on_change, queue: RequestQueue):
+    """A key changed (checked, restored): requests waiting in line may take it now."""
+
+    def changed(key) -> None:
+        if on_change is not None:
+            on_change(key)
+        queue.wake()
+
+    return changed
 
 
 def _saving(access: Access, pool: KeyPool):
@@ -272,6 +295,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         ),
         max_reply_bytes=settings.max_reply_bytes,
         errors_as_chat=settings.errors_as_chat,
+        queue=runtime.queue,
+        heartbeat=settings.heartbeat_interval,
     )
 
     @contextlib.asynccontextmanager

@@ -22,7 +22,9 @@ _KEY_SHAPED = Redactor()  # no configured secret: redacts what looks like a prov
 
 def create_session(settings: Settings) -> aiohttp.ClientSession:
     """One pooled client for the process: no proxies from the environment, no cookies, no redirects."""
-    connector = aiohttp.TCPConnector(limit=512, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+    # Proxy requests beyond UPSTREAM_MAX_CONNECTIONS wait in the queue; the key checks have their own room.
+    limit = settings.upstream_max_connections + settings.key_check_concurrency
+    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True)
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=settings.upstream_connect_timeout, sock_read=settings.upstream_read_timeout
     )

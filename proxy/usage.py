@@ -47,6 +47,7 @@ class UsageEvent:
     def __post_init__(self) -> None:
         if not self.outcome:
             self.outcome = outcome_of(self.status)
+    queue_ms: float = 0.0  # time spent waiting in line for a key
 
     def public(self) -> dict:
         data = asdict(self)

@@ -17,7 +17,7 @@ import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Self
 
@@ -36,6 +36,7 @@ KINDS = (
     "flaky",
     "server_error",
     "slow_rate_limited",
+    "windowed",
 )
 SLOW_RESET_S = 90.0  # minimum reset of a "slow_rate_limited" key: "1m30s"
 
@@ -57,6 +58,9 @@ class KeyBehaviour:
     """How the fake treats one API key.
 
     ``slow_rate_limited`` is ``rate_limited`` with a long wait: ``max(reset_s, 90)`` seconds.
+    ``windowed`` serves ``per_window`` generation requests per sliding ``window_s`` seconds and
+    answers 429 beyond (like OpenAI: ``x-ratelimit-reset-requests``, ``retry-after(-ms)``); its
+    replies report the requests left and the reset, exactly.
     """
 
     kind: str = "paid"
@@ -64,6 +68,17 @@ class KeyBehaviour:
     rpm: int | None = None
     tpm: int | None = None
     reset_s: float = 20.0
+    per_window: int = 2
+    window_s: float = 2.0
+    admitted_at: list[float] = field(default_factory=list, compare=False, repr=False)
+
+    def window(self) -> tuple[int, float]:
+        """Requests left in the window now, and seconds until the oldest leaves it ("windowed")."""
+        now = time.monotonic()
+        self.admitted_at[:] = [t for t in self.admitted_at if t > now - self.window_s]
+        left = self.per_window - len(self.admitted_at)
+        reset = self.admitted_at[0] + self.window_s - now if self.admitted_at else 0.0
+        return left, max(reset, 0.0)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -179,6 +194,8 @@ class FakeUpstream:
         self.chunks = chunks
         self.drop_mid_stream = False
         self.hang_first_byte = 0.0
+        self.first_token_delay = 0.0  # seconds of silence after a stream's headers (a thinking model)
+        self.admitted: list[Any] = []  # bodies of the generation requests a "windowed" key served
         self.next_status: list[tuple[int, Json] | tuple[int, Json, dict[str, str]]] = []
         self.requests: list[Recorded] = []
         self.calls_by_key: dict[str, int] = {}
@@ -257,6 +274,7 @@ class FakeUpstream:
         with self._lock:
             self.requests.clear()
             self.calls_by_key.clear()
+            self.admitted.clear()
             self._generation_calls.clear()
             self._closed_early = 0
             self._dropped = 0
@@ -411,6 +429,8 @@ class FakeUpstream:
         with self._lock:
             self._open_streams += 1
         try:
+            if self.first_token_delay > 0:
+                await asyncio.sleep(self.first_token_delay)
             for index, event in enumerate(events):
                 if index and self.stream_delay > 0:
                     await asyncio.sleep(self.stream_delay)
@@ -498,7 +518,7 @@ class FakeOpenAI(FakeUpstream):
 
     def _ratelimit_headers(self, b: KeyBehaviour, tokens: int = 0) -> dict[str, str]:
         rpm, tpm = self._limits(b)
-        return {
+        headers = {
             "x-ratelimit-limit-requests": str(rpm),
             "x-ratelimit-limit-tokens": str(tpm),
             "x-ratelimit-remaining-requests": str(max(rpm - 1, 0)),
@@ -506,6 +526,28 @@ class FakeOpenAI(FakeUpstream):
             "x-ratelimit-reset-requests": format_reset(60 / max(rpm, 1)),
             "x-ratelimit-reset-tokens": format_reset(60 * tokens / max(tpm, 1)),
         }
+        if b.kind == "windowed":
+            left, reset = b.window()
+            headers["x-ratelimit-limit-requests"] = str(b.per_window)
+            headers["x-ratelimit-remaining-requests"] = str(max(left, 0))
+            headers["x-ratelimit-reset-requests"] = format_reset(reset)
+        return headers
+
+    def _windowed(self, b: KeyBehaviour, body: Any) -> web.Response | None:
+        """A "windowed" key: admit the request into the window, or answer 429 until it has room."""
+        left, reset = b.window()
+        if left > 0:
+            b.admitted_at.append(time.monotonic())
+            with self._lock:
+                self.admitted.append(body)
+            return None
+        headers = {
+            **self._ratelimit_headers(b),
+            "retry-after": str(max(math.ceil(reset), 1)),
+            "retry-after-ms": str(max(round(reset * 1000), 1)),
+        }
+        message = f"Rate limit reached for requests: Limit {b.per_window}, Used {b.per_window}, Requested 1."
+        return self._json(openai_error(message, "requests", "rate_limit_exceeded"), 429, headers)
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         path, method = request.path, request.method
@@ -603,6 +645,8 @@ class FakeOpenAI(FakeUpstream):
                 ),
                 429,
             )
+        if b.kind == "windowed":
+            return self._windowed(b, body)
         if b.rate_limited:
             model = body.get("model") if isinstance(body, dict) else None
             rpm, _ = self._limits(b)

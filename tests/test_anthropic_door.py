@@ -345,7 +345,7 @@ def test_untranslatable_request_is_a_bad_request_that_reaches_no_upstream(
 
 
 def test_every_key_rate_limited_is_an_openai_rate_limit_error(claude_pool) -> None:
-    served, _ = claude_pool({"sk-ant-limited-0000000000": KeyBehaviour("rate_limited")})
+    served, _ = claude_pool({"sk-ant-limited-0000000000": KeyBehaviour("rate_limited")}, QUEUE_TIMEOUT="0")
 
     with pytest.raises(openai.RateLimitError) as caught:
         client(served).chat.completions.create(model=HAIKU, messages=HELLO)

@@ -381,7 +381,7 @@ def test_key_refusals_set_the_key_aside_and_another_key_answers(claude_pool, rep
 
 
 def test_every_key_rate_limited_gives_a_rate_limit_error_with_retry_after(claude_pool) -> None:
-    served, _ = claude_pool({"sk-ant-limited-0000000000": KeyBehaviour("rate_limited", reset_s=20)})
+    served, _ = claude_pool({"sk-ant-limited-0000000000": KeyBehaviour("rate_limited", reset_s=20)}, QUEUE_TIMEOUT="0")
 
     with pytest.raises(anthropic.RateLimitError) as caught:
         sdk(served).messages.create(**MESSAGE)
@@ -703,7 +703,7 @@ def test_streamed_cache_tokens_count_as_input_tokens(claude_pool) -> None:
 
 
 def test_failed_request_is_not_counted_as_usage(claude_pool) -> None:
-    served, _ = claude_pool({"sk-ant-limited-0000000000": KeyBehaviour("rate_limited")})
+    served, _ = claude_pool({"sk-ant-limited-0000000000": KeyBehaviour("rate_limited")}, QUEUE_TIMEOUT="0")
 
     with pytest.raises(anthropic.RateLimitError):
         sdk(served).messages.create(**MESSAGE)

@@ -333,7 +333,7 @@ def test_revoked_rate_limited_and_unbilled_keys_are_told_apart(proxy_app) -> Non
 
 def test_every_key_rate_limited_is_a_429_in_googles_shape(proxy_app) -> None:
     with FakeGemini({GOOD: KeyBehaviour("rate_limited", reset_s=20)}) as fake:
-        served = proxy_app(GOOGLE_AI_KEY=GOOD, GOOGLE_AI_BASE_URL=fake.url, PROXY_KEY=PROXY_KEY)
+        served = proxy_app(GOOGLE_AI_KEY=GOOD, GOOGLE_AI_BASE_URL=fake.url, PROXY_KEY=PROXY_KEY, QUEUE_TIMEOUT="0")
         with http(served, **{"x-goog-api-key": PROXY_KEY}) as client:
             reply = client.post(f"{ROOT}/v1beta/models/gemini-2.5-flash:generateContent", json=gemini_body())
     assert reply.status_code == 429

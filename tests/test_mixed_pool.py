@@ -255,7 +255,7 @@ def test_when_every_suitable_key_is_rate_limited_the_client_gets_429_with_retry_
     tmp_path: Any, openai_fake: FakeOpenAI
 ) -> None:
     keys = ["sk-ratelimited-00000", "sk-revoked-000000000"]
-    with proxy(tmp_path, check=False, **openai_env(openai_fake, keys)) as served:
+    with proxy(tmp_path, check=False, QUEUE_TIMEOUT="0", **openai_env(openai_fake, keys)) as served:
         first = chat(served, "gpt-4o")
         second = chat(served, "gpt-4o")
     for reply in (first, second):
@@ -352,7 +352,7 @@ def test_a_rate_limited_key_never_shows_the_client_the_upstream_organization(
     tmp_path: Any, openai_fake: FakeOpenAI
 ) -> None:
     keys = ["sk-servererror-00000", "sk-ratelimited-00000"]  # tried in this order
-    with proxy(tmp_path, check=False, **openai_env(openai_fake, keys)) as served:
+    with proxy(tmp_path, check=False, QUEUE_TIMEOUT="0", **openai_env(openai_fake, keys)) as served:
         reply = chat(served, "gpt-4o")
     assert "org-secret" not in reply.text
     assert reply.status_code != 429 or "retry-after" in reply.headers

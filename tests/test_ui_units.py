@@ -277,7 +277,7 @@ def test_key_summary_counts_and_escapes_strings():
 
 def test_event_rows_keep_only_safe_fields_with_the_outcome_second():
     rows = event_rows(events())
-    assert rows[0][1:] == ["served (200)", "gpt-4o", 12, 34, 812, "yes", "openai"]
+    assert rows[0][1:] == ["served (200)", "gpt-4o", 12, 34, 812, "yes", "openai", 0]
     assert rows[1][6] == "no" and rows[1][1] == "failed (429)"
     flat = json.dumps(rows)
     assert "alice" not in flat and "never shown" not in flat

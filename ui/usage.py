@@ -13,7 +13,9 @@ from ui.common import UIContext, fmt_clock, safe_status
 RECENT_LIMIT = 200
 WINDOW_MINUTES = 30
 BUCKET_SECONDS = 60
-EVENT_HEADERS = ["Time (UTC)", "Outcome", "Model", "Tokens in", "Tokens out", "Latency (ms)", "Streamed", "Service"]
+EVENT_HEADERS = [
+    "Time (UTC)", "Outcome", "Model", "Tokens in", "Tokens out", "Latency (ms)", "Streamed", "Service", "Queued (ms)",
+]  # fmt: skip
 FAMILY_HEADERS = ["Model family", "Requests", "Tokens in", "Tokens out"]
 COST_HEADER = "Est. cost (USD)"
 # One colour per outcome, the same in every chart and refresh.
@@ -72,6 +74,7 @@ def event_rows(events: list[dict]) -> list[list]:
                 round(float(latency)) if isinstance(latency, (int, float)) else None,
                 "yes" if event.get("streamed") else "no",
                 str(event.get("service") or ""),
+                round(float(queued)) if isinstance(queued := event.get("queue_ms"), (int, float)) else 0,
             ]
         )
     return rows

@@ -131,6 +131,9 @@ class Key:
     last_checked: float | None = None
     failures: int = 0  # consecutive transient failures at request time
     cooldown_until: float = 0.0
+    in_flight: int = 0  # requests holding this key now (taken by the queue, not yet given back)
+    budget: int | None = None  # requests the upstream said are left before its reset; None: unknown
+    taken: int = 0  # requests ever taken, to tell which replies are older than later sends
 
     @property
     def usable(self) -> bool:
@@ -198,6 +201,7 @@ class KeyPool:
         self.keys: list[Key] = [Key(secret=s, id=key_id(prefix, s), service=service) for s in secrets]
         self._by_id = {k.id: k for k in self.keys}
         self.checking = False  # set by the checker while the first check of every key runs
+        self.max_in_flight = 0  # KEY_MAX_CONCURRENCY: requests one key may carry at once (0: no limit)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -217,6 +221,8 @@ class KeyPool:
         for key in self.keys:
             if key.id in exclude or not key.usable or key.locked_until > now or not key.serves(model):
                 continue
+            if key.budget == 0 or (self.max_in_flight and key.in_flight >= self.max_in_flight):
+                continue  # busy: given back (and the queue woken) when a request on it ends
             rank = (key.cooldown_until > now, key.last_used)
             if best is None or rank < best_rank:
                 best, best_rank = key, rank
@@ -240,6 +246,13 @@ class KeyPool:
             hint = f" Models it serves that come closest: {', '.join(suggestions)}." if suggestions else ""
             return NoKey(404, f"No {name} key on this proxy can use the model {wanted}.{hint}")
         locked = [k for k in serving if k.locked_until > now]
+        busy = [k for k in serving if k.locked_until <= now and k.id not in exclude and not self._free(k, now)]
+        if busy and len(locked) + len(busy) == len(serving):
+            wait = min([1.0] + [max(1.0, k.locked_until - now) for k in locked])
+            return NoKey(
+                429, f"Every {name} key that can use {wanted} is busy with other requests; retry in {wait:.0f}s.",
+                retry_after=wait,
+            )  # fmt: skip
         if len(locked) == len(serving):
             wait = max(1.0, min(k.locked_until for k in locked) - now)
             return NoKey(
@@ -248,6 +261,60 @@ class KeyPool:
                 retry_after=wait,
             )
         return NoKey(502, f"Every {name} key that can use {wanted} failed for this request; try again.")
+
+    # In-flight requests and the upstream's headroom (for the queue) ---------------------------
+    def _free(self, key: Key, now: float) -> bool:
+        return (
+            key.usable
+            and key.locked_until <= now
+            and key.budget != 0
+            and not (self.max_in_flight and key.in_flight >= self.max_in_flight)
+        )
+
+    def has_free(self) -> bool:
+        """Whether some key could be taken now (for some model)."""
+        now = self.clock()
+        return any(self._free(k, now) for k in self.keys)
+
+    def could_serve(self, model: str | None, exclude: set[str] | frozenset[str] = frozenset()) -> bool:
+        """Whether a live key that can use `model` exists, free or not: worth waiting for."""
+        return any(k.usable and k.id not in exclude and k.serves(model) for k in self.keys)
+
+    def next_unlock(self) -> float | None:
+        """When the earliest lockout of a live key ends (pool clock), if any key is locked."""
+        now = self.clock()
+        ends = [k.locked_until for k in self.keys if k.usable and k.locked_until > now]
+        return min(ends) if ends else None
+
+    def take(self, key: Key) -> int:
+        """A request starts on `key`; returns its sequence number, for `headroom`."""
+        key.in_flight += 1
+        key.taken += 1
+        if key.budget is not None:
+            key.budget = max(0, key.budget - 1)
+        return key.taken
+
+    def give_back(self, key: Key) -> None:
+        """A request on `key` ended (its upstream connection is released)."""
+        key.in_flight = max(0, key.in_flight - 1)
+        if key.budget == 0 and key.in_flight == 0 and key.locked_until <= self.clock():
+            key.budget = 1  # no reply left to report the headroom: try one request
+
+    def headroom(self, key: Key, remaining: int | None, reset_s: float | None, seq: int) -> None:
+        """What a reply's rate-limit headers say: requests left before the reset, and when it is.
+
+        Requests sent after the one that got this reply (sequence `seq`) are not counted in
+        `remaining` yet. None leaves the key unmetered (an upstream without such headers)."""
+        if remaining is None:
+            key.budget = None
+            return
+        if remaining <= 0 and reset_s is not None and reset_s > 0:
+            key.locked_until = max(key.locked_until, self.clock() + reset_s)
+            key.budget = 1  # after the reset, one request first: its reply tells the new headroom
+            return
+        key.budget = max(0, remaining - (key.taken - seq))
+        if key.budget == 0 and key.in_flight == 0:
+            key.budget = 1
 
     # What replies and checks say ---------------------------------------------------------------
     def apply(self, key: Key, outcome: Outcome, model: str | None = None) -> None:
@@ -263,6 +330,7 @@ class KeyPool:
         elif verdict is Verdict.RATE_LIMITED:
             # A rate limit (not a quota error) also says the key is valid and within quota.
             key.locked_until = max(key.locked_until, now + (outcome.retry_after or DEFAULT_LOCKOUT))
+            key.budget = 1  # after the reset, one request first: its reply tells the new headroom
             if key.state is KeyState.UNCHECKED:
                 key.state = KeyState.ACTIVE
         elif verdict is Verdict.MODEL_MISSING and model and self._worth_losing(key, model):
