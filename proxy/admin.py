@@ -121,8 +121,9 @@ def admin_router(
     guard: FailureGuard | None = None,
     client_ip: Callable[[Request], str] = _peer,
     clock: Callable[[], float] = time.time,
+    extend: Callable[[APIRouter], None] | None = None,
 ) -> APIRouter:
-    """Routes to mount at `/admin/api`.
+    """Routes to mount at `/admin/api`; `extend` adds more routes behind the same admin check.
 
     `store` and `ledger` let export/import carry the usage totals; `recheck` starts a check of
     every upstream key; `client_ip` names the client for the guessing lockout (behind a proxy,
@@ -242,6 +243,8 @@ def admin_router(
         log.info("admin: key recheck started")
         return JSONResponse({"status": "recheck started"}, status_code=202)
 
+    if extend is not None:
+        extend(router)
     return router
 
 

@@ -27,6 +27,24 @@ def split_keys(raw: str) -> list[str]:
     return list(seen)
 
 
+# Proof-of-work difficulty levels: the expected number of argon2id hashes (as the Node original).
+POW_LEVELS = {"low": 200, "medium": 900, "high": 1900, "extreme": 4000}
+
+
+def parse_phrases(raw: str) -> list[str]:
+    """REJECT_PHRASES: a JSON list of regular expressions, or a comma-separated list of them."""
+    raw = raw.strip()
+    if raw.startswith("["):
+        import json
+
+        try:
+            items = json.loads(raw)
+        except ValueError:
+            raise ValueError("looks like a JSON list but is not valid JSON") from None
+        return [str(item) for item in items if str(item).strip()]
+    return [part.strip() for part in raw.split(",") if part.strip()]
+
+
 class Settings(BaseModel):
     """Every configuration variable, with its default. See `.env.example` for their meaning."""
 
@@ -93,6 +111,28 @@ class Settings(BaseModel):
     # TOKEN_QUOTA_<FAMILY>: default token limits for new users, by model family (see token_quota_env).
     token_quota: dict[str, int] = Field(default_factory=dict)
 
+    # Owner controls (abuse, event log, prompt log, proof of work)
+    ip_blacklist: str = ""
+    admin_whitelist: str = ""
+    blocked_origins: str = ""
+    block_message: str = "This proxy does not accept requests from this website."
+    reject_phrases: str = ""
+    reject_message: str = "This content violates this proxy's acceptable use policy."
+    allowed_vision_services: str = ""
+    event_logging: bool = False
+    event_log_days: int = Field(30, ge=0)
+    prompt_logging: bool = False
+    prompt_logging_repo: str = ""
+    prompt_logging_interval: float = Field(60.0, gt=0)
+    captcha_mode: Literal["none", "proof_of_work"] = "none"
+    pow_difficulty_level: str = "low"
+    pow_challenge_timeout: float = Field(30.0, gt=0)
+    pow_token_hours: float = Field(24.0, gt=0)
+    pow_token_max_ips: int = Field(2, ge=0)
+    pow_token_purge_hours: float = Field(48.0, ge=0)
+    argon2_time_cost: int = Field(8, ge=2, le=10)
+    argon2_memory_kb: int = Field(65536, ge=8, le=1 << 21)
+
     # Keys
     check_keys: bool = True
     key_check_interval: float = Field(4 * 3600.0, gt=0)
@@ -156,6 +196,34 @@ class Settings(BaseModel):
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
 
+    @field_validator("ip_blacklist", "admin_whitelist")
+    @classmethod
+    def _cidrs(cls, value: str) -> str:
+        from proxy.access.cidr import parse_cidrs, split_list
+
+        parse_cidrs(split_list(value))
+        return value
+
+    @field_validator("reject_phrases")
+    @classmethod
+    def _patterns(cls, value: str) -> str:
+        import regex
+
+        for phrase in parse_phrases(value):
+            try:
+                regex.compile(phrase)
+            except regex.error as exc:
+                raise ValueError(f"'{phrase[:60]}' is not a valid regular expression ({exc})") from None
+        return value
+
+    @field_validator("pow_difficulty_level")
+    @classmethod
+    def _difficulty(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in POW_LEVELS and not (value.isdigit() and int(value) > 0):
+            raise ValueError("must be low, medium, high, extreme or a positive number of iterations")
+        return value
+
     @model_validator(mode="after")
     def _coherent(self) -> Settings:
         mode = self.auth_mode
@@ -165,6 +233,10 @@ class Settings(BaseModel):
             raise ValueError("GATEKEEPER=user_token needs ADMIN_KEY to be set")
         if self.state_repo and not self.hf_token:
             raise ValueError("STATE_REPO needs HF_TOKEN to be set")
+        if self.captcha_mode == "proof_of_work" and mode != "user_token":
+            raise ValueError("CAPTCHA_MODE=proof_of_work needs GATEKEEPER=user_token")
+        if self.prompt_logging and not (self.prompt_logging_repo and self.hf_token):
+            raise ValueError("PROMPT_LOGGING=true needs PROMPT_LOGGING_REPO and HF_TOKEN to be set")
         return self
 
     # Derived values
@@ -217,6 +289,27 @@ class Settings(BaseModel):
     @property
     def title(self) -> str:
         return self.server_title or self.space_title or "OAI Reverse Proxy"
+
+    @property
+    def vision_services(self) -> frozenset[str] | None:
+        """Services that accept image inputs; None (unset) means every service does."""
+        if not self.allowed_vision_services.strip():
+            return None
+        return frozenset(s.strip().lower() for s in self.allowed_vision_services.split(",") if s.strip())
+
+    @property
+    def origin_blocks(self) -> list[str]:
+        return [o.strip().lower() for o in self.blocked_origins.split(",") if o.strip()]
+
+    @property
+    def reject_patterns(self) -> list[str]:
+        return parse_phrases(self.reject_phrases)
+
+    @property
+    def pow_iterations(self) -> int:
+        """The expected number of hashes a proof-of-work challenge takes."""
+        level = self.pow_difficulty_level
+        return POW_LEVELS[level] if level in POW_LEVELS else int(level)
 
     @property
     def model_family_filter(self) -> set[str]:

@@ -100,6 +100,7 @@ class Pipeline:
         errors_as_chat: bool = False,
         queue: RequestQueue | None = None,
         heartbeat: float = 0.0,
+        owner: Any = None,
     ) -> None:
         self.services = services
         self.router = Router({name: s.dialect for name, s in services.items()})
@@ -116,6 +117,7 @@ class Pipeline:
         self.limits = limits or RequestLimits()
         self.max_reply_bytes = max_reply_bytes
         self.errors_as_chat = errors_as_chat  # ERRORS_AS_CHAT: refusals answered as a chat reply
+        self.owner = owner  # the owner's controls (proxy/owner.py), or None
 
     def serves(self, method: str, raw_path: bytes) -> bool:
         """Whether (method, raw path) is on the allow-list, so that `handle` answers it."""
@@ -141,10 +143,13 @@ class Pipeline:
             endpoint = ctx.endpoint = match.endpoint
             shape = endpoint.shape
             ctx.service, ctx.params = match.service, match.params
+            if self.owner is not None:
+                self.owner.check_origin(request.headers)
             credential = credential_from(request.headers) or dialect.client_credential(
                 request.headers, request.scope.get("query_string", b"")
             )
-            caller = self.gatekeeper.identify(credential, self.client_ip(request))
+            ctx.ip = self.client_ip(request)
+            caller = ctx.caller = self.gatekeeper.identify(credential, ctx.ip)
             ctx.user = caller.label
             self.ledger.saw(hashed(caller.user_token) if caller.user_token else caller.ip)
             if not service.pool:
@@ -203,6 +208,8 @@ class Pipeline:
             raise ProxyError(400, "'stream' must be true or false.", Kind.INVALID_REQUEST)
         ctx.streamed = stream is True and endpoint.kind != "embeddings"
         limits.check_counts(payload, endpoint.kind)
+        if self.owner is not None:
+            await self.owner.before_upstream(ctx.service, payload, caller)
         path = service.dialect.upstream_path(endpoint, model, stream is True, ctx.params)
         # Limits before any expensive work; under a quota, the reply is capped in `payload` to fit.
         admission = await self.gatekeeper.admit_request(caller, family, endpoint.kind, payload)
@@ -715,6 +722,8 @@ class _Ctx:
     user: str | None = None
     usage: Usage | None = None
     body_len: int = 0
+    ip: str = ""
+    caller: Any = field(default=None, repr=False)
     payload: dict | None = None
     ticket: Ticket | None = None
 

@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from proxy import upstream
 from proxy.access import Access, build_access
+from proxy.access.abuse import ip_gate
 from proxy.access.client_ip import TrustedProxies
 from proxy.access.gatekeeper import Gatekeeper, credential_from
 from proxy.access.queue import RequestQueue
@@ -30,6 +31,8 @@ from proxy.errors import Redactor
 from proxy.keys.checker import KeyChecker
 from proxy.keys.pool import KeyPool
 from proxy.limits import RequestLimits
+from proxy.owner import Owner
+from proxy.owner_admin import owner_routes
 from proxy.page_limits import limit_body
 from proxy.pipeline import Pipeline, Service
 from proxy.prices import cost, price_table
@@ -57,6 +60,7 @@ class Runtime:
     ledger: UsageLedger
     redactor: Redactor
     access: Access
+    owner: Owner
     started_at: float = field(default_factory=time.time)
     session: aiohttp.ClientSession | None = None
     checker: KeyChecker | None = None
@@ -173,8 +177,17 @@ class ProxyApp(FastAPI):
     proxy_handler: Callable[[Request], Awaitable[Response]] | None = None
     proxy_serves: Callable[[str, bytes], bool] | None = None
     page_max_body_bytes: int | None = None  # every other route's body limit (proxy/page_limits.py)
+    gate: Callable[[Scope], Response | None] | None = None  # IP blacklist / admin whitelist
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.gate is not None and scope["type"] in ("http", "websocket"):
+            refusal = self.gate(scope)
+            if refusal is not None:
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                else:
+                    await refusal(scope, receive, send)
+                return
         handler, serves = self.proxy_handler, self.proxy_serves
         if (
             handler is not None
@@ -217,6 +230,7 @@ def build_runtime(settings: Settings) -> Runtime:
         ledger=ledger,
         redactor=redactor,
         access=access,
+        owner=Owner(settings, access.store, access.users),
     )
     runtime.checker = KeyChecker(runtime.services, runtime.get_session, settings)
     runtime.queue = queue = RequestQueue(
@@ -297,12 +311,14 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         errors_as_chat=settings.errors_as_chat,
         queue=runtime.queue,
         heartbeat=settings.heartbeat_interval,
+        owner=runtime.owner,
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.get_session()
         runtime.access.start()
+        runtime.owner.start()
         if settings.check_keys and runtime.checker is not None:
             await runtime.checker.start()
         log.info(
@@ -316,12 +332,14 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
                 await runtime.checker.stop()
             if runtime.session is not None:
                 await runtime.session.close()
+            await runtime.owner.aclose()
             await runtime.access.aclose()
 
     app = ProxyApp(title=settings.title, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime = runtime
     app.proxy_handler, app.proxy_serves = pipeline.handle, pipeline.serves
     app.page_max_body_bytes = settings.page_max_body_bytes
+    app.gate = ip_gate(runtime.owner.rules, client_ip, pipeline.router.shape_for)
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -341,6 +359,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             ledger=runtime.ledger,
             recheck=runtime.checker.recheck if runtime.checker else None,
             client_ip=client_ip,
+            extend=owner_routes(runtime.owner, client_ip),
         ),
         prefix="/admin/api",
     )

@@ -216,6 +216,20 @@ class SQLiteStore:
             state["lost_models"] = [*(known if isinstance(known, list) else []), model]
         return states
 
+    # Tables other modules own (settings edited at run time, the event log): plain SQL under
+    # the same lock, each statement committed before it returns.
+    def execute(self, sql: str, params: Iterable | None = ()) -> int:
+        """Run one statement (or a script when `params` is None); returns the rows changed."""
+        with self._lock:
+            if params is None:
+                self._conn.executescript(sql)
+                return 0
+            return self._conn.execute(sql, tuple(params)).rowcount
+
+    def query(self, sql: str, params: Iterable = ()) -> list[tuple]:
+        with self._lock:
+            return self._conn.execute(sql, tuple(params)).fetchall()
+
     # Whole-database operations.
     def backup_to(self, target: str | Path) -> None:
         """Write a consistent single-file copy of the database to `target` (sqlite3 backup API)."""
