@@ -1,15 +1,22 @@
-"""The owner's controls, composed: abuse controls (proxy/access/abuse.py), and the hooks the
-pipeline calls. Built once from the settings and the store; every part is off unless set."""
+"""The owner's controls, composed: abuse controls (proxy/access/abuse.py), the event log
+(proxy/eventlog.py), and the hooks the pipeline calls. Built once from the settings and the
+store; every part is off unless its setting is set."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from typing import Any
 
 from proxy.access.abuse import AbuseControls, IpRules
 from proxy.config import Settings
+from proxy.eventlog import Event, EventLog
 
 log = logging.getLogger("proxy.owner")
+
+PRUNE_EVERY_S = 3600.0
 
 
 class Owner:
@@ -18,6 +25,8 @@ class Owner:
         self.users = users
         self.rules = IpRules.from_settings(settings, store)
         self.abuse = AbuseControls(settings, self.rules)
+        self.events = EventLog(store, settings.event_log_days) if settings.event_logging else None
+        self._tasks: list[asyncio.Task] = []
 
     def _user_of(self, caller: Any) -> Any:
         token = getattr(caller, "user_token", None)
@@ -25,6 +34,7 @@ class Owner:
             return None
         return self.users.find(token)
 
+    # Pipeline hooks ----------------------------------------------------------------------------
     def check_origin(self, headers: Any) -> None:
         self.abuse.check_origin(headers)
 
@@ -33,8 +43,55 @@ class Owner:
         user = self._user_of(caller)
         await self.abuse.check_payload(service, payload, exempt=bool(user is not None and user.exempt))
 
+    def finished(self, ctx: Any, status: int) -> None:
+        """One request is over (served, refused or failed): its event row, when the log is on."""
+        if self.events is None or not ctx.service:
+            return
+        usage = ctx.usage
+        caller = ctx.caller
+        self.events.record(
+            Event(
+                time=time.time(),
+                subject=self.events.subject(getattr(caller, "user_token", None), ctx.ip),
+                service=ctx.service,
+                model=ctx.model or "",
+                family=ctx.family or "",
+                status=status,
+                tokens_in=usage.tokens_in if usage else 0,
+                tokens_out=usage.tokens_out if usage else 0,
+                latency_ms=round((time.perf_counter() - ctx.started) * 1000, 1),
+                queue_ms=getattr(ctx, "queue_ms", None),
+                streamed=ctx.streamed,
+            )
+        )
+
+    # Names for the statistics ------------------------------------------------------------------
+    def user_names(self) -> dict[str, str]:
+        """Event subjects of user tokens -> nicknames."""
+        if self.users is None or self.events is None:
+            return {}
+        return {self.events.subject(u.token, ""): u.nickname for u in self.users.all() if u.nickname}
+
+    # Lifetime ----------------------------------------------------------------------------------
     def start(self) -> None:
         """Start background work (call from the app's lifespan, on the running loop)."""
+        if self.events is not None and self.settings.event_log_days:
+            self._tasks.append(asyncio.create_task(self._prune_forever(), name="event-log-prune"))
+
+    async def _prune_forever(self) -> None:
+        assert self.events is not None
+        while True:
+            try:
+                self.events.prune()
+            except Exception:
+                log.exception("event log: pruning failed")
+            await asyncio.sleep(PRUNE_EVERY_S)
 
     async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
         self.abuse.close()

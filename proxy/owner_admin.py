@@ -1,18 +1,22 @@
 """The owner's admin routes, added to /admin/api behind the same admin-key check.
 
-GET/PUT /ip-rules: the IP blacklist and admin whitelist, edited at run time and persisted."""
+GET/PUT /ip-rules: the IP blacklist and admin whitelist, edited at run time and persisted.
+GET /events?user=<token>&limit=N: a user's recent events, newest first (EVENT_LOGGING).
+GET /stats?format=json|csv|md&anonymise=true&days=N: usage statistics from the event log."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from proxy.access.cidr import CidrSet, split_list
 from proxy.admin import AdminError, _json_body
+from proxy.eventlog import MAX_EVENTS_PAGE, label_users, to_csv, to_markdown
 from proxy.owner import Owner
 
 log = logging.getLogger("proxy.admin")
@@ -59,5 +63,31 @@ def owner_routes(owner: Owner, client_ip: Callable[[Request], str]) -> Callable[
             owner.rules.replace(blacklist=black, whitelist=white)
             log.info("admin: IP rules now %d blocked, %d admin ranges", len(new_black), len(new_white))
             return JSONResponse(owner.rules.snapshot())
+
+        def event_log() -> Any:
+            if owner.events is None:
+                raise AdminError(404, "The event log is off: set EVENT_LOGGING=true and restart.", "not_found")
+            return owner.events
+
+        @router.get("/events")
+        async def events(user: str = "", limit: int = 50) -> JSONResponse:
+            log_ = event_log()
+            if not 1 <= limit <= MAX_EVENTS_PAGE:
+                raise AdminError(400, f"limit must be between 1 and {MAX_EVENTS_PAGE}.", "invalid_request")
+            subject = log_.subject(user.strip(), "") if user.strip() else None
+            return JSONResponse({"events": log_.recent(subject, limit)})
+
+        @router.get("/stats")
+        async def stats(format: str = "json", anonymise: bool = False, days: float = 0) -> Any:
+            log_ = event_log()
+            if format not in ("json", "csv", "md"):
+                raise AdminError(400, "format must be json, csv or md.", "invalid_request")
+            since = time.time() - days * 86400 if days > 0 else None
+            rows = label_users(log_.stats(since), owner.user_names(), anonymise)
+            if format == "csv":
+                return PlainTextResponse(to_csv(rows), media_type="text/csv")
+            if format == "md":
+                return PlainTextResponse(to_markdown(rows), media_type="text/markdown")
+            return JSONResponse({"stats": rows})
 
     return extend

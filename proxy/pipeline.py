@@ -688,6 +688,8 @@ class Pipeline:
         return self.error_response(shape, ProxyError(status, message, Kind.UPSTREAM))
 
     def _log(self, ctx: _Ctx, status: int) -> None:
+        if self.owner is not None:
+            self.owner.finished(ctx, status)
         usage = ctx.usage
         log.info(
             "%s %s model=%s status=%d %.0fms key=%s user=%s stream=%s tokens=%s/%s queue=%.0fms",
