@@ -26,6 +26,7 @@ from ui.admin_api import (
     users_from,
 )
 from ui.common import UIContext, esc
+from ui.owner import OwnerPanel
 
 NEW_TOKEN_SECONDS = 120
 # The pasted import travels in one Gradio event, under PAGE_MAX_BODY_BYTES (JSON-escaped there).
@@ -161,6 +162,8 @@ class AdminPanel:
                         elem_id="admin-import-text",
                     )
                     self.import_btn = gr.Button("Import", elem_id="admin-import")
+
+            self.owner = OwnerPanel(ctx, self.key)  # ui/owner.py: IP rules, event log, statistics
 
     # ------------------------------------------------------------ helpers
 
@@ -443,3 +446,4 @@ class AdminPanel:
         on(self.delete_btn.click, self.delete, [key, selected])
         on(self.export_btn.click, self.export, [key])
         on(self.import_btn.click, self.import_, [key, self.import_file])
+        self.owner.wire()
