@@ -13,6 +13,7 @@ from typing import Any
 from proxy.access.abuse import AbuseControls, IpRules
 from proxy.config import Settings
 from proxy.eventlog import Event, EventLog
+from proxy.promptlog import LOGGED_KINDS, NOTICE, PromptLog, StreamCapture, reply_text
 
 log = logging.getLogger("proxy.owner")
 
@@ -26,7 +27,10 @@ class Owner:
         self.rules = IpRules.from_settings(settings, store)
         self.abuse = AbuseControls(settings, self.rules)
         self.events = EventLog(store, settings.event_log_days) if settings.event_logging else None
+        self.prompts = PromptLog.from_settings(settings)
         self._tasks: list[asyncio.Task] = []
+        self._stop = asyncio.Event()
+        self._prompt_task: asyncio.Task | None = None
 
     def _user_of(self, caller: Any) -> Any:
         token = getattr(caller, "user_token", None)
@@ -43,8 +47,22 @@ class Owner:
         user = self._user_of(caller)
         await self.abuse.check_payload(service, payload, exempt=bool(user is not None and user.exempt))
 
+    def replied(self, ctx: Any, body: Any) -> None:
+        """A non-streamed reply arrived (parsed JSON, or None)."""
+        if self.prompts is not None:
+            ctx.reply = reply_text(body)
+
+    def tap(self, ctx: Any) -> StreamCapture | None:
+        """A copy of a stream's bytes as they reach the client, when prompts are logged."""
+        if self.prompts is None:
+            return None
+        ctx.reply = StreamCapture()
+        return ctx.reply
+
     def finished(self, ctx: Any, status: int) -> None:
-        """One request is over (served, refused or failed): its event row, when the log is on."""
+        """One request is over (served, refused or failed): its event row and prompt record."""
+        if self.prompts is not None and 200 <= status < 300 and ctx.payload is not None:
+            self._log_prompt(ctx)
         if self.events is None or not ctx.service:
             return
         usage = ctx.usage
@@ -65,6 +83,27 @@ class Owner:
             )
         )
 
+    def _log_prompt(self, ctx: Any) -> None:
+        assert self.prompts is not None
+        if ctx.endpoint is None or ctx.endpoint.kind not in LOGGED_KINDS:
+            return
+        reply = ctx.reply.text() if isinstance(ctx.reply, StreamCapture) else (ctx.reply or "")
+        self.prompts.add(
+            {
+                "time": time.time(),
+                "service": ctx.service,
+                "model": ctx.model,
+                "user": ctx.user,
+                "endpoint": ctx.endpoint.kind,
+                "request": ctx.payload,
+                "reply": reply,
+            }
+        )
+
+    def public_status(self) -> dict:
+        """What /status adds: that prompts are logged, when they are."""
+        return {"prompt_logging": True, "notice": NOTICE} if self.prompts is not None else {"prompt_logging": False}
+
     # Names for the statistics ------------------------------------------------------------------
     def user_names(self) -> dict[str, str]:
         """Event subjects of user tokens -> nicknames."""
@@ -77,6 +116,8 @@ class Owner:
         """Start background work (call from the app's lifespan, on the running loop)."""
         if self.events is not None and self.settings.event_log_days:
             self._tasks.append(asyncio.create_task(self._prune_forever(), name="event-log-prune"))
+        if self.prompts is not None:
+            self._prompt_task = asyncio.create_task(self.prompts.run(self._stop), name="prompt-log")
 
     async def _prune_forever(self) -> None:
         assert self.events is not None
@@ -88,6 +129,11 @@ class Owner:
             await asyncio.sleep(PRUNE_EVERY_S)
 
     async def aclose(self) -> None:
+        self._stop.set()
+        task = self._prompt_task
+        if task is not None:  # its last upload, within a bound
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(task, 60)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

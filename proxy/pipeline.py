@@ -502,6 +502,8 @@ class Pipeline:
             log.warning("the %s upstream sent a malformed usage object", service.dialect.name)
             usage = Usage(estimate_tokens(ctx.body_len), estimate_tokens(len(raw)), estimated=True)
         self._account(ctx, admission, usage, response.status)
+        if self.owner is not None:
+            self.owner.replied(ctx, body)
         if endpoint.translated and isinstance(body, dict):
             raw = jsonx.dumps(self.door.response(body))
         headers = self.redact.headers(upstream.pick_headers(response.headers, service.dialect.response_headers))
@@ -534,6 +536,7 @@ class Pipeline:
         stream_error = getattr(meter, "stream_error", None) or dialect.stream_error
         if endpoint.translated:
             render, stream_error = self.door.stream(payload)
+        tap = self.owner.tap(ctx) if self.owner is not None else None  # prompt logging's copy
         status = 200
         delivered = False
         try:
@@ -541,6 +544,8 @@ class Pipeline:
             async for chunk in keep_alive(events, self.heartbeat):
                 yield chunk
                 delivered = True
+                if tap is not None:
+                    tap.feed(chunk)
             if not meter.finished:
                 status = 502
         except BaseException:
@@ -726,6 +731,7 @@ class _Ctx:
     body_len: int = 0
     ip: str = ""
     caller: Any = field(default=None, repr=False)
+    reply: Any = field(default=None, repr=False)  # the reply's text, kept only for prompt logging
     payload: dict | None = None
     ticket: Ticket | None = None
 

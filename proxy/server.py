@@ -134,6 +134,7 @@ class Runtime:
             "gatekeeper": self.settings.auth_mode,
             "endpoints": self.endpoints(base_url),
             "greeting": self.settings.greeting,
+            **self.owner.public_status(),
         }
 
     def _build_status(self, base_url: str) -> dict:

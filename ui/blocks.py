@@ -78,12 +78,16 @@ def header_markdown(ctx: UIContext, snapshot: dict) -> str:
     usage = snapshot.get("usage") if isinstance(snapshot.get("usage"), dict) else {}
     active = usage.get("active_users_1m")
     users = f" · {int(active)} user{'s' if active != 1 else ''} in the last minute" if isinstance(active, int) else ""
-    return f"# {title}\n{esc(auth_hint(mode))}  \nServing: {services} · up {uptime_text}{users}"
+    text = f"# {title}\n{esc(auth_hint(mode))}  \nServing: {services} · up {uptime_text}{users}"
+    if snapshot.get("prompt_logging"):  # every visitor must see it (PROMPT_LOGGING=true)
+        text += f"\n\n**⚠ {esc(str(snapshot.get('notice') or 'Prompts are logged by the owner.'))}**"
+    return text
 
 
 def locked_snapshot(snapshot: dict) -> dict:
     """What strangers see while SERVICE_INFO_PASSWORD hides the status and usage."""
-    return {k: snapshot[k] for k in ("uptime_s", "title", "gatekeeper") if k in snapshot} | {"locked": True}
+    shown = ("uptime_s", "title", "gatekeeper", "prompt_logging", "notice")  # the prompt-log notice too
+    return {k: snapshot[k] for k in shown if k in snapshot} | {"locked": True}
 
 
 def space_note(ctx: UIContext) -> str:
