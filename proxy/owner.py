@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from proxy.access.abuse import AbuseControls, IpRules
+from proxy.access.pow import ProofOfWork
 from proxy.config import Settings
 from proxy.eventlog import Event, EventLog
 from proxy.promptlog import LOGGED_KINDS, NOTICE, PromptLog, StreamCapture, reply_text
@@ -18,6 +19,7 @@ from proxy.promptlog import LOGGED_KINDS, NOTICE, PromptLog, StreamCapture, repl
 log = logging.getLogger("proxy.owner")
 
 PRUNE_EVERY_S = 3600.0
+PURGE_EVERY_S = 600.0
 
 
 class Owner:
@@ -28,6 +30,7 @@ class Owner:
         self.abuse = AbuseControls(settings, self.rules)
         self.events = EventLog(store, settings.event_log_days) if settings.event_logging else None
         self.prompts = PromptLog.from_settings(settings)
+        self.pow = ProofOfWork(settings, users) if settings.captcha_mode == "proof_of_work" else None
         self._tasks: list[asyncio.Task] = []
         self._stop = asyncio.Event()
         self._prompt_task: asyncio.Task | None = None
@@ -101,8 +104,13 @@ class Owner:
         )
 
     def public_status(self) -> dict:
-        """What /status adds: that prompts are logged, when they are."""
-        return {"prompt_logging": True, "notice": NOTICE} if self.prompts is not None else {"prompt_logging": False}
+        """What /status adds: that prompts are logged, when they are; the proof of work, when on."""
+        out: dict = {"prompt_logging": self.prompts is not None}
+        if self.prompts is not None:
+            out["notice"] = NOTICE
+        if self.pow is not None:
+            out["proof_of_work"] = self.pow.public()
+        return out
 
     # Names for the statistics ------------------------------------------------------------------
     def user_names(self) -> dict[str, str]:
@@ -116,6 +124,8 @@ class Owner:
         """Start background work (call from the app's lifespan, on the running loop)."""
         if self.events is not None and self.settings.event_log_days:
             self._tasks.append(asyncio.create_task(self._prune_forever(), name="event-log-prune"))
+        if self.pow is not None:
+            self._tasks.append(asyncio.create_task(self._purge_forever(), name="pow-purge"))
         if self.prompts is not None:
             self._prompt_task = asyncio.create_task(self.prompts.run(self._stop), name="prompt-log")
 
@@ -127,6 +137,15 @@ class Owner:
             except Exception:
                 log.exception("event log: pruning failed")
             await asyncio.sleep(PRUNE_EVERY_S)
+
+    async def _purge_forever(self) -> None:
+        assert self.pow is not None
+        while True:
+            try:
+                self.pow.purge()
+            except Exception:
+                log.exception("pow: purging expired tokens failed")
+            await asyncio.sleep(PURGE_EVERY_S)
 
     async def aclose(self) -> None:
         self._stop.set()
@@ -141,3 +160,5 @@ class Owner:
                 await task
         self._tasks.clear()
         self.abuse.close()
+        if self.pow is not None:
+            self.pow.close()

@@ -35,6 +35,7 @@ from proxy.owner import Owner
 from proxy.owner_admin import owner_routes
 from proxy.page_limits import limit_body
 from proxy.pipeline import Pipeline, Service
+from proxy.pow_routes import pow_router
 from proxy.prices import cost, price_table
 from proxy.providers.registry import services_from
 from proxy.usage import UsageEvent, UsageLedger
@@ -364,6 +365,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         ),
         prefix="/admin/api",
     )
+    if runtime.owner.pow is not None:
+        app.include_router(pow_router(runtime.owner.pow, client_ip))
     app.include_router(me_router(runtime.gatekeeper, client_ip=client_ip))  # before the /proxy catch-all
     app.router.routes.append(Route("/proxy/{path:path}", pipeline.handle, methods=PROXY_METHODS))
     app.router.routes.append(Route("/proxy", pipeline.handle, methods=PROXY_METHODS))

@@ -16,6 +16,7 @@ from ui.common import UIContext, auth_hint, esc, fmt_duration, safe_markdown, sa
 from ui.connect import ConnectPanel
 from ui.keys import KeysPanel
 from ui.me import MePanel
+from ui.pow import PowPanel
 from ui.usage import UsagePanel
 
 REFRESH_SECONDS = 5
@@ -130,6 +131,11 @@ def build_ui(ctx: UIContext) -> gr.Blocks:
             # Personal tokens exist only in user_token mode; the Admin tab only with an ADMIN_KEY.
             with gr.Tab("My usage", id="me", visible=ctx.auth_mode == "user_token"):
                 me = MePanel(ctx)
+            pow_info = safe_status(ctx).get("proof_of_work")
+            pow_panel = None
+            if isinstance(pow_info, dict):  # CAPTCHA_MODE=proof_of_work (ui/pow.py)
+                with gr.Tab("Get a token", id="pow"):
+                    pow_panel = PowPanel(ctx, pow_info)
             with gr.Tab("Admin", id="admin", visible=ctx.admin_enabled):
                 admin = AdminPanel(ctx)
 
@@ -181,4 +187,6 @@ def build_ui(ctx: UIContext) -> gr.Blocks:
         chat.wire(demo)
         me.wire()
         admin.wire()
+        if pow_panel is not None:
+            pow_panel.wire()
     return demo
