@@ -132,6 +132,14 @@ class Settings(BaseModel):
     pow_token_purge_hours: float = Field(48.0, ge=0)
     argon2_time_cost: int = Field(8, ge=2, le=10)
     argon2_memory_kb: int = Field(65536, ge=8, le=1 << 21)
+    max_context_tokens_openai: int = Field(0, ge=0)
+    max_context_tokens_anthropic: int = Field(0, ge=0)
+    max_output_tokens_openai: int = Field(
+        0, ge=0, validation_alias=AliasChoices("MAX_OUTPUT_TOKENS_OPENAI", "MAX_OUTPUT_TOKENS")
+    )
+    max_output_tokens_anthropic: int = Field(
+        0, ge=0, validation_alias=AliasChoices("MAX_OUTPUT_TOKENS_ANTHROPIC", "MAX_OUTPUT_TOKENS")
+    )
 
     # Keys
     check_keys: bool = True
@@ -304,6 +312,14 @@ class Settings(BaseModel):
     @property
     def reject_patterns(self) -> list[str]:
         return parse_phrases(self.reject_phrases)
+
+    def context_cap(self, service: str) -> int:
+        """MAX_CONTEXT_TOKENS_<SERVICE>; 0 (also for a service without the setting) means no cap."""
+        return int(getattr(self, f"max_context_tokens_{service.replace('-', '_')}", 0) or 0)
+
+    def output_cap(self, service: str) -> int:
+        """MAX_OUTPUT_TOKENS_<SERVICE> (or MAX_OUTPUT_TOKENS for every service); 0 means no cap."""
+        return int(getattr(self, f"max_output_tokens_{service.replace('-', '_')}", 0) or 0)
 
     @property
     def pow_iterations(self) -> int:

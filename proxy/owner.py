@@ -12,9 +12,11 @@ from typing import Any
 
 from proxy.access.abuse import AbuseControls, IpRules
 from proxy.access.pow import ProofOfWork
+from proxy.access.spend import check_context, clamp_output, requested_output
 from proxy.config import Settings
 from proxy.eventlog import Event, EventLog
 from proxy.promptlog import LOGGED_KINDS, NOTICE, PromptLog, StreamCapture, reply_text
+from proxy.usage import estimate_tokens
 
 log = logging.getLogger("proxy.owner")
 
@@ -45,10 +47,23 @@ class Owner:
     def check_origin(self, headers: Any) -> None:
         self.abuse.check_origin(headers)
 
-    async def before_upstream(self, service: str, payload: dict, caller: Any) -> None:
-        """Everything checked once the body is read and before a key is picked; may raise ProxyError."""
-        user = self._user_of(caller)
+    async def before_upstream(self, ctx: Any, payload: dict) -> None:
+        """Everything checked once the body is read and before a key is picked; may raise ProxyError.
+        Spend caps may lower the output length `payload` asks for."""
+        service, kind = ctx.service, ctx.endpoint.kind if ctx.endpoint is not None else ""
+        output_cap = self.settings.output_cap(service)
+        if output_cap:
+            clamp_output(payload, kind, output_cap)
+        context_cap = self.settings.context_cap(service)
+        if context_cap and kind != "embeddings":
+            prompt = self.count_prompt(payload, service, ctx.model or "", ctx.body_len)
+            check_context(prompt, requested_output(payload), context_cap, service)
+        user = self._user_of(ctx.caller)
         await self.abuse.check_payload(service, payload, exempt=bool(user is not None and user.exempt))
+
+    def count_prompt(self, payload: dict, service: str, model: str, body_len: int) -> int:
+        """The prompt's tokens for the context cap."""
+        return estimate_tokens(body_len)
 
     def replied(self, ctx: Any, body: Any) -> None:
         """A non-streamed reply arrived (parsed JSON, or None)."""

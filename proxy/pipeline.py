@@ -209,7 +209,7 @@ class Pipeline:
         ctx.streamed = stream is True and endpoint.kind != "embeddings"
         limits.check_counts(payload, endpoint.kind)
         if self.owner is not None:
-            await self.owner.before_upstream(ctx.service, payload, caller)
+            await self.owner.before_upstream(ctx, payload)
         path = service.dialect.upstream_path(endpoint, model, stream is True, ctx.params)
         # Limits before any expensive work; under a quota, the reply is capped in `payload` to fit.
         admission = await self.gatekeeper.admit_request(caller, family, endpoint.kind, payload)

@@ -1,0 +1,53 @@
+"""Spend caps per service: MAX_OUTPUT_TOKENS_<SERVICE> clamps the reply length a request asks
+for; MAX_CONTEXT_TOKENS_<SERVICE> refuses a request whose prompt plus requested output is
+larger. 0 means no cap. Both run before any upstream call and cost one count of the prompt."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from proxy.errors import Kind, ProxyError
+
+OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+# Where a reply's length goes when the client gave none: Anthropic and legacy completions take
+# max_tokens; OpenAI chat models take max_completion_tokens (max_tokens is refused by o-series).
+_DEFAULT_FIELD = {"messages": "max_tokens", "completions": "max_tokens", "chat": "max_completion_tokens"}
+
+PromptCounter = Callable[[dict, str, str], int]  # (payload, service, model) -> prompt tokens
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def clamp_output(payload: dict, kind: str, cap: int) -> int | None:
+    """Lower every output-length field above `cap` to it (adding one when none is set); returns
+    the output the request may now use, or None when nothing applies (no cap, or embeddings)."""
+    if not cap or kind not in _DEFAULT_FIELD:
+        return None
+    asked = [_int(payload.get(name)) for name in OUTPUT_FIELDS if name in payload]
+    if not any(asked):
+        payload[_DEFAULT_FIELD[kind]] = cap
+        return cap
+    for name in OUTPUT_FIELDS:
+        value = _int(payload.get(name))
+        if value is not None and value > cap:
+            payload[name] = cap
+    return min(cap, *(a for a in asked if a))
+
+
+def requested_output(payload: dict) -> int:
+    return max((_int(payload.get(name)) or 0 for name in OUTPUT_FIELDS), default=0)
+
+
+def check_context(prompt: int, output: int, cap: int, service: str) -> None:
+    """400 when prompt + output exceeds `cap` (0: no cap), naming both numbers."""
+    if cap and prompt + output > cap:
+        raise ProxyError(
+            400,
+            f"This request needs {prompt + output} tokens ({prompt} of prompt + {output} of output), "
+            f"more than this proxy's context limit of {cap} tokens for {service}. "
+            "Shorten the conversation or lower max_tokens.",
+            Kind.INVALID_REQUEST,
+            code="context_length_exceeded",
+        )
