@@ -14,6 +14,7 @@ from proxy.access.abuse import AbuseControls, IpRules
 from proxy.access.pow import ProofOfWork
 from proxy.access.spend import check_context, clamp_output, requested_output
 from proxy.config import Settings
+from proxy.errors import ProxyError
 from proxy.eventlog import Event, EventLog
 from proxy.promptlog import LOGGED_KINDS, NOTICE, PromptLog, StreamCapture, reply_text
 from proxy.usage import estimate_tokens
@@ -51,13 +52,21 @@ class Owner:
         """Everything checked once the body is read and before a key is picked; may raise ProxyError.
         Spend caps may lower the output length `payload` asks for."""
         service, kind = ctx.service, ctx.endpoint.kind if ctx.endpoint is not None else ""
+        refused = self.abuse.refused
         output_cap = self.settings.output_cap(service)
         if output_cap:
+            before = requested_output(payload)
             clamp_output(payload, kind, output_cap)
+            if before > output_cap:
+                refused["output_clamped"] = refused.get("output_clamped", 0) + 1
         context_cap = self.settings.context_cap(service)
         if context_cap and kind != "embeddings":
             prompt = self.count_prompt(payload, service, ctx.model or "", ctx.body_len)
-            check_context(prompt, requested_output(payload), context_cap, service)
+            try:
+                check_context(prompt, requested_output(payload), context_cap, service)
+            except ProxyError:
+                refused["context_cap"] = refused.get("context_cap", 0) + 1
+                raise
         user = self._user_of(ctx.caller)
         await self.abuse.check_payload(service, payload, exempt=bool(user is not None and user.exempt))
 
@@ -126,6 +135,27 @@ class Owner:
         if self.pow is not None:
             out["proof_of_work"] = self.pow.public()
         return out
+
+    def summary(self) -> dict:
+        """Which controls are on and how many requests each refused, for the Admin tab."""
+        s = self.settings
+        return {
+            "ip_blacklist": len(self.rules.blacklist),
+            "admin_whitelist": len(self.rules.whitelist),
+            "blocked_origins": s.origin_blocks,
+            "reject_phrases": len(self.abuse.phrases.patterns),
+            "allowed_vision_services": None if s.vision_services is None else sorted(s.vision_services),
+            "max_context_tokens": {k: s.context_cap(k) for k in ("openai", "anthropic") if s.context_cap(k)},
+            "max_output_tokens": {k: s.output_cap(k) for k in ("openai", "anthropic") if s.output_cap(k)},
+            "event_logging": self.events is not None,
+            "event_log_days": s.event_log_days if self.events is not None else None,
+            "prompt_logging": self.prompts is not None,
+            "prompts_uploaded": self.prompts.uploaded if self.prompts is not None else 0,
+            "prompts_dropped": self.prompts.dropped if self.prompts is not None else 0,
+            "prompt_log_error": self.prompts.last_error if self.prompts is not None else None,
+            "captcha_mode": s.captcha_mode,
+            "refused": dict(self.abuse.refused),
+        }
 
     # Names for the statistics ------------------------------------------------------------------
     def user_names(self) -> dict[str, str]:

@@ -38,6 +38,10 @@ def _entries(value: Any, name: str) -> list[str] | None:
 
 def owner_routes(owner: Owner, client_ip: Callable[[Request], str]) -> Callable[[APIRouter], None]:
     def extend(router: APIRouter) -> None:
+        @router.get("/controls")
+        async def controls() -> JSONResponse:
+            return JSONResponse(owner.summary())
+
         @router.get("/ip-rules")
         async def get_rules() -> JSONResponse:
             return JSONResponse(owner.rules.snapshot())

@@ -341,7 +341,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.proxy_handler, app.proxy_serves = pipeline.handle, pipeline.serves
     app.page_max_body_bytes = settings.page_max_body_bytes
-    app.gate = ip_gate(runtime.owner.rules, client_ip, pipeline.router.shape_for)
+    app.gate = ip_gate(runtime.owner.rules, client_ip, pipeline.router.shape_for, runtime.owner.abuse.refused)
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

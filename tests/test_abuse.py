@@ -129,6 +129,9 @@ def test_ip_rules_are_edited_at_run_time_persisted_and_cannot_lock_the_admin_out
     outsider = admin(served, **as_visitor(served, "198.51.100.1")).get("/users")
     assert outsider.status_code == 403 and "ADMIN_WHITELIST" in outsider.json()["error"]["message"]
     assert len(fake_openai.requests) == 1
+    controls = admin(served).get("/controls").json()
+    assert controls["refused"] == {"ip_blacklist": 1, "admin_whitelist": 1}  # the owner sees what was refused
+    assert controls["ip_blacklist"] == 1 and controls["admin_whitelist"] == 2
 
     # A restart on the same database keeps the rules edited at run time.
     data_dir = str(served.settings.data_dir)

@@ -49,6 +49,8 @@ def test_owner_panel_edits_ip_rules_shows_events_and_exports_statistics(proxy_ap
         assert saved[panel.blacklist] == "203.0.113.0/24\n198.51.100.7/32"
         loaded = await panel.load_rules(ADMIN)
         assert loaded[panel.blacklist] == "203.0.113.0/24\n198.51.100.7/32" and loaded[panel.whitelist] == ""
+        assert "IP blacklist: 2 range(s)" in loaded[panel.controls]
+        assert "Event log: on; prompt logging: off" in loaded[panel.controls]
 
         shown = await panel.show_events(ADMIN, token, 10)
         table = shown[panel.events_table]

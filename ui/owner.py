@@ -48,12 +48,44 @@ def events_frame(events: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=EVENT_HEADERS)
 
 
+def controls_markdown(summary: Any) -> str:
+    """Which owner controls are on, and what they refused (escaped Markdown)."""
+    if not isinstance(summary, dict):
+        return ""
+
+    def on(value: Any) -> str:
+        return "on" if value else "off"
+
+    vision = summary.get("allowed_vision_services")
+    lines = [
+        f"- IP blacklist: {int(summary.get('ip_blacklist') or 0)} range(s); admin whitelist: "
+        f"{int(summary.get('admin_whitelist') or 0) or 'any address'}",
+        f"- Blocked origins: {esc(', '.join(summary.get('blocked_origins') or [])) or 'none'}",
+        f"- Reject phrases: {int(summary.get('reject_phrases') or 0)}",
+        f"- Images allowed for: {'every service' if vision is None else esc(', '.join(vision)) or 'no service'}",
+        f"- Context caps: {esc(str(summary.get('max_context_tokens') or 'none'))}; output caps: "
+        f"{esc(str(summary.get('max_output_tokens') or 'none'))}",
+        f"- Event log: {on(summary.get('event_logging'))}; prompt logging: {on(summary.get('prompt_logging'))}"
+        + (f" ({int(summary.get('prompts_uploaded') or 0)} uploaded)" if summary.get("prompt_logging") else ""),
+        f"- Self-service tokens: {esc(str(summary.get('captcha_mode') or 'none'))}",
+    ]
+    refused = summary.get("refused") or {}
+    if isinstance(refused, dict) and refused:
+        counts = ", ".join(f"{esc(str(k))}: {int(v)}" for k, v in sorted(refused.items()))
+        lines.append(f"- Refused or changed since start: {counts}")
+    if summary.get("prompt_log_error"):
+        lines.append(f"- Prompt log upload error: {esc(str(summary['prompt_log_error']))}")
+    return "\n".join(lines)
+
+
 class OwnerPanel:
     """Built inside the Admin tab's unlocked area; `key` is the Admin tab's admin-key box."""
 
     def __init__(self, ctx: UIContext, key: gr.Textbox) -> None:
         self.ctx = ctx
         self.key = key
+        with gr.Accordion("Owner controls", open=False):
+            self.controls = gr.Markdown("Press Load to see which controls are on.", elem_id="owner-controls")
         with gr.Accordion("IP blacklist and admin whitelist", open=False):
             gr.Markdown(
                 "One address or CIDR range per line. Blacklisted addresses are refused everywhere; when the "
@@ -96,10 +128,12 @@ class OwnerPanel:
         result = await self._call(key, "GET", f"{ADMIN_PREFIX}/ip-rules", request=request)
         if not result.ok or not isinstance(result.data, dict):
             return {self.status: failure(result, "load the IP rules")}
+        summary = await self._call(key, "GET", f"{ADMIN_PREFIX}/controls", request=request)
         return {
             self.blacklist: rules_text(result.data.get("ip_blacklist")),
             self.whitelist: rules_text(result.data.get("admin_whitelist")),
-            self.status: "IP rules loaded.",
+            self.controls: controls_markdown(summary.data) if summary.ok else "",
+            self.status: "Loaded.",
         }
 
     async def save_rules(self, key: str, black: str, white: str, request: gr.Request | None = None) -> dict:
@@ -137,7 +171,7 @@ class OwnerPanel:
         return {self.stats_file: gr.File(value=str(path), visible=True), self.status: esc("Statistics ready.")}
 
     def wire(self) -> None:
-        outputs = [self.blacklist, self.whitelist, self.events_table, self.stats_file, self.status]
+        outputs = [self.controls, self.blacklist, self.whitelist, self.events_table, self.stats_file, self.status]
 
         def on(trigger, fn, inputs) -> None:
             trigger(fn, inputs=inputs, outputs=outputs, api_visibility="private", concurrency_limit=None)

@@ -225,7 +225,7 @@ def has_image(payload: dict) -> bool:
     return _has_image_part(payload.get("input"))
 
 
-def ip_gate(rules: IpRules, client_ip: Any, shape_for: Any) -> Any:
+def ip_gate(rules: IpRules, client_ip: Any, shape_for: Any, refused: dict[str, int] | None = None) -> Any:
     """An ASGI pre-check for the whole app (proxy, page, admin API): a blacklisted address gets a
     403 everywhere; only whitelisted addresses reach /admin/. Returns the refusal, or None."""
     from starlette.requests import Request
@@ -233,12 +233,15 @@ def ip_gate(rules: IpRules, client_ip: Any, shape_for: Any) -> Any:
 
     from proxy.errors import SHAPES
 
+    counts = refused if refused is not None else {}
+
     def gate(scope: dict) -> Any:
         if not rules.blacklist and not rules.whitelist:
             return None
         ip = client_ip(Request(scope))
         path: str = scope.get("path", "")
         if rules.blocked(ip):
+            counts["ip_blacklist"] = counts.get("ip_blacklist", 0) + 1
             message = "This address is blocked from this proxy."
             if path.startswith("/proxy/"):
                 shape = shape_for(scope.get("raw_path") or path.encode())
@@ -247,6 +250,7 @@ def ip_gate(rules: IpRules, client_ip: Any, shape_for: Any) -> Any:
                 return JSONResponse({"error": {"message": message, "type": "permission"}}, 403)
             return PlainTextResponse(message, 403)
         if path.startswith("/admin/") and not rules.admin_allowed(ip):
+            counts["admin_whitelist"] = counts.get("admin_whitelist", 0) + 1
             message = "The admin API is not open to this address (ADMIN_WHITELIST)."
             return JSONResponse({"error": {"message": message, "type": "permission"}}, 403)
         return None
