@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from proxy.access import abuse
 from proxy.access.abuse import PhraseFilter
 from proxy.access.cidr import CidrSet
 from proxy.server import CLIENT_IP_HEADER, INTERNAL_HEADER
@@ -224,8 +225,10 @@ def test_a_prompt_matching_a_reject_phrase_is_refused_before_any_upstream_call(p
 
 
 def test_a_pathological_reject_phrase_is_cut_off_by_its_budget_without_stalling_others(
-    proxy_app, fake_openai: FakeOpenAI
+    proxy_app, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A 2 s budget, so that a stalled event loop would show far above the noise of a shared machine.
+    monkeypatch.setattr(abuse, "PHRASE_BUDGET_S", 2.0)
     served = proxy_app(
         OPENAI_KEY=PAID, OPENAI_BASE_URL=fake_openai.base_url, PROXY_KEY=PROXY_KEY, REJECT_PHRASES="(.*a){25}b"
     )
@@ -235,19 +238,21 @@ def test_a_pathological_reject_phrase_is_cut_off_by_its_budget_without_stalling_
     )
     started = time.perf_counter()
     slow.start()
-    time.sleep(0.05)
+    time.sleep(0.2)
     health_times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        assert httpx.get(f"{served.url}/health", timeout=5).status_code == 200
-        health_times.append(time.perf_counter() - t0)
+    with httpx.Client(timeout=5) as client:
+        while slow.is_alive() and len(health_times) < 20:
+            t0 = time.perf_counter()
+            assert client.get(f"{served.url}/health").status_code == 200
+            health_times.append(time.perf_counter() - t0)
+            time.sleep(0.05)
     slow.join(10)
     elapsed = time.perf_counter() - started
     refused = result["r"]
     assert refused.status_code == 400
     assert "in time" in refused.json()["error"]["message"]
-    assert elapsed < 2.0
-    assert max(health_times) < 0.2  # the event loop kept answering while the pattern ran
+    assert 1.5 < elapsed < 3.5  # answered at the budget, not when the pattern gives up
+    assert len(health_times) >= 3 and max(health_times) < 1.0  # the loop kept answering meanwhile
     assert fake_openai.requests == []
 
 
