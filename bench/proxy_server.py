@@ -40,6 +40,7 @@ def main() -> int:
     )
     parser.add_argument("--data-dir", help="DATA_DIR (default: a new temporary directory)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="another setting")
+    parser.add_argument("--env-file", help="more settings, KEY=VALUE lines (e.g. the owner controls to measure)")
     parser.add_argument("--repo", default=str(Path(__file__).resolve().parent.parent))
     args = parser.parse_args()
 
@@ -71,7 +72,7 @@ def main() -> int:
             "DATA_DIR": args.data_dir or tempfile.mkdtemp(prefix="proxy-bench-data-"),
             **dict(item.split("=", 1) for item in args.set),
         },
-        env_file=None,
+        env_file=args.env_file,
     )
     try:
         from proxy.logs import configure_logging

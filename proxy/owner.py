@@ -15,7 +15,7 @@ from proxy.access.pow import ProofOfWork
 from proxy.access.spend import check_context, clamp_output, requested_output
 from proxy.config import Settings
 from proxy.errors import ProxyError
-from proxy.eventlog import Event, EventLog
+from proxy.eventlog import FLUSH_EVERY_S, Event, EventLog
 from proxy.promptlog import LOGGED_KINDS, NOTICE, PromptLog, StreamCapture, reply_text
 from proxy.usage import estimate_tokens
 
@@ -167,21 +167,26 @@ class Owner:
     # Lifetime ----------------------------------------------------------------------------------
     def start(self) -> None:
         """Start background work (call from the app's lifespan, on the running loop)."""
-        if self.events is not None and self.settings.event_log_days:
-            self._tasks.append(asyncio.create_task(self._prune_forever(), name="event-log-prune"))
+        if self.events is not None:
+            self._tasks.append(asyncio.create_task(self._flush_forever(), name="event-log"))
         if self.pow is not None:
             self._tasks.append(asyncio.create_task(self._purge_forever(), name="pow-purge"))
         if self.prompts is not None:
             self._prompt_task = asyncio.create_task(self.prompts.run(self._stop), name="prompt-log")
 
-    async def _prune_forever(self) -> None:
+    async def _flush_forever(self) -> None:
+        """Write buffered event rows every FLUSH_EVERY_S; prune old ones every PRUNE_EVERY_S."""
         assert self.events is not None
+        pruned_at = 0.0
         while True:
             try:
-                self.events.prune()
+                self.events.flush()
+                if time.monotonic() - pruned_at >= PRUNE_EVERY_S:
+                    pruned_at = time.monotonic()
+                    self.events.prune()
             except Exception:
-                log.exception("event log: pruning failed")
-            await asyncio.sleep(PRUNE_EVERY_S)
+                log.exception("event log: writing or pruning failed")
+            await asyncio.sleep(FLUSH_EVERY_S)
 
     async def _purge_forever(self) -> None:
         assert self.pow is not None
@@ -204,6 +209,8 @@ class Owner:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.events is not None:
+            self.events.flush()  # before the store closes
         self.abuse.close()
         if self.pow is not None:
             self.pow.close()

@@ -226,6 +226,11 @@ class SQLiteStore:
                 return 0
             return self._conn.execute(sql, tuple(params)).rowcount
 
+    def execute_many(self, sql: str, rows: Iterable[Iterable]) -> None:
+        """One statement for each row, in one transaction."""
+        with self._lock, self._transaction():
+            self._conn.executemany(sql, [tuple(r) for r in rows])
+
     def query(self, sql: str, params: Iterable = ()) -> list[tuple]:
         with self._lock:
             return self._conn.execute(sql, tuple(params)).fetchall()
