@@ -29,6 +29,7 @@ log = logging.getLogger("proxy.access")
 PHRASE_BUDGET_S = 0.25
 PHRASE_INLINE_S = 0.002
 PHRASE_WORKERS = 2
+VERDICT_CACHE = 65_536  # addresses whose blacklist verdict is remembered (until the list changes)
 IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
 _RULES_TABLE = "CREATE TABLE IF NOT EXISTS owner_settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);"
 
@@ -45,6 +46,7 @@ class IpRules:
             store.execute(_RULES_TABLE, None)
         self.blacklist = CidrSet(self._saved("ip_blacklist", blacklist))
         self.whitelist = CidrSet(self._saved("admin_whitelist", whitelist))
+        self._blocked: dict[str, bool] = {}  # address -> verdict; parsing an address costs more than the lookup
 
     @classmethod
     def from_settings(cls, settings: Settings, store: Any = None) -> IpRules:
@@ -58,7 +60,14 @@ class IpRules:
         return list(default)
 
     def blocked(self, ip: str) -> bool:
-        return bool(self.blacklist) and ip in self.blacklist
+        if not self.blacklist:
+            return False
+        verdict = self._blocked.get(ip)
+        if verdict is None:
+            if len(self._blocked) >= VERDICT_CACHE:
+                self._blocked.clear()
+            verdict = self._blocked[ip] = ip in self.blacklist
+        return verdict
 
     def admin_allowed(self, ip: str) -> bool:
         """An empty whitelist lets every address through; the blacklist is checked separately."""
@@ -74,6 +83,7 @@ class IpRules:
                     "INSERT OR REPLACE INTO owner_settings (name, value) VALUES (?, ?)", (name, ",".join(cidrs.entries))
                 )
         self.blacklist, self.whitelist = new_black, new_white
+        self._blocked = {}
 
     def snapshot(self) -> dict:
         return {"ip_blacklist": self.blacklist.entries, "admin_whitelist": self.whitelist.entries}
