@@ -103,7 +103,7 @@ class Settings(BaseModel):
     max_ips_per_user: int = Field(0, ge=0)
     max_ips_auto_ban: bool = False
     text_model_rate_limit: int = Field(0, ge=0)
-    quota_refresh_period: Literal["hourly", "daily", ""] = ""
+    quota_refresh_period: str = ""
     errors_as_chat: bool = False
     trusted_proxies: str = ""
     max_ips_window_hours: float = Field(24.0, gt=0)
@@ -223,6 +223,13 @@ class Settings(BaseModel):
             except regex.error as exc:
                 raise ValueError(f"'{phrase[:60]}' is not a valid regular expression ({exc})") from None
         return value
+
+    @field_validator("quota_refresh_period")
+    @classmethod
+    def _refresh_period(cls, value: str) -> str:
+        from proxy.access.refresh import check_period
+
+        return check_period(value.strip())
 
     @field_validator("pow_difficulty_level")
     @classmethod

@@ -12,6 +12,7 @@ from typing import Any
 
 from proxy.access.abuse import AbuseControls, IpRules
 from proxy.access.pow import ProofOfWork
+from proxy.access.refresh import QuotaRefresher
 from proxy.access.spend import check_context, clamp_output, requested_output
 from proxy.config import Settings
 from proxy.errors import ProxyError
@@ -34,6 +35,11 @@ class Owner:
         self.events = EventLog(store, settings.event_log_days) if settings.event_logging else None
         self.prompts = PromptLog.from_settings(settings)
         self.pow = ProofOfWork(settings, users) if settings.captcha_mode == "proof_of_work" else None
+        self.quotas = (
+            QuotaRefresher(users, getattr(settings, "token_quota", {}), settings.quota_refresh_period)
+            if users is not None and settings.auth_mode == "user_token"
+            else None
+        )
         self._tasks: list[asyncio.Task] = []
         self._stop = asyncio.Event()
         self._prompt_task: asyncio.Task | None = None
@@ -171,6 +177,8 @@ class Owner:
             self._tasks.append(asyncio.create_task(self._flush_forever(), name="event-log"))
         if self.pow is not None:
             self._tasks.append(asyncio.create_task(self._purge_forever(), name="pow-purge"))
+        if self.quotas is not None and self.settings.quota_refresh_period:
+            self._tasks.append(asyncio.create_task(self.quotas.run(), name="quota-refresh"))
         if self.prompts is not None:
             self._prompt_task = asyncio.create_task(self.prompts.run(self._stop), name="prompt-log")
 

@@ -68,6 +68,27 @@ def owner_routes(owner: Owner, client_ip: Callable[[Request], str]) -> Callable[
             log.info("admin: IP rules now %d blocked, %d admin ranges", len(new_black), len(new_white))
             return JSONResponse(owner.rules.snapshot())
 
+        def quotas() -> Any:
+            if owner.quotas is None:
+                raise AdminError(404, "Quotas need GATEKEEPER=user_token.", "not_found")
+            return owner.quotas
+
+        @router.post("/quotas/reset-all")
+        async def reset_all() -> JSONResponse:
+            count = quotas().reset_all()
+            log.info("admin: reset the token counts of %d users", count)
+            return JSONResponse({"reset": count})
+
+        @router.post("/users/{token}/refresh-quota")
+        async def refresh_one(token: str) -> JSONResponse:
+            refresher = quotas()
+            user = owner.users.get(token) if owner.users is not None else None
+            if user is None:
+                raise AdminError(404, "No user has this token.", "not_found")
+            refresher.refresh_one(user)
+            log.info("admin: refreshed the quota of %s", user.label)
+            return JSONResponse(user.record())
+
         def event_log() -> Any:
             if owner.events is None:
                 raise AdminError(404, "The event log is off: set EVENT_LOGGING=true and restart.", "not_found")

@@ -56,6 +56,9 @@ def test_owner_panel_edits_ip_rules_shows_events_and_exports_statistics(proxy_ap
         table = shown[panel.events_table]
         assert list(table["Model"]) == ["gpt-4o"] and list(table["Status"]) == [200]
 
+        assert (await panel.refresh_quota(ADMIN, token))[panel.status] == "Quota refreshed."
+        assert (await panel.reset_counts(ADMIN))[panel.status] == "Counts reset for 1 user(s)."
+
         exported = await panel.export_stats(ADMIN, "Markdown", True)
         path = Path(exported[panel.stats_file].value["path"] if isinstance(exported[panel.stats_file].value, dict)
                     else exported[panel.stats_file].value)  # fmt: skip

@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import gradio as gr
 import pandas as pd
@@ -98,6 +98,16 @@ class OwnerPanel:
             with gr.Row():
                 self.load_rules_btn = gr.Button("Load", size="sm", elem_id="owner-rules-load")
                 self.save_rules_btn = gr.Button("Save", variant="primary", size="sm", elem_id="owner-rules-save")
+        with gr.Accordion("Quotas", open=False):
+            gr.Markdown(
+                "Refreshing sets a user's limit for each family with a default quota (TOKEN_QUOTA_<FAMILY>) to "
+                "what they have used plus that default. Resetting zeroes every user's counts.",
+                elem_classes=["muted"],
+            )
+            with gr.Row(elem_classes=["form-row"]):
+                self.quota_token = gr.Textbox(label="User token", type="password", scale=4, elem_id="owner-quota-token")
+                self.refresh_btn = gr.Button("Refresh this user's quota", scale=1, elem_id="owner-refresh-quota")
+            self.reset_btn = gr.Button("Reset every user's counts", variant="stop", size="sm", elem_id="owner-reset")
         with gr.Accordion("Event log", open=False):
             with gr.Row(elem_classes=["form-row"]):
                 self.event_token = gr.Textbox(
@@ -147,6 +157,21 @@ class OwnerPanel:
             self.status: f"Saved: {len(body['ip_blacklist'])} blocked, {len(body['admin_whitelist'])} admin ranges.",
         }
 
+    async def refresh_quota(self, key: str, token: str, request: gr.Request | None = None) -> dict:
+        if not (token or "").strip():
+            return {self.status: "Paste the user's token first."}
+        path = f"{ADMIN_PREFIX}/users/{quote(token.strip(), safe='')}/refresh-quota"
+        result = await self._call(key, "POST", path, request=request)
+        if not result.ok:
+            return {self.status: failure(result, "refresh the quota")}
+        return {self.status: "Quota refreshed."}
+
+    async def reset_counts(self, key: str, request: gr.Request | None = None) -> dict:
+        result = await self._call(key, "POST", f"{ADMIN_PREFIX}/quotas/reset-all", request=request)
+        if not result.ok or not isinstance(result.data, dict):
+            return {self.status: failure(result, "reset the counts")}
+        return {self.status: f"Counts reset for {int(result.data.get('reset') or 0)} user(s)."}
+
     async def show_events(self, key: str, token: str, limit: Any, request: gr.Request | None = None) -> dict:
         query = {"limit": int(limit or 50)}
         if (token or "").strip():
@@ -178,6 +203,8 @@ class OwnerPanel:
 
         on(self.load_rules_btn.click, self.load_rules, [self.key])
         on(self.save_rules_btn.click, self.save_rules, [self.key, self.blacklist, self.whitelist])
+        on(self.refresh_btn.click, self.refresh_quota, [self.key, self.quota_token])
+        on(self.reset_btn.click, self.reset_counts, [self.key])
         on(self.events_btn.click, self.show_events, [self.key, self.event_token, self.event_limit])
         on(self.stats_btn.click, self.export_stats, [self.key, self.stats_format, self.anonymise])
 

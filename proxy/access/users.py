@@ -19,7 +19,6 @@ log = logging.getLogger(__name__)
 UserType = Literal["normal", "special", "temporary"]
 RefreshPeriod = Literal["hourly", "daily", ""]
 
-_PERIOD_S = {"hourly": 3600, "daily": 86400}
 MAX_REMEMBERED_IPS = 100  # when a user has no IP limit, only the most recent are kept
 
 
@@ -89,16 +88,11 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def period_start(period: RefreshPeriod | str, now: float) -> float | None:
-    """The start of the quota period containing `now` (UTC boundaries), or None without refills."""
-    length = _PERIOD_S.get(period)
-    return None if length is None else now - now % length
-
-
 def next_refill(period: RefreshPeriod | str, now: float) -> float | None:
-    """When the quota period containing `now` ends, or None without refills."""
-    start = period_start(period, now)
-    return None if start is None else start + _PERIOD_S[period]
+    """When quotas are next refreshed (QUOTA_REFRESH_PERIOD, see refresh.py), or None without refills."""
+    from proxy.access.refresh import next_fire
+
+    return next_fire(period, now)
 
 
 class UserService:
@@ -246,13 +240,8 @@ class UserService:
         user.last_used_at = self._clock()
 
     def refresh(self, user: User) -> None:
-        """Start a new quota period for `user` when the current one began after its counts."""
-        start = period_start(self.refresh_period, self._clock())
-        if start is not None and user.counts_since < start:
-            with self._lock:
-                if user.counts_since < start:
-                    user.token_counts = {}
-                    user.counts_since = start
+        """Nothing: quotas are topped up on QUOTA_REFRESH_PERIOD's schedule (refresh.py), never by
+        zeroing counts when a request arrives."""
 
     # Export and import
     def export_records(self) -> list[dict]:
