@@ -13,7 +13,7 @@ from typing import Any
 from proxy.access.abuse import AbuseControls, IpRules
 from proxy.access.pow import ProofOfWork
 from proxy.access.refresh import QuotaRefresher
-from proxy.access.spend import check_context, clamp_output, requested_output
+from proxy.access.spend import GENERATION_KINDS, check_context, clamp_output, requested_output
 from proxy.config import Settings
 from proxy.errors import ProxyError
 from proxy.eventlog import FLUSH_EVERY_S, Event, EventLog
@@ -66,7 +66,7 @@ class Owner:
             if before > output_cap:
                 refused["output_clamped"] = refused.get("output_clamped", 0) + 1
         context_cap = self.settings.context_cap(service)
-        if context_cap and kind != "embeddings":
+        if context_cap and kind in GENERATION_KINDS:
             prompt = self.count_prompt(payload, service, ctx.model or "", ctx.body_len)
             try:
                 check_context(prompt, requested_output(payload), context_cap, service)

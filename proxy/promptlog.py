@@ -25,7 +25,7 @@ log = logging.getLogger("proxy.prompts")
 NOTICE = "Prompts and replies sent through this proxy are logged by its owner."
 MAX_BUFFERED = 5_000  # records waiting for the next upload; beyond it the oldest are dropped (and counted)
 MAX_CAPTURE_BYTES = 2_000_000  # of one streamed reply
-LOGGED_KINDS = frozenset({"chat", "messages", "completions"})
+LOGGED_KINDS = frozenset({"chat", "messages", "completions", "responses"})
 HUB_ENDPOINT: str | None = None  # the Hub's address; tests point it at a fake Hub
 
 
@@ -135,6 +135,8 @@ def _delta_text(event: Any) -> str:
     delta = event.get("delta")
     if isinstance(delta, dict) and isinstance(delta.get("text"), str):  # Anthropic content_block_delta
         return delta["text"]
+    if event.get("type") == "response.output_text.delta" and isinstance(delta, str):  # Responses API
+        return delta
     choices = event.get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         choice = choices[0]
@@ -150,6 +152,15 @@ def reply_text(body: Any) -> str:
     """The text of a non-streamed OpenAI or Anthropic reply."""
     if not isinstance(body, dict):
         return ""
+    output = body.get("output")
+    if isinstance(output, list):  # Responses API: message items holding output_text parts
+        return "".join(
+            part["text"]
+            for item in output
+            if isinstance(item, dict) and isinstance(item.get("content"), list)
+            for part in item["content"]
+            if isinstance(part, dict) and part.get("type") == "output_text" and isinstance(part.get("text"), str)
+        )
     content = body.get("content")
     if isinstance(content, list):  # Anthropic
         return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))

@@ -66,10 +66,15 @@ def test_prompts_and_replies_reach_a_private_dataset_in_batches_and_visitors_are
         )
         if chunk.choices
     )
-    records = sorted(logged_records(hub, 2), key=lambda r: r["time"])
+    answered = client.responses.create(model="gpt-4o", input="third question")
+    with client.responses.stream(model="gpt-4o", input="fourth question") as events:
+        fourth = events.get_final_response().output_text
+    records = sorted(logged_records(hub, 4), key=lambda r: r["time"])
     assert hub.private[REPO] is True
     assert all(path.startswith("prompts/") and path.endswith(".jsonl") for path in hub.repos[REPO])
-    first, second = records
+    first, second, third, last = records
+    assert third["request"]["input"] == "third question" and third["reply"] == answered.output_text
+    assert last["reply"] == fourth and fourth and last["endpoint"] == "responses"
     assert first["request"]["messages"][0]["content"].startswith("first question, my key is ")
     assert PAID not in json.dumps(records)  # a provider key inside a prompt is redacted
     assert first["reply"] == plain.choices[0].message.content and first["reply"]

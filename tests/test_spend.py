@@ -79,3 +79,14 @@ def test_spend_caps_are_off_by_default(shared) -> None:
     assert chat(served, max_tokens=50_000, messages=[{"role": "user", "content": "word " * 5000}]).status_code == 200
     body = sent(fake)
     assert body["max_tokens"] == 50_000 and "max_completion_tokens" not in body
+
+
+def test_the_responses_api_output_is_clamped_too(proxy_app, fake_openai: FakeOpenAI) -> None:
+    served = proxy_app(
+        OPENAI_KEY=PAID, OPENAI_BASE_URL=fake_openai.base_url, PROXY_KEY=PROXY_KEY, MAX_OUTPUT_TOKENS="40"
+    )
+    client = openai.OpenAI(base_url=served.proxy(), api_key=PROXY_KEY, max_retries=0)
+    client.responses.create(model="gpt-4o", input="hello", max_output_tokens=500)
+    assert sent(fake_openai)["max_output_tokens"] == 40
+    client.responses.create(model="gpt-4o", input="hello")
+    assert sent(fake_openai)["max_output_tokens"] == 40

@@ -11,7 +11,13 @@ from proxy.errors import Kind, ProxyError
 OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 # Where a reply's length goes when the client gave none: Anthropic and legacy completions take
 # max_tokens; OpenAI chat models take max_completion_tokens (max_tokens is refused by o-series).
-_DEFAULT_FIELD = {"messages": "max_tokens", "completions": "max_tokens", "chat": "max_completion_tokens"}
+_DEFAULT_FIELD = {
+    "messages": "max_tokens",
+    "completions": "max_tokens",
+    "chat": "max_completion_tokens",
+    "responses": "max_output_tokens",
+}
+GENERATION_KINDS = frozenset(_DEFAULT_FIELD)
 
 PromptCounter = Callable[[dict, str, str], int]  # (payload, service, model) -> prompt tokens
 
