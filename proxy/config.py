@@ -134,12 +134,11 @@ class Settings(BaseModel):
     argon2_memory_kb: int = Field(65536, ge=8, le=1 << 21)
     max_context_tokens_openai: int = Field(0, ge=0)
     max_context_tokens_anthropic: int = Field(0, ge=0)
-    max_output_tokens_openai: int = Field(
-        0, ge=0, validation_alias=AliasChoices("MAX_OUTPUT_TOKENS_OPENAI", "MAX_OUTPUT_TOKENS")
-    )
-    max_output_tokens_anthropic: int = Field(
-        0, ge=0, validation_alias=AliasChoices("MAX_OUTPUT_TOKENS_ANTHROPIC", "MAX_OUTPUT_TOKENS")
-    )
+    max_context_tokens_google_ai: int = Field(0, ge=0)
+    max_output_tokens: int = Field(0, ge=0)  # every service without its own MAX_OUTPUT_TOKENS_<SERVICE>
+    max_output_tokens_openai: int = Field(0, ge=0)
+    max_output_tokens_anthropic: int = Field(0, ge=0)
+    max_output_tokens_google_ai: int = Field(0, ge=0)
 
     # Keys
     check_keys: bool = True
@@ -326,7 +325,8 @@ class Settings(BaseModel):
 
     def output_cap(self, service: str) -> int:
         """MAX_OUTPUT_TOKENS_<SERVICE> (or MAX_OUTPUT_TOKENS for every service); 0 means no cap."""
-        return int(getattr(self, f"max_output_tokens_{service.replace('-', '_')}", 0) or 0)
+        own = int(getattr(self, f"max_output_tokens_{service.replace('-', '_')}", 0) or 0)
+        return own or self.max_output_tokens
 
     @property
     def pow_iterations(self) -> int:

@@ -25,7 +25,7 @@ log = logging.getLogger("proxy.prompts")
 NOTICE = "Prompts and replies sent through this proxy are logged by its owner."
 MAX_BUFFERED = 5_000  # records waiting for the next upload; beyond it the oldest are dropped (and counted)
 MAX_CAPTURE_BYTES = 2_000_000  # of one streamed reply
-LOGGED_KINDS = frozenset({"chat", "messages", "completions", "responses"})
+LOGGED_KINDS = frozenset({"chat", "messages", "completions", "responses", "generate"})
 HUB_ENDPOINT: str | None = None  # the Hub's address; tests point it at a fake Hub
 
 
@@ -129,9 +129,22 @@ class StreamCapture:
         return "".join(parts)
 
 
+def _gemini_text(body: dict) -> str | None:
+    """Gemini: candidates[0].content.parts[].text (a whole reply or one stream event)."""
+    candidates = body.get("candidates")
+    if not isinstance(candidates, list) or not candidates or not isinstance(candidates[0], dict):
+        return None
+    content = candidates[0].get("content")
+    parts = content.get("parts") if isinstance(content, dict) else None
+    return "".join(p["text"] for p in parts or () if isinstance(p, dict) and isinstance(p.get("text"), str))
+
+
 def _delta_text(event: Any) -> str:
     if not isinstance(event, dict):
         return ""
+    gemini = _gemini_text(event)
+    if gemini is not None:
+        return gemini
     delta = event.get("delta")
     if isinstance(delta, dict) and isinstance(delta.get("text"), str):  # Anthropic content_block_delta
         return delta["text"]
@@ -152,6 +165,9 @@ def reply_text(body: Any) -> str:
     """The text of a non-streamed OpenAI or Anthropic reply."""
     if not isinstance(body, dict):
         return ""
+    gemini = _gemini_text(body)
+    if gemini is not None:
+        return gemini
     output = body.get("output")
     if isinstance(output, list):  # Responses API: message items holding output_text parts
         return "".join(

@@ -286,3 +286,36 @@ def test_images_are_refused_unless_the_service_allows_them_and_special_users_are
     allowed = proxy_app(**env, ALLOWED_VISION_SERVICES="openai")
     user = admin(allowed).post("/users", json={"nickname": "n"}).json()["token"]
     assert chat(allowed, messages=IMAGE, key=user).status_code == 200
+
+
+# ---------------------------------------------------------------- Gemini's own request shape
+
+
+def test_gemini_prompts_and_images_are_checked_and_its_output_clamped(proxy_app) -> None:
+    from tests.fakes import KeyBehaviour
+    from tests.fakes_gemini import FakeGemini
+
+    key = "AIzaSyGood0123456789abcdefghijklmnopqrs"
+    with FakeGemini({key: KeyBehaviour("paid")}) as fake:
+        served = proxy_app(
+            GOOGLE_AI_KEY=key, GOOGLE_AI_BASE_URL=fake.url, PROXY_KEY=PROXY_KEY, REJECT_PHRASES="forbidden",
+            ALLOWED_VISION_SERVICES="openai", MAX_OUTPUT_TOKENS_GOOGLE_AI="32",
+        )  # fmt: skip
+        url = f"{served.url}/proxy/google-ai/v1beta/models/gemini-2.5-flash:generateContent"
+        headers = {"x-goog-api-key": PROXY_KEY}
+
+        def ask(parts: list, **extra) -> httpx.Response:
+            body = {"contents": [{"role": "user", "parts": parts}], **extra}
+            return httpx.post(url, json=body, headers=headers, timeout=10)
+
+        assert ask([{"text": "a forbidden thing"}]).status_code == 400
+        system = {"systemInstruction": {"parts": [{"text": "be forbidden"}]}}
+        assert ask([{"text": "hi"}], **system).status_code == 400
+        image = {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}}
+        refused = ask([{"text": "what is this"}, image])
+        assert refused.status_code == 403 and "images" in refused.text
+        assert [r for r in fake.requests if r.method == "POST"] == []
+
+        assert ask([{"text": "hi"}], generationConfig={"maxOutputTokens": 1000}).status_code == 200
+        sent = [r for r in fake.requests if r.method == "POST"][-1].json
+        assert sent["generationConfig"]["maxOutputTokens"] == 32

@@ -31,6 +31,7 @@ PHRASE_INLINE_S = 0.002
 PHRASE_WORKERS = 2
 VERDICT_CACHE = 65_536  # addresses whose blacklist verdict is remembered (until the list changes)
 IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
+GEMINI_DATA_KEYS = ("inlineData", "inline_data", "fileData", "file_data")
 _RULES_TABLE = "CREATE TABLE IF NOT EXISTS owner_settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);"
 
 
@@ -232,7 +233,18 @@ def prompt_text(payload: dict) -> str:
         for message in messages:
             if isinstance(message, dict):
                 _texts(message.get("content"), out)
+    for turn in _gemini_turns(payload):  # Gemini: contents[].parts[].text, systemInstruction.parts
+        _texts(turn.get("parts"), out)
     return "\n".join(out)
+
+
+def _gemini_turns(payload: dict) -> list[dict]:
+    turns = payload.get("contents")
+    found = [t for t in turns if isinstance(t, dict)] if isinstance(turns, list) else []
+    for name in ("systemInstruction", "system_instruction"):
+        if isinstance(payload.get(name), dict):
+            found.append(payload[name])
+    return found
 
 
 def _has_image_part(content: Any, depth: int = 0) -> bool:
@@ -254,7 +266,18 @@ def has_image(payload: dict) -> bool:
         for message in messages:
             if isinstance(message, dict) and _has_image_part(message.get("content")):
                 return True
-    return _has_image_part(payload.get("input"))
+    if _has_image_part(payload.get("input")):
+        return True
+    for turn in _gemini_turns(payload):  # Gemini: inline or file data with an image MIME type
+        for part in turn.get("parts") or () if isinstance(turn.get("parts"), list) else ():
+            if not isinstance(part, dict):
+                continue
+            for key in GEMINI_DATA_KEYS:
+                data = part.get(key)
+                mime = data.get("mimeType") or data.get("mime_type") if isinstance(data, dict) else None
+                if isinstance(mime, str) and mime.lower().startswith("image/"):
+                    return True
+    return False
 
 
 def ip_gate(rules: IpRules, client_ip: Any, shape_for: Any, refused: dict[str, int] | None = None) -> Any:

@@ -17,7 +17,7 @@ _DEFAULT_FIELD = {
     "chat": "max_completion_tokens",
     "responses": "max_output_tokens",
 }
-GENERATION_KINDS = frozenset(_DEFAULT_FIELD)
+GENERATION_KINDS = frozenset({*_DEFAULT_FIELD, "generate"})
 
 PromptCounter = Callable[[dict, str, str], int]  # (payload, service, model) -> prompt tokens
 
@@ -29,7 +29,17 @@ def _int(value: object) -> int | None:
 def clamp_output(payload: dict, kind: str, cap: int) -> int | None:
     """Lower every output-length field above `cap` to it (adding one when none is set); returns
     the output the request may now use, or None when nothing applies (no cap, or embeddings)."""
-    if not cap or kind not in _DEFAULT_FIELD:
+    if not cap:
+        return None
+    if kind == "generate":  # Gemini: generationConfig.maxOutputTokens
+        config = payload.get("generationConfig")
+        if not isinstance(config, dict):
+            config = payload["generationConfig"] = {}
+        asked_gemini = _int(config.get("maxOutputTokens"))
+        if asked_gemini is None or asked_gemini > cap:
+            config["maxOutputTokens"] = cap
+        return min(cap, asked_gemini or cap)
+    if kind not in _DEFAULT_FIELD:
         return None
     asked = [_int(payload.get(name)) for name in OUTPUT_FIELDS if name in payload]
     if not any(asked):
@@ -43,7 +53,9 @@ def clamp_output(payload: dict, kind: str, cap: int) -> int | None:
 
 
 def requested_output(payload: dict) -> int:
-    return max((_int(payload.get(name)) or 0 for name in OUTPUT_FIELDS), default=0)
+    config = payload.get("generationConfig")
+    gemini = _int(config.get("maxOutputTokens")) if isinstance(config, dict) else None
+    return max((_int(payload.get(name)) or 0 for name in OUTPUT_FIELDS), default=gemini or 0)
 
 
 def check_context(prompt: int, output: int, cap: int, service: str) -> None:
