@@ -746,10 +746,18 @@ def refusal_reason(error: ProxyError, *, identified: bool) -> str:
         return "refused: wrong key"
     if error.kind in (Kind.UPSTREAM, Kind.TIMEOUT):
         return "failed"
+    if error.code in _OWNER_CODES:
+        return _OWNER_CODES[error.code]
     return _REASONS.get(error.kind, "refused: other")
 
 
 _ACCESS_CODES = frozenset({"user_disabled", "user_expired", "too_many_ips"})
+# The owner's controls (proxy/owner.py) refuse by rule, not by model: "other" here; each rule's
+# own count is at /admin/api/controls.
+_OWNER_CODES = dict.fromkeys(
+    ("blocked_origin", "images_not_allowed", "rejected_phrase", "content_check_timeout", "context_length_exceeded"),
+    "refused: other",
+)
 _REASONS = {
     Kind.NOT_FOUND: "refused: model",
     Kind.PERMISSION: "refused: model",  # a family this proxy does not serve
