@@ -14,11 +14,11 @@ from proxy.access.abuse import AbuseControls, IpRules
 from proxy.access.pow import ProofOfWork
 from proxy.access.refresh import QuotaRefresher
 from proxy.access.spend import GENERATION_KINDS, check_context, clamp_output, requested_output
+from proxy.access.tokens import count_prompt_async
 from proxy.config import Settings
 from proxy.errors import ProxyError
 from proxy.eventlog import FLUSH_EVERY_S, Event, EventLog
 from proxy.promptlog import LOGGED_KINDS, NOTICE, PromptLog, StreamCapture, reply_text
-from proxy.usage import estimate_tokens
 
 log = logging.getLogger("proxy.owner")
 
@@ -36,7 +36,7 @@ class Owner:
         self.prompts = PromptLog.from_settings(settings)
         self.pow = ProofOfWork(settings, users) if settings.captcha_mode == "proof_of_work" else None
         self.quotas = (
-            QuotaRefresher(users, getattr(settings, "token_quota", {}), settings.quota_refresh_period)
+            QuotaRefresher(users, settings.token_quota, settings.quota_refresh_period)
             if users is not None and settings.auth_mode == "user_token"
             else None
         )
@@ -67,18 +67,20 @@ class Owner:
                 refused["output_clamped"] = refused.get("output_clamped", 0) + 1
         context_cap = self.settings.context_cap(service)
         if context_cap and kind in GENERATION_KINDS:
-            prompt = self.count_prompt(payload, service, ctx.model or "", ctx.body_len)
+            # The quota's tokenizer (offline, bounded); exact up to twice the cap, "more than" beyond.
+            bound = 2 * context_cap
+            claude = service == "anthropic" or (ctx.family or "").startswith("claude")
+            counted = payload
+            if kind == "generate":  # Gemini's turns and system instruction, counted as messages
+                counted = {"messages": payload.get("contents"), "system": payload.get("systemInstruction")}
+            prompt = await count_prompt_async(counted, bound=bound, claude=claude)
             try:
-                check_context(prompt, requested_output(payload), context_cap, service)
+                check_context(prompt, requested_output(payload), context_cap, service, exact=prompt <= bound)
             except ProxyError:
                 refused["context_cap"] = refused.get("context_cap", 0) + 1
                 raise
         user = self._user_of(ctx.caller)
         await self.abuse.check_payload(service, payload, exempt=bool(user is not None and user.exempt))
-
-    def count_prompt(self, payload: dict, service: str, model: str, body_len: int) -> int:
-        """The prompt's tokens for the context cap."""
-        return estimate_tokens(body_len)
 
     def replied(self, ctx: Any, body: Any) -> None:
         """A non-streamed reply arrived (parsed JSON, or None)."""

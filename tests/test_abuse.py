@@ -251,7 +251,7 @@ def test_a_pathological_reject_phrase_is_cut_off_by_its_budget_without_stalling_
     refused = result["r"]
     assert refused.status_code == 400
     assert "in time" in refused.json()["error"]["message"]
-    assert 1.5 < elapsed < 3.5  # answered at the budget, not when the pattern gives up
+    assert 1.5 < elapsed < 4.5  # answered near the budget (2 s), not when the pattern gives up (up to 3x later)
     assert len(health_times) >= 3 and max(health_times) < 1.0  # the loop kept answering meanwhile
     assert fake_openai.requests == []
 

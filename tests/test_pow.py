@@ -63,7 +63,7 @@ def as_visitor(served: Served, ip: str) -> dict[str, str]:
 
 @pytest.fixture
 def pow_proxy(proxy_app, fake_openai) -> Served:
-    return proxy_app(OPENAI_KEY=PAID, OPENAI_BASE_URL=fake_openai.base_url, **POW_ENV)
+    return proxy_app(OPENAI_KEY=PAID, OPENAI_BASE_URL=fake_openai.base_url, TOKEN_QUOTA_GPT_4O="5000", **POW_ENV)
 
 
 def test_a_solved_challenge_issues_a_temporary_token_that_chats_through_the_proxy(pow_proxy: Served) -> None:
@@ -79,6 +79,7 @@ def test_a_solved_challenge_issues_a_temporary_token_that_chats_through_the_prox
     assert client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}]).choices
     user = httpx.get(f"{pow_proxy.url}/admin/api/users/{token}", headers={"authorization": f"Bearer {ADMIN}"}).json()
     assert user["type"] == "temporary" and user["max_ips"] == 2 and user["ips"] == ["127.0.0.1"]
+    assert user["token_limits"] == {"gpt-4o": 5000}  # the default quotas
 
     again = httpx.post(f"{pow_proxy.url}/pow/verify", json=body)
     assert again.status_code == 400 and "already used" in again.json()["error"]["message"]

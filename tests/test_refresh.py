@@ -72,9 +72,13 @@ def test_the_schedule_refreshes_at_each_firing(tmp_path: Path) -> None:
 
 
 def test_admin_resets_every_users_counts_and_refreshes_one_user(proxy_app, fake_openai: FakeOpenAI) -> None:
-    served = proxy_app(OPENAI_KEY=PAID, OPENAI_BASE_URL=fake_openai.base_url, GATEKEEPER="user_token", ADMIN_KEY=ADMIN)
+    served = proxy_app(
+        OPENAI_KEY=PAID, OPENAI_BASE_URL=fake_openai.base_url, GATEKEEPER="user_token", ADMIN_KEY=ADMIN,
+        TOKEN_QUOTA_GPT_4O="60",
+    )  # fmt: skip
     admin = httpx.Client(base_url=f"{served.url}/admin/api", headers={"authorization": f"Bearer {ADMIN}"})
-    token = admin.post("/users", json={"nickname": "cy", "token_limits": {"gpt-4o": 30}}).json()["token"]
+    token = admin.post("/users", json={"nickname": "cy"}).json()["token"]
+    assert admin.get(f"/users/{token}").json()["token_limits"] == {"gpt-4o": 60}  # the family default
 
     def ask() -> httpx.Response:
         return httpx.post(
@@ -86,11 +90,13 @@ def test_admin_resets_every_users_counts_and_refreshes_one_user(proxy_app, fake_
     while ask().status_code == 200:
         pass
     spent = ask()
-    assert spent.status_code in (402, 429) and "quota" in spent.json()["error"]["message"].lower()
+    assert spent.status_code == 402 and "quota" in spent.json()["error"]["message"].lower()
     assert admin.post("/quotas/reset-all").json() == {"reset": 1}
     assert admin.get(f"/users/{token}").json()["token_counts"] == {}
     assert ask().status_code == 200
 
+    used = admin.get(f"/users/{token}").json()["token_counts"]["gpt-4o"]
     refreshed = admin.post(f"/users/{token}/refresh-quota")
-    assert refreshed.status_code == 200
+    assert refreshed.status_code == 200 and refreshed.json()["token_limits"] == {"gpt-4o": used + 60}
+    assert admin.get(f"/users/{token}").json()["token_limits"] == {"gpt-4o": used + 60}
     assert admin.post("/users/nobody/refresh-quota").status_code == 404

@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from proxy.access.tokens import count_prompt
 from tests.conftest import PAID, PROXY_KEY, Served
 from tests.fakes import FakeAnthropic, FakeOpenAI
 
@@ -68,6 +69,8 @@ def test_context_cap_refuses_with_both_numbers_before_any_upstream_call(proxy_ap
     assert numbers is not None, message
     total, prompt, output, cap = map(int, numbers.groups())
     assert (output, cap) == (100, 300) and total == prompt + output > cap
+    sent_payload = {"model": HAIKU, "max_tokens": 100, "messages": [{"role": "user", "content": long_prompt}]}
+    assert prompt == count_prompt(sent_payload, bound=600, claude=True)  # the quotas' own tokenizer
     assert fake_anthropic.requests == []
     fine = client_.messages.create(model=HAIKU, max_tokens=100, messages=[{"role": "user", "content": "hi"}])
     assert fine.content

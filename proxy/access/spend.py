@@ -58,12 +58,16 @@ def requested_output(payload: dict) -> int:
     return max((_int(payload.get(name)) or 0 for name in OUTPUT_FIELDS), default=gemini or 0)
 
 
-def check_context(prompt: int, output: int, cap: int, service: str) -> None:
-    """400 when prompt + output exceeds `cap` (0: no cap), naming both numbers."""
+def check_context(prompt: int, output: int, cap: int, service: str, *, exact: bool = True) -> None:
+    """400 when prompt + output exceeds `cap` (0: no cap), naming both numbers. `exact` is False
+    when counting stopped early: the prompt is then more than `prompt - 1` tokens."""
     if cap and prompt + output > cap:
+        more = "" if exact else "more than "
+        prompt_text = f"{more}{prompt if exact else prompt - 1}"
         raise ProxyError(
             400,
-            f"This request needs {prompt + output} tokens ({prompt} of prompt + {output} of output), "
+            f"This request needs {more}{prompt + output - (0 if exact else 1)} tokens "
+            f"({prompt_text} of prompt + {output} of output), "
             f"more than this proxy's context limit of {cap} tokens for {service}. "
             "Shorten the conversation or lower max_tokens.",
             Kind.INVALID_REQUEST,
