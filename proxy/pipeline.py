@@ -221,7 +221,7 @@ class Pipeline:
             """Forward, then read a non-streamed reply: one watch on the client covers both."""
             reply = await self._forward(service, endpoint, request.headers, body, model, revise, path)
             ctx.key_id = reply.key.id
-            if "text/event-stream" in reply.response.headers.get("content-type", ""):
+            if service.dialect.streams(reply.response.headers.get("content-type", "")):
                 return reply, None
             try:
                 return reply, await self._complete(service, endpoint, reply, admission, ctx)
@@ -386,7 +386,7 @@ class Pipeline:
             delivered = False
             try:
                 async for chunk in upstream.relay_events(
-                    reply.response, meter, render, stream_error, redact=self.redact
+                    reply.response, meter, render, stream_error, redact=self.redact, decode=dialect.stream_decoder()
                 ):
                     yield chunk
                     delivered = True
