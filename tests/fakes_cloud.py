@@ -346,7 +346,8 @@ class FakeVertex(FakeAnthropic):
             return self._json(self._google(403, "PERMISSION_DENIED", message), 403)
         vertex_model = found.group("model")
         model = vertex_model.replace("@", "-")
-        if "@" not in vertex_model or model not in account.enabled or found.group("region") not in account.regions:
+        dated_without_at = re.search(r"-\d{8}\Z", vertex_model) is not None  # Vertex writes claude-x@20250929
+        if dated_without_at or model not in account.enabled or found.group("region") not in account.regions:
             message = f"Publisher Model `projects/{account.project}/locations/{found.group('region')}/publishers/"
             message += f"anthropic/models/{vertex_model}` not found."
             return self._json(self._google(404, "NOT_FOUND", message), 404)

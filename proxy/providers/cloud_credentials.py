@@ -75,7 +75,11 @@ class GcpEntry:
 
     @property
     def secrets(self) -> list[str]:
-        return [str(self.info[k]) for k in ("private_key", "private_key_id") if self.info.get(k)]
+        """The key's id and each line of the private key's body: a leak of the key (as PEM, or
+        JSON-escaped with `\\n`) holds those lines, and a redactor pattern per line stays small."""
+        lines = [line.strip() for line in str(self.info.get("private_key") or "").splitlines()]
+        body = [line for line in lines if len(line) >= 16 and not line.startswith("-----")]
+        return [str(self.info["private_key_id"])] * bool(self.info.get("private_key_id")) + body
 
 
 def parse_azure(raw: str) -> list[AzureEntry]:
@@ -131,15 +135,22 @@ def parse_gcp(raw: str) -> list[GcpEntry]:
 
 
 def _decode_or_read(part: str, n: int) -> str:
-    path = Path(part).expanduser()
-    if path.is_file():
-        if path.stat().st_size > MAX_CREDENTIAL_FILE:
-            raise ValueError(f"credential file {n} is too large to be a service account")
-        return path.read_text(encoding="utf-8")
+    """Base64 of a JSON document, else a file path. Errors never carry the value itself."""
     try:
-        return base64.b64decode(part + "=" * (-len(part) % 4), validate=False).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        raise ValueError(f"entry {n} is neither a file nor base64 of a service-account JSON") from None
+        text = base64.b64decode(part + "=" * (-len(part) % 4), validate=True).decode("utf-8")
+        if text.lstrip()[:1] in ("{", "["):
+            return text
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        pass
+    try:
+        path = Path(part).expanduser()
+        if path.is_file():
+            if path.stat().st_size > MAX_CREDENTIAL_FILE:
+                raise ValueError(f"credential file {n} is too large to be a service account")
+            return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        raise ValueError(f"credential file {n} could not be read") from None
+    raise ValueError(f"entry {n} is neither a file nor base64 of a service-account JSON")
 
 
 def _json(text: str, n: int) -> object:
