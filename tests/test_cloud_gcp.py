@@ -200,3 +200,32 @@ def test_vertex_model_ids() -> None:
     assert vertex_id("claude-3-5-haiku-latest") == "claude-3-5-haiku@20241022"
     assert vertex_id("claude-opus-4-6") == "claude-opus-4-6"
     assert vertex_id("claude-haiku-4-5@20251001") == "claude-haiku-4-5@20251001"
+
+
+def test_a_token_is_minted_again_only_when_it_nears_expiry(account: tuple[dict, str]) -> None:
+    import asyncio
+
+    from proxy.providers.cloud_credentials import parse_gcp
+    from proxy.providers.gcp.token import TokenCache, TokenRefused
+
+    info, public = account
+    now = [1000.0]
+    with FakeVertex({EMAIL: GcpAccount(public, "my-project")}) as fake:
+        cache = TokenCache(fake.token_url, clock=lambda: now[0])
+        entry = parse_gcp(json.dumps(info))[0]
+
+        async def scenario() -> list[str]:
+            first = await asyncio.gather(*(cache.token(entry) for _ in range(5)))  # a burst: one mint
+            now[0] += 3600 - 301
+            second = await cache.token(entry)  # still five minutes and a second left
+            now[0] += 2
+            third = await cache.token(entry)  # inside the last five minutes: minted again
+            return [*first, second, third]
+
+        tokens = asyncio.run(scenario())
+        assert len(set(tokens[:6])) == 1 and tokens[6] != tokens[0]
+        assert fake.minted == 2
+        other, _ = service_account("stranger@my-project.iam.gserviceaccount.com", "my-project")
+        with pytest.raises(TokenRefused) as caught:
+            asyncio.run(cache.token(parse_gcp(json.dumps(other))[0]))
+        assert caught.value.status == 400 and other["private_key_id"] not in str(caught.value)

@@ -74,6 +74,7 @@ class Vertex(HostedClaude):
         region = self.region(entry)
         token = await self.tokens.token(entry)
         headers = self.outbound_headers(call.client_headers, call.secret)
+        headers.pop("anthropic-version", None)  # Vertex takes the version in the body
         headers["authorization"] = f"Bearer {token}"
         body = call.body
         if call.path.startswith("/model/"):
