@@ -191,7 +191,7 @@ def test_the_decoder_reads_frames_split_anywhere_and_refuses_corrupt_ones() -> N
     decode = EventStreamToSSE()
     out = b"".join(decode(data[i : i + 7]) for i in range(0, len(data), 7))
     error = b'{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}'
-    assert out == b'event: ping\ndata: {"type":"ping"}\n\nevent: error\ndata: ' + error + b"\n\n"
+    assert out == b'event: ping\ndata: {"type": "ping"}\n\nevent: error\ndata: ' + error + b"\n\n"  # as Bedrock wrote it
     corrupt = bytearray(chunk_frame({"type": "ping"}))
     corrupt[-1] ^= 0xFF
     with pytest.raises(StreamAbort):

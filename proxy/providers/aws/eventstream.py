@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 
-from proxy import sse
+from proxy import jsonx, sse
 from proxy.upstream import StreamAbort
 
 CONTENT_TYPE = "application/vnd.amazon.eventstream"
@@ -55,18 +54,20 @@ def frame_to_sse(headers: dict, payload: bytes) -> bytes:
         if headers.get(":event-type") != "chunk":
             return b""
         try:
-            event = json.loads(base64.b64decode(json.loads(payload)["bytes"]))
+            raw = base64.b64decode(jsonx.loads(payload)["bytes"])
+            event = jsonx.loads(raw)
         except (ValueError, KeyError, TypeError, binascii.Error):
             raise StreamAbort("Bedrock sent a stream event this proxy could not read.") from None
         if not isinstance(event, dict):
             return b""
-        for name in BEDROCK_FIELDS:
-            event.pop(name, None)
-        return sse.encode(event, event=str(event.get("type") or "message"))
+        if any(event.pop(name, None) is not None for name in BEDROCK_FIELDS) or b"\n" in raw or b"\r" in raw:
+            raw = jsonx.dumps(event)  # re-encoded only when Bedrock added to it (or it spans lines)
+        name = str(event.get("type") or "message").replace("\n", "").replace("\r", "")
+        return b"event: " + name.encode() + b"\ndata: " + raw + b"\n\n"
     # An exception (or an error) frame: the stream's last word, in Anthropic's shape.
     name = str(headers.get(":exception-type") or headers.get(":error-code") or "internalServerException")
     try:
-        message = str(json.loads(payload).get("message") or "")
+        message = str(jsonx.loads(payload).get("message") or "")
     except (ValueError, AttributeError):
         message = ""
     message = message or str(headers.get(":error-message") or "") or name
