@@ -191,7 +191,7 @@ def test_the_decoder_reads_frames_split_anywhere_and_refuses_corrupt_ones() -> N
     decode = EventStreamToSSE()
     out = b"".join(decode(data[i : i + 7]) for i in range(0, len(data), 7))
     error = b'{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}'
-    assert out == b'event: ping\ndata: {"type": "ping"}\n\nevent: error\ndata: ' + error + b"\n\n"  # as Bedrock wrote it
+    assert out == b'event: ping\ndata: {"type": "ping"}\n\nevent: error\ndata: ' + error + b"\n\n"  # as written
     corrupt = bytearray(chunk_frame({"type": "ping"}))
     corrupt[-1] ^= 0xFF
     with pytest.raises(StreamAbort):
@@ -238,3 +238,22 @@ def test_key_check_revokes_credentials_aws_does_not_recognise(tmp_path) -> None:
     accounts = {AK_US: AwsAccount("another-secret-entirely", "us-east-1")}  # a wrong secret: bad signature
     [(state, _, _)] = _checked({"AWS_CREDENTIALS": f"{AK_US}:{SK_US}:us-east-1"}, accounts, tmp_path).values()
     assert state == "revoked"
+
+
+def test_model_lists_name_anthropic_ids_in_both_sdks_shapes(served: Served) -> None:
+    listed = {m.id for m in claude(served).models.list()}  # before any check: one key's ListFoundationModels
+    assert "claude-3-5-haiku-20241022" in listed and not any(m.startswith("anthropic.") for m in listed)
+    assert {m.id for m in door(served).models.list()} == listed
+
+
+def test_a_throttled_key_hands_the_request_to_another_region_unseen(served: Served, fake: FakeBedrock) -> None:
+    fake.accounts[AK_EU].behaviour = KeyBehaviour("rate_limited")
+    try:
+        for _ in range(2):  # whichever key is picked first, both requests are served
+            message = claude(served).messages.create(model="claude-3-5-haiku-latest", max_tokens=10, messages=HELLO)
+            assert message.content[0].text == "Hello from fake claude"
+    finally:
+        fake.accounts[AK_EU].behaviour = KeyBehaviour()
+    keys = {k.id: k for k in served.runtime.services["aws"].pool.keys}
+    assert any(k.status(time.time()) == "rate_limited" for k in keys.values())
+    assert fake.bad_signatures == 0

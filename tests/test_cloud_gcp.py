@@ -229,3 +229,9 @@ def test_a_token_is_minted_again_only_when_it_nears_expiry(account: tuple[dict, 
         with pytest.raises(TokenRefused) as caught:
             asyncio.run(cache.token(parse_gcp(json.dumps(other))[0]))
         assert caught.value.status == 400 and other["private_key_id"] not in str(caught.value)
+
+
+def test_model_lists_name_the_publishers_claude_models(served: Served) -> None:
+    listed = {m.id for m in claude(served).models.list()}
+    assert listed == {"claude-3-5-haiku-20241022", "claude-sonnet-4-5-20250929"}
+    assert {m.id for m in door(served).models.list()} == listed
