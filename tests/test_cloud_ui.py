@@ -12,8 +12,9 @@ from ui.connect import share_urls, snippets
 def test_cloud_claude_cards_point_the_anthropic_sdk_and_sillytavern_at_the_claude_route() -> None:
     for service in ("aws", "gcp"):
         items = {s.title: s.code for s in snippets(service, "https://space.example", "proxy_key")}
-        assert "Chat Completion Source:  Claude" in items["SillyTavern"]
-        assert f"Proxy Server URL:  https://space.example/proxy/{service}/claude/v1\n" in items["SillyTavern"]
+        assert "**Chat Completion Source**: Claude" in items["SillyTavern"]
+        assert f"   https://space.example/proxy/{service}/claude/v1\n" in items["SillyTavern"]
+        assert f'base_url="https://space.example/proxy/{service}/claude"' in items["LangChain / litellm"]
         assert f'base_url="https://space.example/proxy/{service}/claude"' in items["Anthropic SDK"]
         assert f'base_url="https://space.example/proxy/{service}/claude/v1"' in items["OpenAI SDK (OpenAI format)"]
         assert f"curl https://space.example/proxy/{service}/claude/v1/messages" in items["curl"]
