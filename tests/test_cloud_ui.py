@@ -48,3 +48,30 @@ def test_status_rows_name_each_cloud_route_and_hold_no_credential(tmp_path) -> N
     assert body["keys"]["azure"]["total"] == 1
     for secret in ("0123456789abcdef0123456789abcdef", "AKIAIOSFODNN7EXAMPLE", secret_key):
         assert secret not in status.text
+
+
+def test_the_whole_app_shows_a_card_and_a_keys_table_per_cloud_and_no_credential(tmp_path) -> None:
+    import json
+
+    from tests.browser_util import serve_whole_app
+    from tests.fakes_cloud import service_account
+
+    info, _ = service_account("page@proj.iam.gserviceaccount.com", "proj")
+    azure_key, aws_secret = "0123456789abcdef0123456789abcdef", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYPAGEKEY"
+    env = {
+        "AZURE_CREDENTIALS": f"res:dep:{azure_key}", "AZURE_ENDPOINT_TEMPLATE": "http://127.0.0.1:9/{resource}",
+        "AWS_CREDENTIALS": f"AKIAPAGEEXAMPLE00001:{aws_secret}:us-east-1", "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+        "GCP_CREDENTIALS": json.dumps(info), "GCP_VERTEX_BASE_URL": "http://127.0.0.1:9",
+        "GCP_TOKEN_URL": "http://127.0.0.1:9/token", "PROXY_KEY": PROXY_KEY,
+    }  # fmt: skip
+    settings = make_settings(env, tmp_path)
+    with serve_whole_app(settings) as served, httpx.Client(base_url=served.url, trust_env=False) as client:
+        config = client.get("/config").text
+        status = client.get("/status").text
+    for service in ("azure", "aws", "gcp"):
+        assert f"share-url-{service}" in config and f"keys-table-{service}" in config
+    assert "share-url-aws-native" in config and "AWS Bedrock (Claude)" in config
+    pem_line = info["private_key"].splitlines()[1]
+    secrets = [azure_key, "AKIAPAGEEXAMPLE00001", aws_secret, info["private_key_id"], pem_line]
+    for secret in secrets:
+        assert secret not in config and secret not in status
