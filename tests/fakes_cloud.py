@@ -135,13 +135,14 @@ class AwsAccount:
     enabled: tuple[str, ...] = ("claude-3-5-haiku-20241022", "claude-sonnet-4-5-20250929")
     logging: Json | None = None  # GetModelInvocationLoggingConfiguration's loggingConfig
     logging_denied: bool = False
+    profiles: tuple[str, ...] | None = None  # the system inference profiles listed in the region (None: by geography)
 
 
 class FakeBedrock(FakeAnthropic):
     """Bedrock runtime and control plane on one port; `accounts[access_key] = AwsAccount`."""
 
     PROFILE_ONLY = re.compile(r"^claude-(3-7-|(opus|sonnet|haiku)-4)")
-    _ID = re.compile(r"^(?:(us|eu|apac)\.)?anthropic\.(claude-[a-z0-9.-]+?)-v\d(:\d)?\Z")
+    _ID = re.compile(r"^(?:(us|eu|apac|jp|au|global)\.)?anthropic\.(claude-[a-z0-9.-]+?)-v\d(:\d)?\Z")
     _AUTH = re.compile(
         r"^AWS4-HMAC-SHA256 Credential=(?P<ak>[^/]+)/(?P<date>\d{8})/(?P<region>[^/]+)/(?P<service>[^/]+)/aws4_request,"
         r"\s*SignedHeaders=(?P<signed>[a-z0-9;-]+),\s*Signature=(?P<sig>[0-9a-f]{64})\Z"
@@ -199,6 +200,10 @@ class FakeBedrock(FakeAnthropic):
             if account.logging_denied:
                 return self._error(403, "AccessDeniedException", "not authorized to perform this action")
             return self._json({"loggingConfig": account.logging} if account.logging else {})
+        if request.method == "GET" and path == "/inference-profiles":
+            if account.profiles is None:
+                return self._error(403, "AccessDeniedException", "not authorized to perform this action")
+            return self._json({"inferenceProfileSummaries": [{"inferenceProfileId": p} for p in account.profiles]})
         if request.method == "GET" and path == "/foundation-models":
             models = [{"modelId": f"anthropic.{m}-v1:0", "providerName": "Anthropic"} for m in account.enabled]
             return self._json({"modelSummaries": models})
@@ -216,7 +221,10 @@ class FakeBedrock(FakeAnthropic):
             message = f"Invocation of model ID anthropic.{model} with on-demand throughput isn't supported. "
             message += "Retry your request with the ID or ARN of an inference profile that contains this model."
             return self._error(400, "ValidationException", message)
-        if geo is not None and not account.region.startswith({"us": "us-", "eu": "eu-", "apac": "ap-"}[geo]):
+        if geo is not None and account.profiles is not None and model_id not in account.profiles:
+            return self._error(400, "ValidationException", "The provided model identifier is invalid.")
+        geo_region = {"us": "us-", "eu": "eu-", "apac": "ap-", "jp": "ap-northeast-1", "au": "ap-southeast-2"}
+        if geo not in (None, "global") and not account.region.startswith(geo_region[geo]):
             return self._error(400, "ValidationException", "The provided model identifier is invalid.")
         if model not in account.enabled:
             message = "You don't have access to the model with the specified model ID."

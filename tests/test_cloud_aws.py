@@ -257,3 +257,25 @@ def test_a_throttled_key_hands_the_request_to_another_region_unseen(served: Serv
     keys = {k.id: k for k in served.runtime.services["aws"].pool.keys}
     assert any(k.status(time.time()) == "rate_limited" for k in keys.values())
     assert fake.bad_signatures == 0
+
+
+def test_the_check_learns_the_regions_own_inference_profiles(tmp_path) -> None:
+    profiles = ("jp.anthropic.claude-sonnet-4-5-20250929-v1:0", "global.anthropic.claude-sonnet-4-5-20250929-v1:0",
+                "global.anthropic.claude-opus-4-6-v1", "apac.anthropic.claude-3-7-sonnet-20250219-v1:0")  # fmt: skip
+    enabled = ("claude-sonnet-4-5-20250929", "claude-opus-4-6", "claude-3-7-sonnet-20250219")
+    accounts = {AK_US: AwsAccount(SK_US, "ap-northeast-1", enabled=enabled, profiles=profiles)}
+    with FakeBedrock(accounts) as fake:
+        env = {"AWS_CREDENTIALS": f"{AK_US}:{SK_US}:ap-northeast-1", "AWS_ENDPOINT_URL": fake.url,
+               "CHECK_KEYS": "true", "PROXY_KEY": PROXY_KEY}  # fmt: skip
+        settings = make_settings(env, tmp_path)
+        with serve(create_app(settings), settings) as served:
+            key = served.runtime.services["aws"].pool.keys[0]
+            deadline = time.monotonic() + 10
+            while key.last_checked is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert key.models == set(enabled)  # found through the listed profiles, not the apac. rule
+            for model in ("claude-sonnet-4-5", "claude-opus-4-6"):
+                claude(served).messages.create(model=model, max_tokens=10, messages=HELLO)
+    paths = [r.path for r in fake.requests if r.path.endswith("/invoke")][-2:]
+    assert paths == ["/model/jp.anthropic.claude-sonnet-4-5-20250929-v1%3A0/invoke",
+                     "/model/global.anthropic.claude-opus-4-6-v1/invoke"]  # fmt: skip

@@ -59,6 +59,7 @@ class Bedrock(HostedClaude):
         self._sigv4, self._request, self._credentials = SigV4Auth, AWSRequest, Credentials
         self.endpoint_url = endpoint_url.rstrip("/")
         self._entries: dict[str, AwsEntry] = {}
+        self.profiles: dict[str, dict[str, str]] = {}  # region -> {Anthropic id: inference profile}, from checks
 
     def entry(self, secret: str) -> AwsEntry:
         entry = self._entries.get(secret)
@@ -80,7 +81,7 @@ class Bedrock(HostedClaude):
         body = call.body
         if call.path.startswith("/model/"):
             model, stream = invoke_target(call.path)
-            model_id = quote(bedrock_id(model, entry.region), safe="")
+            model_id = quote(bedrock_id(model, entry.region, self.profiles.get(entry.region)), safe="")
             action = "invoke-with-response-stream" if stream else "invoke"
             url = f"{self.host(entry.region, False)}/model/{model_id}/{action}"
             body = hosted_body(body, VERSION, keep_stream=False, beta_in_body=call.client_headers.get("anthropic-beta"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 
 from proxy.providers.claude_hosted import resolve
 
@@ -25,16 +26,36 @@ def geography(region: str) -> str | None:
     return None
 
 
-def bedrock_id(model: str, region: str) -> str:
-    """`claude-sonnet-4-5` in us-east-1 -> `us.anthropic.claude-sonnet-4-5-20250929-v1:0`. A Bedrock
-    id or profile a client names is used as given."""
+def bedrock_id(model: str, region: str, profiles: Mapping[str, str] | None = None) -> str:
+    """`claude-sonnet-4-5` in us-east-1 -> `us.anthropic.claude-sonnet-4-5-20250929-v1:0`: the inference
+    profile the key check found for the region (`profiles`), else the rule for its geography. A
+    Bedrock id or profile a client names is used as given."""
     if model.startswith("anthropic.") or ".anthropic." in model:
         return model
     dated = resolve(model)
+    if profiles and dated in profiles:
+        return profiles[dated]
     # Dated ids carry a revision (`-v1:0`); the undated ids of newer models only a version (`-v1`).
     base = f"anthropic.{dated}-{_VERSIONS.get(dated, 'v1:0' if _DATED.search(dated) else 'v1')}"
     geo = geography(region) if _PROFILE_ONLY.match(dated) else None
     return f"{geo}.{base}" if geo else base
+
+
+def learned_profiles(profile_ids: Iterable[str], region: str) -> dict[str, str]:
+    """Anthropic id -> the system inference profile to call it through from `region`, out of the
+    profiles Bedrock lists there (all callable from it): its geography's first (`us.`), then a
+    narrower one (`jp.`, `au.`), then `global.`."""
+    geo = geography(region)
+    best: dict[str, tuple[int, str]] = {}
+    for profile in profile_ids:
+        model = anthropic_id(profile)
+        prefix = profile.split(".", 1)[0]
+        if model is None or prefix == "anthropic":
+            continue
+        rank = 0 if prefix == geo else 2 if prefix == "global" else 1
+        if model not in best or rank < best[model][0]:
+            best[model] = (rank, profile)
+    return {model: profile for model, (_, profile) in best.items()}
 
 
 def anthropic_id(bedrock: str) -> str | None:
