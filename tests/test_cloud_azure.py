@@ -157,3 +157,13 @@ def test_credentials_parse_and_only_the_key_part_is_a_secret() -> None:
     with pytest.raises(Exception, match="AZURE_CREDENTIALS: .*entry 1") as caught:
         load_settings({"AZURE_CREDENTIALS": f"res-east/{KEY_A}"}, env_file=None)
     assert KEY_A not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("AZURE_API_VERSION", "latest"), ("AZURE_ENDPOINT_TEMPLATE", "ftp://{resource}.example"),
+     ("AWS_ENDPOINT_URL", "bedrock.local"), ("GCP_REGION", "us east"), ("GCP_TOKEN_URL", "oauth")],
+)  # fmt: skip
+def test_a_bad_cloud_setting_stops_the_start_naming_the_variable(name: str, value: str) -> None:
+    with pytest.raises(Exception, match=name):
+        load_settings({name: value}, env_file=None)

@@ -235,3 +235,12 @@ def test_model_lists_name_the_publishers_claude_models(served: Served) -> None:
     listed = {m.id for m in claude(served).models.list()}
     assert listed == {"claude-3-5-haiku-20241022", "claude-sonnet-4-5-20250929"}
     assert {m.id for m in door(served).models.list()} == listed
+
+
+def test_the_global_region_uses_vertexs_global_host_and_others_their_own() -> None:
+    from proxy.providers.gcp.dialect import DEFAULT_BASE, Vertex
+
+    vertex = Vertex(DEFAULT_BASE, "https://oauth2.googleapis.com/token", "us-east5")
+    assert vertex.host("global") == "https://aiplatform.googleapis.com"
+    assert vertex.host("europe-west1") == "https://europe-west1-aiplatform.googleapis.com"
+    assert Vertex("http://127.0.0.1:9", "http://127.0.0.1:9/token", "global").host("global") == "http://127.0.0.1:9"
