@@ -8,7 +8,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 _KEY_SPLIT = re.compile(r"[\s,]+")
 _INLINE_COMMENT = re.compile(r"\s+#")
@@ -76,6 +85,17 @@ class Settings(BaseModel):
     # <NAME>_KEY of each CUSTOM_UPSTREAMS entry, by name; filled by load_settings, not a variable.
     custom_keys: dict[str, str] = Field(default_factory=dict, repr=False)
     upstream_max_connections: int = Field(512, gt=0)
+    # Cloud-hosted models (proxy/providers/azure, aws, gcp)
+    azure_credentials: str = Field("", repr=False)
+    azure_api_version: str = Field("2024-10-21", pattern=r"^\d{4}-\d{2}-\d{2}(-preview)?$")
+    azure_endpoint_template: str = "https://{resource}.openai.azure.com"
+    aws_credentials: str = Field("", repr=False)
+    aws_endpoint_url: str = ""
+    allow_aws_logging: bool = False
+    gcp_credentials: str = Field("", repr=False)
+    gcp_region: str = Field("us-east5", pattern=r"^[a-z0-9-]{1,40}$")
+    gcp_vertex_base_url: str = "https://{region}-aiplatform.googleapis.com"
+    gcp_token_url: str = "https://oauth2.googleapis.com/token"
 
     # Server
     host: str = Field("0.0.0.0", validation_alias=AliasChoices("HOST", "GRADIO_SERVER_NAME"))
@@ -177,6 +197,24 @@ class Settings(BaseModel):
     def _http_url(cls, value: str) -> str:
         return http_url(value)
 
+    @field_validator("azure_endpoint_template", "gcp_vertex_base_url", "gcp_token_url")
+    @classmethod
+    def _cloud_url(cls, value: str) -> str:
+        return http_url(value)
+
+    @field_validator("aws_endpoint_url")
+    @classmethod
+    def _optional_url(cls, value: str) -> str:
+        return http_url(value) if value.strip() else ""
+
+    @field_validator("azure_credentials", "aws_credentials", "gcp_credentials")
+    @classmethod
+    def _cloud_credentials(cls, value: str, info: ValidationInfo) -> str:
+        from proxy.providers.cloud_credentials import PARSERS
+
+        PARSERS[info.field_name](value)  # raises ValueError naming the entry's position, never its secret
+        return value
+
     @field_validator("custom_upstreams")
     @classmethod
     def _custom_upstreams(cls, value: str) -> str:
@@ -276,7 +314,19 @@ class Settings(BaseModel):
         for raw in (self.google_ai_key, self.deepseek_key, self.xai_key, self.mistral_ai_key, self.openrouter_key,
                     self.groq_key, *self.custom_keys.values()):  # fmt: skip
             values += split_keys(raw)
+        values += self.cloud_secrets
         return [v for v in values if v]
+
+    @property
+    def cloud_secrets(self) -> list[str]:
+        """The secret parts of cloud credentials alone (never a resource, region or account name)."""
+        from proxy.providers.cloud_credentials import PARSERS
+
+        out: list[str] = []
+        for name in ("azure_credentials", "aws_credentials", "gcp_credentials"):
+            for entry in PARSERS[name](getattr(self, name)):
+                out += entry.secrets
+        return out
 
     @property
     def custom_upstream_list(self) -> list[tuple[str, str]]:
@@ -342,6 +392,7 @@ class Settings(BaseModel):
 # Route names taken by built-in services (and /proxy/me): a custom upstream may not use them.
 RESERVED_NAMES = frozenset(
     {"openai", "anthropic", "google-ai", "deepseek", "xai", "mistral-ai", "openrouter", "groq", "me"}
+    | {"azure", "aws", "gcp"}
 )
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 

@@ -235,7 +235,7 @@ class Pipeline:
             """Forward, then read a non-streamed reply: one watch on the client covers both."""
             reply = await self._forward(service, endpoint, request.headers, body, model, revise, path, ticket)
             ctx.key_id = reply.key.id
-            if "text/event-stream" in reply.response.headers.get("content-type", ""):
+            if service.dialect.streams(reply.response.headers.get("content-type", "")):
                 return reply, None
             try:
                 return reply, await self._complete(service, endpoint, reply, admission, ctx)
@@ -540,7 +540,9 @@ class Pipeline:
         status = 200
         delivered = False
         try:
-            events = upstream.relay_events(reply.response, meter, render, stream_error, redact=self.redact)
+            events = upstream.relay_events(
+            reply.response, meter, render, stream_error, redact=self.redact, decode=dialect.stream_decoder()
+        )
             async for chunk in keep_alive(events, self.heartbeat):
                 yield chunk
                 delivered = True

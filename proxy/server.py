@@ -107,7 +107,7 @@ class Runtime:
         """The public base URL of each service: the Space's own host, else the given base URL."""
         host = self.settings.public_host
         root = f"https://{host}" if host else base_url.rstrip("/")
-        return {name: f"{root}/proxy/{name}/v1" for name in self.services}
+        return {name: f"{root}/proxy/{name}{_prefix(s.dialect.route_prefix)}/v1" for name, s in self.services.items()}
 
     def status(self, base_url: str = "", *, full: bool = True) -> dict:
         """The public snapshot served at /status and read by the UI. It holds no secret.
@@ -381,6 +381,10 @@ def add_costs(usage: dict, prices: dict[str, tuple[float, float]]) -> None:
         counts["cost_usd"] = None if value is None else round(value, 4)
         total += value or 0.0
     usage["cost_usd"] = round(total, 4)
+
+
+def _prefix(route_prefix: str) -> str:
+    return f"/{route_prefix}" if route_prefix else ""
 
 
 def _base_url(request: Request) -> str:

@@ -87,6 +87,7 @@ async def relay_events(
     render: Callable[[list], list[bytes]] | None,
     stream_error: Callable[[str], bytes],
     redact: Redactor = _KEY_SHAPED,
+    decode: Callable[[bytes], bytes] | None = None,
 ) -> AsyncIterator[bytes]:
     """Relay an SSE reply event by event as it arrives.
 
@@ -96,7 +97,8 @@ async def relay_events(
     redacted as text). `meter` reads usage and may hold events back; `render` (for translated
     streams) turns accepted events into the client's format. An error event from the upstream is
     the stream's last word. A drop mid-stream ends with one error event in the client's format.
-    Cancellation (the client went away) closes the upstream connection at once.
+    Cancellation (the client went away) closes the upstream connection at once. `decode` (the
+    dialect's `stream_decoder`) first turns a provider's own framing into SSE bytes.
     """
     parser = SSEParser()
     upstream_failed = False
@@ -136,6 +138,12 @@ async def relay_events(
             chunk = buffered_before_break(content) or await content.readany()
             if not chunk:
                 break
+            if decode is not None:  # the provider's own framing (Bedrock's event stream) to SSE bytes
+                try:
+                    chunk = decode(chunk)
+                except StreamAbort as exc:
+                    yield stream_error(redact(str(exc)))
+                    return
             data, abort = out(parser.feed(chunk))
             if data:
                 yield data

@@ -22,7 +22,12 @@ SERVICE_LABELS = {
     "mistral-ai": "Mistral AI",
     "openrouter": "OpenRouter",
     "groq": "Groq",
+    "azure": "Azure OpenAI",
+    "aws": "AWS Bedrock (Claude)",
+    "gcp": "Google Vertex AI (Claude)",
 }
+# Services whose client base URL has a segment before /v1: /proxy/aws/claude/v1.
+ROUTE_PREFIXES = {"azure": "openai", "aws": "claude", "gcp": "claude"}
 KNOWN_SERVICES = ("openai", "anthropic")
 
 # A host (name, IPv4 or [IPv6]) with an optional port; anything else is not shown.
@@ -135,7 +140,8 @@ def service_label(service: str) -> str:
 
 def service_path(service: str) -> str:
     """The OpenAI-style base path of a service on this server."""
-    return f"/proxy/{service}/v1"
+    prefix = ROUTE_PREFIXES.get(service)
+    return f"/proxy/{service}/{prefix}/v1" if prefix else f"/proxy/{service}/v1"
 
 
 def fmt_time(epoch: float | None) -> str:

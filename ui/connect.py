@@ -26,8 +26,12 @@ FALLBACK_MODELS = {
     "mistral-ai": "mistral-small-latest",
     "openrouter": "openai/gpt-4o-mini",
     "groq": "llama-3.3-70b-versatile",
+    "azure": "gpt-4o",
+    "aws": "claude-sonnet-4-5",
+    "gcp": "claude-sonnet-4-5",
 }
-FIRST_PARTY = ("openai", "anthropic", "google-ai")  # any other service is OpenAI-compatible
+CLAUDE_SERVICES = ("anthropic", "aws", "gcp")  # Anthropic's API (and the OpenAI door)
+FIRST_PARTY = ("openai", "anthropic", "google-ai", "aws", "gcp")  # any other service is OpenAI-compatible
 NATIVE_CLIENTS = "Anthropic SDK, LangChain, litellm anthropic/, llm-anthropic"
 
 
@@ -40,7 +44,7 @@ class Snippet:
 
 def native_url(base: str, service: str) -> str:
     """The base URL for clients that add `/v1/...` themselves (the Anthropic SDK and friends)."""
-    return base.rstrip("/") + f"/proxy/{service}"
+    return base.rstrip("/") + service_path(service).removesuffix("/v1")
 
 
 def example_model(ctx: UIContext, service: str) -> str:
@@ -76,7 +80,7 @@ def sillytavern_steps(service: str, url: str, auth_mode: str, model: str = "") -
             f"4. **Custom API Key**: {password}\n"
             f"5. Press **Connect**, then {pick}.\n"
         )
-    source = {"anthropic": "Claude", "google-ai": "Google AI Studio"}.get(service, "OpenAI")
+    source = {"google-ai": "Google AI Studio"}.get(service, "Claude" if service in CLAUDE_SERVICES else "OpenAI")
     if service == "google-ai":
         url = url.removesuffix("/v1")  # SillyTavern adds /v1beta/models/... itself
     return (
@@ -106,7 +110,7 @@ def snippets(service: str, base: str, auth_mode: str, model: str | None = None) 
         "print(reply.choices[0].message.content)\n"
     )
     items = [Snippet("SillyTavern", "markdown", sillytavern_steps(service, url, auth_mode, model))]
-    if service == "anthropic":
+    if service in CLAUDE_SERVICES:
         items.append(
             Snippet(
                 "Anthropic SDK",
@@ -222,7 +226,7 @@ class ConnectPanel:
                 boxes = [
                     gr.Textbox(
                         label=f"{service_label(service)} base URL"
-                        + (" — SillyTavern, OpenAI SDK, curl" if service == "anthropic" else ""),
+                        + (" — SillyTavern, OpenAI SDK, curl" if service in CLAUDE_SERVICES else ""),
                         value="",
                         placeholder="loading…",
                         interactive=False,
@@ -230,7 +234,7 @@ class ConnectPanel:
                         elem_id=f"share-url-{service}",
                     )
                 ]
-                if service == "anthropic":
+                if service in CLAUDE_SERVICES:
                     boxes.append(
                         gr.Textbox(
                             label=f"{service_label(service)} base URL — {NATIVE_CLIENTS} (no /v1: they add it)",
@@ -284,7 +288,7 @@ class ConnectPanel:
         values: list[str] = []
         for service in self.url_boxes:
             values.append(urls[service])
-            if service == "anthropic":
+            if service in CLAUDE_SERVICES:
                 values.append(native_url(base, service))
             values.extend(s.code for s in snippets(service, base, self.ctx.auth_mode, models[service]))
         return values

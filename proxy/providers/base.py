@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
@@ -41,9 +41,10 @@ class Call:
 
 @dataclass(slots=True)
 class Outbound:
-    """The request that goes on the wire: where, with which headers, carrying which bytes."""
+    """The request that goes on the wire: where, with which headers, carrying which bytes. `url` may
+    be a `yarl.URL` built with `encoded=True` when the path must go out exactly as signed (SigV4)."""
 
-    url: str
+    url: Any
     headers: dict[str, str] = field(repr=False)
     body: bytes | None = None
 
@@ -71,6 +72,7 @@ class Dialect:
     forward_headers: ClassVar[frozenset[str]] = frozenset({"accept"})
     response_headers: ClassVar[frozenset[str]] = frozenset({"x-request-id", "request-id"})
     models_path: ClassVar[str] = "/models"  # the upstream's model list, asked once before key checks end
+    route_prefix: ClassVar[str] = ""  # a segment before /v1 in the client's base URL (/proxy/aws/claude/v1)
 
     def auth_headers(self, secret: str) -> dict[str, str]:
         raise NotImplementedError
@@ -86,6 +88,18 @@ class Dialect:
         authenticates: per-key hosts (Azure), a signature over the body (Bedrock), a minted and
         cached token (Vertex) all override this. Key checks go through it too."""
         return Outbound(call.base_url + call.path, self.outbound_headers(call.client_headers, call.secret), call.body)
+
+    # Response framing: a streamed reply the provider frames its own way, turned into SSE bytes.
+    def streams(self, content_type: str) -> bool:
+        """Whether a successful reply with this content type is a stream to relay event by event."""
+        return "text/event-stream" in content_type
+
+    def stream_decoder(self) -> Callable[[bytes], bytes] | None:
+        """A fresh, stateful decoder of one streamed reply's bytes into SSE bytes (Bedrock's binary
+        event-stream frames), or None when the upstream streams SSE itself. It sees bytes as they
+        arrive and returns the SSE bytes complete so far; it raises `upstream.StreamAbort` on bytes
+        it cannot read. Meters, redaction and renderers then work on SSE as for every provider."""
+        return None
 
     def client_credential(self, headers: Mapping[str, str], query: bytes) -> str | None:
         """A client credential sent the provider's own way, besides `Authorization: Bearer` and

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 from proxy.config import Settings, key_variable, split_keys
@@ -71,10 +72,41 @@ def compatible(settings: Settings) -> Iterator[ServiceSpec]:
         yield ServiceSpec(name, Compatible(name), base_url, keys, key_variable(name), compatible_check.check)
 
 
+def clouds(settings: Settings) -> Iterator[ServiceSpec]:
+    """Azure OpenAI, AWS Bedrock (Claude), Google Vertex AI (Claude): each when its credentials are set.
+    Their SDKs (botocore, google-auth) are imported here, only then."""
+    from proxy.providers.cloud_credentials import parse_aws, parse_azure, parse_gcp
+
+    if azure := parse_azure(settings.azure_credentials):
+        from proxy.providers.azure import Azure
+        from proxy.providers.azure import check as azure_check
+
+        dialect = Azure(settings.azure_endpoint_template, settings.azure_api_version)
+        keys = [e.secret for e in azure]
+        base_url = settings.azure_endpoint_template
+        yield ServiceSpec("azure", dialect, base_url, keys, "AZURE_CREDENTIALS", azure_check.check)
+    if aws := parse_aws(settings.aws_credentials):
+        from proxy.providers.aws import Bedrock
+        from proxy.providers.aws import check as aws_check
+
+        check = partial(aws_check.check, allow_logging=settings.allow_aws_logging)
+        base_url = settings.aws_endpoint_url or "https://bedrock-runtime.{region}.amazonaws.com"
+        yield ServiceSpec("aws", Bedrock(settings.aws_endpoint_url), base_url, [e.secret for e in aws],
+                          "AWS_CREDENTIALS", check)  # fmt: skip
+    if gcp := parse_gcp(settings.gcp_credentials):
+        from proxy.providers.gcp import Vertex
+        from proxy.providers.gcp import check as gcp_check
+
+        dialect = Vertex(settings.gcp_vertex_base_url, settings.gcp_token_url, settings.gcp_region)
+        keys = [e.secret for e in gcp]
+        yield ServiceSpec("gcp", dialect, settings.gcp_vertex_base_url, keys, "GCP_CREDENTIALS", gcp_check.check)
+
+
 PROVIDERS: tuple[Callable[[Settings], Iterator[ServiceSpec]], ...] = (
     first_party,
     google_ai,
     compatible,
+    clouds,
 )
 
 
