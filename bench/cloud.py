@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.providers.anthropic import Anthropic  # noqa: E402
+from proxy.providers.anthropic.dialect import Anthropic  # noqa: E402
 from proxy.providers.aws import Bedrock  # noqa: E402
 from proxy.providers.aws.eventstream import EventStreamToSSE  # noqa: E402
 from proxy.providers.base import Call  # noqa: E402

@@ -25,9 +25,9 @@ from proxy.keepalive import keep_alive
 from proxy.keys.pool import Key, KeyPool, Outcome, Verdict
 from proxy.limits import RequestLimits, check_model
 from proxy.logs import log_safe
+from proxy.providers.anthropic.door import Door
 from proxy.providers.base import Call, Dialect, Endpoint
 from proxy.routing import Router
-from proxy.translate_door import Door
 from proxy.usage import Usage, UsageEvent, UsageLedger, estimate_tokens
 
 log = logging.getLogger("proxy.access")

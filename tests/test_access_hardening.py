@@ -21,7 +21,7 @@ from proxy.errors import Kind
 from proxy.keys.checker import KeyChecker
 from proxy.keys.pool import MAX_LOST_MODELS, CheckResult, KeyPool, KeyState, Outcome, Verdict
 from proxy.pipeline import Service
-from proxy.providers.anthropic import Anthropic
+from proxy.providers.anthropic.dialect import Anthropic
 from tests.conftest import PROXY_KEY, make_settings
 from tests.fakes import FakeAnthropic, KeyBehaviour, anthropic_error
 from tests.test_access import ADMIN_KEY, Clock, refused

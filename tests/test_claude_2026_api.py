@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from proxy.translate.reasoning import takes_adaptive
+from proxy.providers.anthropic.translate.reasoning import takes_adaptive
 from tests.conftest import PROXY_KEY, Served
 from tests.fakes import FakeAnthropic, KeyBehaviour
 
@@ -424,7 +424,7 @@ def test_a_model_that_refuses_adaptive_thinking_is_switched_to_a_budget_and_reme
 
 
 def test_response_format_beside_client_tools_asks_for_a_tool_call_or_the_json_answer() -> None:
-    from proxy.translate import openai_to_anthropic_request
+    from proxy.providers.anthropic.translate import openai_to_anthropic_request
 
     weather = {"type": "function", "function": {"name": "get_weather", "parameters": SCHEMA}}
     out = openai_to_anthropic_request(

@@ -190,7 +190,7 @@ def test_a_long_run_of_same_role_messages_is_translated_in_linear_time(
 
 
 def test_translating_a_run_of_100000_same_role_messages_takes_linear_time() -> None:
-    from proxy.translate import openai_to_anthropic_request
+    from proxy.providers.anthropic.translate import openai_to_anthropic_request
 
     messages = one_word_messages(50_000) + [{"role": "tool", "tool_call_id": "c", "content": "r"}] * 50_000
     started = time.perf_counter()

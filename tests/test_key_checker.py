@@ -19,8 +19,8 @@ from proxy.config import Settings, load_settings
 from proxy.keys.checker import KeyChecker
 from proxy.keys.pool import KeyPool, KeyState
 from proxy.pipeline import Service
-from proxy.providers.anthropic import Anthropic
-from proxy.providers.openai import OpenAI
+from proxy.providers.anthropic.dialect import Anthropic
+from proxy.providers.openai.dialect import OpenAI
 from tests.fakes import FakeAnthropic, FakeOpenAI, KeyBehaviour, openai_error
 
 KINDS = ["paid", "trial", "revoked", "over_quota", "rate_limited", "flaky", "server_error", "slow_rate_limited"]

@@ -330,7 +330,7 @@ def test_a_400_that_only_mentions_a_parameter_in_its_message_teaches_nothing(
 
 
 def test_the_responses_meter_reads_events_named_only_in_their_data() -> None:
-    from proxy.providers.openai_responses import ResponsesStreamMeter
+    from proxy.providers.openai.responses import ResponsesStreamMeter
     from proxy.sse import SSEParser
 
     stream = (

@@ -1,4 +1,4 @@
-"""Specification of the OpenAI <-> Anthropic translation (proxy.translate)."""
+"""Specification of the OpenAI <-> Anthropic translation (proxy.providers.anthropic.translate)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from proxy.translate import (
+from proxy.providers.anthropic.translate import (
     AnthropicToOpenAIStream,
     TranslationError,
     UpstreamStreamError,

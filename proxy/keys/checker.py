@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from proxy.keys import anthropic_check, openai_check
 from proxy.keys.pool import CheckResult, Key, KeyState, Verdict
 from proxy.keys.probe import Probe
+from proxy.providers.anthropic import check as anthropic_check
+from proxy.providers.openai import check as openai_check
 
 if TYPE_CHECKING:
     from proxy.config import Settings

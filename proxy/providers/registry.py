@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING
 
 from proxy.config import Settings, key_variable, split_keys
 from proxy.keys.checker import CheckFn
-from proxy.providers.anthropic import Anthropic
+from proxy.providers.anthropic.dialect import Anthropic
 from proxy.providers.base import Dialect
 from proxy.providers.compatible import Compatible
 from proxy.providers.compatible import check as compatible_check
 from proxy.providers.google import Gemini
 from proxy.providers.google import check as google_check
-from proxy.providers.openai import OpenAI
+from proxy.providers.openai.dialect import OpenAI
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -15,7 +15,7 @@ from typing import Any
 from proxy.keys.pool import Outcome, Verdict
 from proxy.providers.base import Call, Endpoint, Outbound
 from proxy.providers.cloud_credentials import AzureEntry, parse_azure
-from proxy.providers.openai import OpenAI
+from proxy.providers.openai.dialect import OpenAI
 
 MAX_CACHED = 4096
 

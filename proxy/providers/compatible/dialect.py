@@ -9,7 +9,7 @@ from typing import Any
 
 from proxy.keys.pool import Outcome, Verdict
 from proxy.providers.base import Endpoint, error_message
-from proxy.providers.openai import OpenAI
+from proxy.providers.openai.dialect import OpenAI
 
 
 class Compatible(OpenAI):

@@ -21,7 +21,7 @@ from proxy.errors import Kind, google_error
 from proxy.keys.pool import Outcome, Verdict
 from proxy.providers.base import Call, Endpoint, Outbound, StreamMeter, parse_duration
 from proxy.providers.google.errors import error_info, google_error_to_openai, unwrap
-from proxy.providers.openai import OpenAI, OpenAIStreamMeter
+from proxy.providers.openai.dialect import OpenAI, OpenAIStreamMeter
 from proxy.sse import Event
 from proxy.usage import Usage
 

@@ -10,8 +10,8 @@ from proxy import sse
 from proxy.errors import Kind, openai_error
 from proxy.keys.pool import Outcome, Verdict
 from proxy.providers.base import Dialect, Endpoint, StreamMeter, error_message, retry_after, token_count
-from proxy.providers.openai_responses import ResponsesStreamMeter, enforce_store_policy, responses_usage
-from proxy.providers.reasoning import ParameterMemory
+from proxy.providers.openai.reasoning import ParameterMemory
+from proxy.providers.openai.responses import ResponsesStreamMeter, enforce_store_policy, responses_usage
 from proxy.sse import Event
 from proxy.usage import Usage
 

@@ -140,7 +140,7 @@ class Anthropic(Dialect):
         disabled: otherwise it is about this request (a beta, a model or a feature the org lacks,
         often provoked by what the client sent), so the key is only set aside briefly and the
         request tries another. The checker's own probe treats any 403 as revoked
-        (`proxy.keys.anthropic_check`)."""
+        (`proxy.providers.anthropic.check`)."""
         message = error_message(body).lower()
         if status == 401 or (status in (400, 403) and says(message, KEY_DISABLED)):
             return Outcome(Verdict.REVOKED)

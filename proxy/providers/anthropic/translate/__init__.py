@@ -6,12 +6,12 @@ The OpenAI-format door to Claude (``/proxy/anthropic/v1/chat/completions``) uses
 :func:`anthropic_error_to_openai`. Nothing here does I/O.
 """
 
-from proxy.translate.request import TranslationError, openai_to_anthropic_request
-from proxy.translate.response import (
+from proxy.providers.anthropic.translate.request import TranslationError, openai_to_anthropic_request
+from proxy.providers.anthropic.translate.response import (
     anthropic_error_to_openai,
     anthropic_to_openai_response,
 )
-from proxy.translate.stream import AnthropicToOpenAIStream, UpstreamStreamError
+from proxy.providers.anthropic.translate.stream import AnthropicToOpenAIStream, UpstreamStreamError
 
 __all__ = [
     "AnthropicToOpenAIStream",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from proxy.translate.reasoning import JSON_TOOL
+from proxy.providers.anthropic.translate.reasoning import JSON_TOOL
 
 __all__ = [
     "anthropic_error_to_openai",

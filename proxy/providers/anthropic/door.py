@@ -8,9 +8,7 @@ from collections import OrderedDict
 
 from proxy import sse
 from proxy.errors import Kind, ProxyError, openai_error
-from proxy.providers.base import error_message
-from proxy.sse import Event
-from proxy.translate import (
+from proxy.providers.anthropic.translate import (
     AnthropicToOpenAIStream,
     TranslationError,
     UpstreamStreamError,
@@ -18,7 +16,9 @@ from proxy.translate import (
     anthropic_to_openai_response,
     openai_to_anthropic_request,
 )
-from proxy.translate.reasoning import switch_thinking_form
+from proxy.providers.anthropic.translate.reasoning import switch_thinking_form
+from proxy.providers.base import error_message
+from proxy.sse import Event
 from proxy.upstream import StreamAbort
 
 MAX_LEARNED_MODELS = 512  # client-chosen model names: the memory is bounded

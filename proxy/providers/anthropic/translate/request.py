@@ -64,7 +64,7 @@ def openai_to_anthropic_request(
 
 def _apply_extras(body: dict, out: dict, raw_messages: list, default_max_tokens: int, form: str | None) -> None:
     """Thinking, response_format and cache_control (proxy/translate/reasoning.py)."""
-    from proxy.translate import reasoning
+    from proxy.providers.anthropic.translate import reasoning
 
     system = reasoning.system_blocks(raw_messages)
     if system is not None:
@@ -260,7 +260,7 @@ def _strip_final_assistant_whitespace(turns: list[Message]) -> None:
 def _assistant_blocks(message: dict, i: int) -> list[Block]:
     if message.get("function_call") is not None:
         raise TranslationError(_LEGACY_FUNCTIONS_MESSAGE)
-    from proxy.translate.reasoning import thinking_blocks
+    from proxy.providers.anthropic.translate.reasoning import thinking_blocks
 
     blocks = thinking_blocks(message, f"messages[{i}]")  # Claude's own thinking opens its turn
     blocks += _content_blocks(message.get("content"), f"messages[{i}]", assistant=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.translate.reasoning import JSON_TOOL
-from proxy.translate.response import completion_id, finish_reason, openai_usage
+from proxy.providers.anthropic.translate.reasoning import JSON_TOOL
+from proxy.providers.anthropic.translate.response import completion_id, finish_reason, openai_usage
 
 __all__ = ["AnthropicToOpenAIStream", "UpstreamStreamError"]
 

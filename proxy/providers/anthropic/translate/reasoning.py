@@ -23,7 +23,7 @@ from typing import Any
 
 def TranslationError(message: str) -> Exception:  # noqa: N802 - stands for the class, imported late
     """request.py imports this module, so its error class is imported when first raised."""
-    from proxy.translate.request import TranslationError as error
+    from proxy.providers.anthropic.translate.request import TranslationError as error
 
     return error(message)
 
