@@ -172,6 +172,10 @@ class Settings(BaseModel):
     hf_token: str = Field("", repr=False)
     state_repo: str = ""
     backup_interval: float = Field(600.0, gt=0)
+    database_url: str = Field("", repr=False)  # may hold a password
+    redis_url: str = Field("", repr=False)
+    workers: int = Field(1, ge=1, le=64)
+    metrics_key: str = Field("", repr=False)
 
     # The page
     greeting: str = Field("", max_length=20_000)
@@ -289,7 +293,23 @@ class Settings(BaseModel):
             raise ValueError("CAPTCHA_MODE=proof_of_work needs GATEKEEPER=user_token")
         if self.prompt_logging and not (self.prompt_logging_repo and self.hf_token):
             raise ValueError("PROMPT_LOGGING=true needs PROMPT_LOGGING_REPO and HF_TOKEN to be set")
+        self._check_scale_out()
         return self
+
+    def _check_scale_out(self) -> None:
+        """Refuse combinations that would silently split the state between processes."""
+        url = self.database_url.strip()
+        if url and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("DATABASE_URL must start with sqlite:/// or postgresql://")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("REDIS_URL must start with redis://, rediss:// or unix://")
+        if self.workers > 1 and not (self.redis_url and self.database_kind == "postgres"):
+            raise ValueError(
+                f"WORKERS={self.workers} needs REDIS_URL and a postgresql:// DATABASE_URL: each process would "
+                "otherwise keep its own limits, quotas and lockouts (and SQLite admits one process only)"
+            )
+        if self.state_repo and self.database_kind == "postgres":
+            raise ValueError("STATE_REPO backs up the SQLite database only; with Postgres, back the database up itself")
 
     # Derived values
     @property
@@ -297,6 +317,23 @@ class Settings(BaseModel):
         if self.gatekeeper:
             return self.gatekeeper
         return "proxy_key" if self.proxy_key else "none"
+
+    @property
+    def database_kind(self) -> Literal["sqlite", "postgres"]:
+        return "postgres" if self.database_url.startswith(("postgresql://", "postgres://")) else "sqlite"
+
+    @property
+    def sqlite_path(self) -> Path:
+        """The SQLite file: DATABASE_URL's path (sqlite:///relative, sqlite:////absolute), else in DATA_DIR."""
+        url = self.database_url.strip()
+        if url.startswith("sqlite:///") and url != "sqlite:///":
+            return Path(url.removeprefix("sqlite:///"))
+        return self.data_dir / "proxy.sqlite3"
+
+    @property
+    def shared_state(self) -> bool:
+        """Whether fast state (limits, reservations, lockouts) lives in Redis, shared by every instance."""
+        return bool(self.redis_url)
 
     @property
     def openai_keys(self) -> list[str]:
@@ -309,8 +346,8 @@ class Settings(BaseModel):
     @property
     def secrets(self) -> list[str]:
         """Every configured secret, for redaction."""
-        values = [self.proxy_key, self.admin_key, self.hf_token, self.service_info_password]
-        values += [*self.openai_keys, *self.anthropic_keys]
+        values = [self.proxy_key, self.admin_key, self.hf_token, self.service_info_password, self.metrics_key]
+        values += [*_url_passwords(self.database_url, self.redis_url), *self.openai_keys, *self.anthropic_keys]
         for raw in (self.google_ai_key, self.deepseek_key, self.xai_key, self.mistral_ai_key, self.openrouter_key,
                     self.groq_key, *self.custom_keys.values()):  # fmt: skip
             values += split_keys(raw)
@@ -425,6 +462,20 @@ def parse_custom_upstreams(raw: str) -> list[tuple[str, str]]:
             out.append((name, http_url(url)))
         except ValueError:
             raise ValueError(f"the URL of '{name}' must be an http:// or https:// URL") from None
+
+
+def _url_passwords(*urls: str) -> list[str]:
+    """The passwords inside connection URLs, so that logs and errors never show them."""
+    from urllib.parse import urlsplit
+
+    out = []
+    for url in urls:
+        try:
+            password = urlsplit(url).password if url else None
+        except ValueError:
+            password = None
+        if password:
+            out.append(password)
     return out
 
 
