@@ -88,7 +88,7 @@ class Backup:
         if not settings.state_repo:
             return None
         return cls(
-            Path(settings.data_dir) / DB_FILENAME,
+            settings.sqlite_path,
             repo_id=settings.state_repo,
             token=settings.hf_token,
             interval=settings.backup_interval,

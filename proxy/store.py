@@ -82,6 +82,7 @@ class Store(Protocol):
     def save_key_state(self, service: str, key_id: str, state: dict) -> None: ...
     def add_lost_model(self, service: str, key_id: str, model: str) -> None: ...
     def load_key_states(self, service: str) -> dict[str, dict]: ...
+    async def committed(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -234,6 +235,8 @@ class SQLiteStore:
     def query(self, sql: str, params: Iterable = ()) -> list[tuple]:
         with self._lock:
             return self._conn.execute(sql, tuple(params)).fetchall()
+    async def committed(self) -> None:
+        """Every write so far is durable: SQLite commits each before returning."""
 
     # Whole-database operations.
     def backup_to(self, target: str | Path) -> None:

@@ -169,3 +169,22 @@ def claude_pool(proxy_app: Callable[..., Served]) -> Iterator[Callable[..., tupl
     yield start
     for fake in fakes:
         fake.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """One real PostgreSQL server on loopback for the session (tests/services.py); skipped where
+    it is not installed. Each test takes a fresh database with `postgres.database(name)`."""
+    from tests.services import postgres_server
+
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis() -> Iterator[Any]:
+    """One real redis-server on loopback for the session (tests/services.py); flushed per use."""
+    from tests.services import redis_server
+
+    with redis_server() as server:
+        yield server

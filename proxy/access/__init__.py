@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 from proxy.access.gatekeeper import Gatekeeper
 from proxy.access.users import UserService
 from proxy.config import Settings
-from proxy.store import SQLiteStore
+from proxy.state import open_store
+from proxy.store import Store
 
 if TYPE_CHECKING:
     from proxy.backup import Backup
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 class Access:
     """The store, the users and the gatekeeper over them, and the backup when configured."""
 
-    store: SQLiteStore
+    store: Store
     users: UserService
     gatekeeper: Gatekeeper
     backup: Backup | None = None
@@ -59,7 +60,7 @@ def build_access(
         backup = Backup.from_settings(settings, endpoint=hub_endpoint)
         assert backup is not None
         backup.restore_if_empty()
-    store = SQLiteStore.open(settings.data_dir)
+    store = open_store(settings)
     if backup is not None:
         backup.store = store
     users = UserService(
