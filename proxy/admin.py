@@ -29,7 +29,7 @@ from proxy.access.ratelimit import FailureGuard, Tarpit, network_of
 from proxy.access.users import User, UserService, next_refill
 from proxy.access.validation import CREATE_FIELDS, PATCH_FIELDS, UserError, parse_record
 from proxy.errors import ProxyError
-from proxy.store import Store
+from proxy.store import Store, StoreError
 from proxy.usage import UsageLedger
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,16 @@ def admin_router(
 
     router = APIRouter(route_class=_JSONErrorRoute, dependencies=[Depends(authorize)])
 
+    async def committed() -> None:
+        """A change is answered once durable (Postgres commits in the background), so every
+        instance sees it as soon as the admin does."""
+        if store is None:
+            return
+        try:
+            await store.committed()
+        except StoreError as exc:
+            raise AdminError(503, f"{exc} The change is applied when the database is back.", "unavailable") from None
+
     def user_or_404(token: str) -> User:
         user = users.get(token)
         if user is None:
@@ -175,6 +185,7 @@ def admin_router(
             user = users.create(**parse_record(body, allowed=CREATE_FIELDS))
         except UserError as exc:
             raise _invalid(exc) from None
+        await committed()
         log.info("admin: created user %s (%s)", user.label, user.type)
         return JSONResponse(user.record(), status_code=201)
 
@@ -194,6 +205,7 @@ def admin_router(
             user = users.update(token, parse_record(body, allowed=PATCH_FIELDS))
         except UserError as exc:
             raise _invalid(exc) from None
+        await committed()
         log.info("admin: updated user %s (%s)", user.label, ", ".join(sorted(body)))
         return JSONResponse(user.record())
 
@@ -201,6 +213,7 @@ def admin_router(
     async def delete_user(token: str) -> Response:
         user = user_or_404(token)
         users.delete(token)
+        await committed()
         log.info("admin: deleted user %s", user.label)
         return Response(status_code=204)
 
@@ -228,6 +241,7 @@ def admin_router(
             store.set_usage_totals(usage.get("by_family") or {}, usage.get("by_key") or {})
             if ledger is not None:
                 ledger.restore(*store.usage_totals())
+        await committed()
         log.info("admin: imported %d users", count)
         return JSONResponse({"imported": count})
 

@@ -462,6 +462,7 @@ def parse_custom_upstreams(raw: str) -> list[tuple[str, str]]:
             out.append((name, http_url(url)))
         except ValueError:
             raise ValueError(f"the URL of '{name}' must be an http:// or https:// URL") from None
+    return out
 
 
 def _url_passwords(*urls: str) -> list[str]:

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from proxy.logs import log_safe
 from proxy.providers.anthropic.door import Door
 from proxy.providers.base import Call, Dialect, Endpoint
 from proxy.routing import Router
+from proxy.store import StoreError
 from proxy.usage import Usage, UsageEvent, UsageLedger, estimate_tokens
 
 log = logging.getLogger("proxy.access")
@@ -101,6 +102,8 @@ class Pipeline:
         queue: RequestQueue | None = None,
         heartbeat: float = 0.0,
         owner: Any = None,
+        durable: Callable[[], Awaitable[None]] | None = None,
+        unavailable: Callable[[], str | None] | None = None,
     ) -> None:
         self.services = services
         self.router = Router({name: s.dialect for name, s in services.items()})
@@ -118,6 +121,10 @@ class Pipeline:
         self.max_reply_bytes = max_reply_bytes
         self.errors_as_chat = errors_as_chat  # ERRORS_AS_CHAT: refusals answered as a chat reply
         self.owner = owner  # the owner's controls (proxy/owner.py), or None
+        # Shared state (proxy/state): `durable` resolves once this request's usage is committed;
+        # `unavailable` names a dependency that is down, so requests fail closed.
+        self.durable = durable
+        self.unavailable = unavailable
 
     def serves(self, method: str, raw_path: bytes) -> bool:
         """Whether (method, raw path) is on the allow-list, so that `handle` answers it."""
@@ -145,6 +152,8 @@ class Pipeline:
             ctx.service, ctx.params = match.service, match.params
             if self.owner is not None:
                 self.owner.check_origin(request.headers)
+            if self.unavailable is not None and self.unavailable():
+                raise _dependency_down()
             credential = credential_from(request.headers) or dialect.client_credential(
                 request.headers, request.scope.get("query_string", b"")
             )
@@ -504,6 +513,7 @@ class Pipeline:
         self._account(ctx, admission, usage, response.status)
         if self.owner is not None:
             self.owner.replied(ctx, body)
+        await self._committed()
         if endpoint.translated and isinstance(body, dict):
             raw = jsonx.dumps(self.door.response(body))
         headers = self.redact.headers(upstream.pick_headers(response.headers, service.dialect.response_headers))
@@ -564,7 +574,11 @@ class Pipeline:
                 )
             # A stream cut short still charges what reached the client before the break.
             self._account(ctx, admission, usage, status, charge=delivered and status == 502)
-            self._log(ctx, status)
+            try:
+                if status != 499:
+                    await self._committed()
+            finally:
+                self._log(ctx, status)
 
     async def _models(self, service: Service, ctx: _Ctx) -> Response:
         """Answered from the models the live keys can use; before any check, asked upstream once."""
@@ -604,6 +618,15 @@ class Pipeline:
         return service.dialect.model_ids(body)
 
     # Helpers -----------------------------------------------------------------------------------
+    async def _committed(self) -> None:
+        """Wait until the usage just accounted is durable (a no-op where writes commit at once)."""
+        if self.durable is None:
+            return
+        try:
+            await self.durable()
+        except StoreError:
+            raise _dependency_down() from None
+
     def _account(self, ctx: _Ctx, admission: Admission, usage: Usage, status: int, *, charge: bool = False) -> None:
         ctx.usage = usage
         queue_ms = ctx.queue_ms
@@ -793,6 +816,12 @@ def _queue_full(family: str, exc: QueueFull) -> ProxyError:
         headers={"retry-after": str(wait)},
         code="queue_full",
     )
+def _dependency_down() -> ProxyError:
+    """Fail closed: nothing is served that could not be limited and accounted."""
+    return ProxyError(
+        503, "This proxy cannot check limits or record usage right now (its database or shared state is "
+        "unavailable); try again shortly.", Kind.UNAVAILABLE, headers={"Retry-After": "5"},
+    )  # fmt: skip
 
 
 _OK = Outcome(Verdict.OK)

@@ -38,6 +38,8 @@ from proxy.pipeline import Pipeline, Service
 from proxy.pow_routes import pow_router
 from proxy.prices import cost, price_table
 from proxy.providers.registry import services_from
+from proxy.state.health import Dependencies
+from proxy.store import SQLiteStore
 from proxy.usage import UsageEvent, UsageLedger
 
 log = logging.getLogger("proxy")
@@ -66,6 +68,7 @@ class Runtime:
     session: aiohttp.ClientSession | None = None
     checker: KeyChecker | None = None
     queue: RequestQueue | None = None
+    dependencies: Dependencies = field(default_factory=Dependencies)
     # Lets the page's own calls (from this machine) say which visitor they act for.
     internal_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     info_guard: FailureGuard = field(default_factory=lambda: FailureGuard(limit=10, window_s=300, lockout_s=300))
@@ -243,6 +246,9 @@ def build_runtime(settings: Settings) -> Runtime:
     )
     for service in services.values():
         service.pool.on_change = _waking(service.pool.on_change, queue)
+    store = access.store
+    if not isinstance(store, SQLiteStore):
+        runtime.dependencies.add("database", lambda: None if store.healthy else (store.last_error or "unavailable"))
     return runtime
 
 
@@ -314,6 +320,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         queue=runtime.queue,
         heartbeat=settings.heartbeat_interval,
         owner=runtime.owner,
+        durable=None if isinstance(runtime.access.store, SQLiteStore) else runtime.access.store.committed,
+        unavailable=runtime.dependencies.problem if runtime.dependencies else None,
     )
 
     @contextlib.asynccontextmanager
@@ -344,7 +352,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.gate = ip_gate(runtime.owner.rules, client_ip, pipeline.router.shape_for, runtime.owner.abuse.refused)
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        if not runtime.dependencies:
+            return JSONResponse({"status": "ok"})
+        report = runtime.dependencies.report()
+        down = any(state != "ok" for state in report.values())
+        return JSONResponse({"status": "unavailable" if down else "ok", **report}, status_code=503 if down else 200)
 
     async def status(request: Request) -> Response:
         given = request.headers.get(INFO_PASSWORD_HEADER) or credential_from(request.headers)

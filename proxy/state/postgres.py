@@ -36,6 +36,7 @@ INSTANCE_LOCK = 0x70726F79  # held by every running instance: exclusively by one
 CONNECT_TIMEOUT_S = 5
 RETRY_PAUSE_S = 0.5
 COMMIT_WAIT_S = 15.0  # how long a request waits for its usage to be durable before failing
+HEALTH_CHECK_S = 1.0  # while idle, the database is checked this often
 
 MIGRATIONS: list[str] = [
     # 1: the tables the SQLite store has, with an order for users (SQLite's rowid).
@@ -151,7 +152,11 @@ class PostgresStore:
     # The writer ------------------------------------------------------------------------------
     def _run(self, conn: psycopg.Connection | None) -> None:
         while True:
-            first = self._jobs.get()
+            try:
+                first = self._jobs.get(timeout=HEALTH_CHECK_S)
+            except queue.Empty:
+                conn = self._check(conn)
+                continue
             if first is None:
                 break
             batch = [first]
@@ -210,6 +215,23 @@ class PostgresStore:
                     future.set_result(result)
             return conn
 
+    def _check(self, conn: psycopg.Connection | None) -> psycopg.Connection | None:
+        """While idle: notice a database gone (or back) before a request needs it."""
+        try:
+            if conn is None or conn.closed:
+                return self._connect()
+            conn.execute("SELECT 1")
+            conn.rollback()
+            self.healthy = True
+            return conn
+        except StoreError as exc:
+            self._unhealthy(str(exc))
+        except psycopg.Error as exc:
+            self._unhealthy(f"Lost the Postgres database: {_reason(exc)}")
+            if conn is not None:
+                conn.close()
+        return None
+
     def _unhealthy(self, message: str) -> None:
         if self.healthy or message != self.last_error:
             log.error("postgres: %s", message)
@@ -233,11 +255,18 @@ class PostgresStore:
 
     async def committed(self) -> None:
         """Wait until every write queued so far is durable; StoreError when the database stays away."""
-        future = self._submit(lambda conn: None)
-        try:
-            await asyncio.wait_for(asyncio.wrap_future(future), self.commit_wait_s)
-        except TimeoutError:
-            raise StoreError("The database did not confirm the write in time.") from None
+        future = asyncio.wrap_future(self._submit(lambda conn: None))
+        deadline = time.monotonic() + self.commit_wait_s
+        while not future.done():
+            if not self.healthy:  # fail closed at once: the write stays queued for when it returns
+                future.cancel()
+                raise StoreError(f"The database is unavailable ({self.last_error}).")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                future.cancel()
+                raise StoreError("The database did not confirm the write in time.")
+            await asyncio.wait({future}, timeout=min(left, 0.05))
+        future.result()
 
     # Store -----------------------------------------------------------------------------------
     def load_users(self) -> list[dict]:
