@@ -25,6 +25,7 @@ from proxy.keepalive import keep_alive
 from proxy.keys.pool import Key, KeyPool, Outcome, Verdict
 from proxy.limits import RequestLimits, check_model
 from proxy.logs import log_safe
+from proxy.metrics import Metrics
 from proxy.providers.anthropic.door import Door
 from proxy.providers.base import Call, Dialect, Endpoint
 from proxy.routing import Router
@@ -73,6 +74,7 @@ class Upstream:
 
     response: aiohttp.ClientResponse
     key: Key
+    waited_s: float = 0.0  # for the response headers
 
 
 class UpstreamReply(Exception):
@@ -104,6 +106,7 @@ class Pipeline:
         owner: Any = None,
         durable: Callable[[], Awaitable[None]] | None = None,
         unavailable: Callable[[], str | None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.services = services
         self.router = Router({name: s.dialect for name, s in services.items()})
@@ -125,6 +128,7 @@ class Pipeline:
         # `unavailable` names a dependency that is down, so requests fail closed.
         self.durable = durable
         self.unavailable = unavailable
+        self.metrics = metrics
 
     def serves(self, method: str, raw_path: bytes) -> bool:
         """Whether (method, raw path) is on the allow-list, so that `handle` answers it."""
@@ -159,7 +163,7 @@ class Pipeline:
             )
             ctx.ip = self.client_ip(request)
             caller = ctx.caller = self.gatekeeper.identify(credential, ctx.ip)
-            ctx.user = caller.label
+            ctx.user, ctx.user_token = caller.label, caller.user_token
             self.ledger.saw(hashed(caller.user_token) if caller.user_token else caller.ip)
             if not service.pool:
                 raise ProxyError(
@@ -242,8 +246,10 @@ class Pipeline:
 
         async def deliver() -> tuple[Upstream, Response | None]:
             """Forward, then read a non-streamed reply: one watch on the client covers both."""
+            forwarded = time.perf_counter()
             reply = await self._forward(service, endpoint, request.headers, body, model, revise, path, ticket)
-            ctx.key_id = reply.key.id
+            ctx.key_id, ctx.upstream_s = reply.key.id, reply.waited_s
+            ctx.proxy_s = forwarded - ctx.started  # before forwarding; retries count as upstream time
             if service.dialect.streams(reply.response.headers.get("content-type", "")):
                 return reply, None
             try:
@@ -418,6 +424,7 @@ class Pipeline:
             if key is None:
                 break
             tried.add(key.id)
+            sent = time.perf_counter()
             try:
                 call = Call(endpoint.method, path, key.secret, service.base_url, body, headers, model)
                 out = await dialect.target(call)
@@ -451,7 +458,7 @@ class Pipeline:
                 pool.apply(key, _OK)
                 if ticket is not None:
                     queue.answered(ticket, response.headers)
-                return Upstream(response, key)
+                return Upstream(response, key, time.perf_counter() - sent)
             raw, parsed = await upstream.read_error_body(response)
             outcome = dialect.classify(response.status, response.headers, parsed)
             pool.apply(key, outcome, model)
@@ -486,6 +493,7 @@ class Pipeline:
         self, service: Service, endpoint: Endpoint, reply: Upstream, admission: Admission, ctx: _Ctx
     ) -> Response:
         response = reply.response
+        read_from = time.perf_counter()
         try:
             raw = await upstream.read_body(response, self.max_reply_bytes)
         except upstream.ReplyTooLarge:
@@ -510,6 +518,7 @@ class Pipeline:
         except (TypeError, ValueError, AttributeError, OverflowError):
             log.warning("the %s upstream sent a malformed usage object", service.dialect.name)
             usage = Usage(estimate_tokens(ctx.body_len), estimate_tokens(len(raw)), estimated=True)
+        read_s = time.perf_counter() - read_from
         self._account(ctx, admission, usage, response.status)
         if self.owner is not None:
             self.owner.replied(ctx, body)
@@ -517,7 +526,9 @@ class Pipeline:
         if endpoint.translated and isinstance(body, dict):
             raw = jsonx.dumps(self.door.response(body))
         headers = self.redact.headers(upstream.pick_headers(response.headers, service.dialect.response_headers))
-        return Response(self.redact.body(raw), response.status, headers=headers, media_type="application/json")
+        reply_ = Response(self.redact.body(raw), response.status, headers=headers, media_type="application/json")
+        ctx.proxy_s += time.perf_counter() - read_from - read_s  # after the upstream's last byte
+        return reply_
 
     def _stream(
         self,
@@ -547,13 +558,18 @@ class Pipeline:
         if endpoint.translated:
             render, stream_error = self.door.stream(payload)
         tap = self.owner.tap(ctx) if self.owner is not None else None  # prompt logging's copy
+        metrics = self.metrics
         status = 200
         delivered = False
+        if metrics is not None:
+            metrics.stream_started(ctx.service)
         try:
             events = upstream.relay_events(
             reply.response, meter, render, stream_error, redact=self.redact, decode=dialect.stream_decoder()
         )
             async for chunk in keep_alive(events, self.heartbeat):
+                if ctx.first_byte_s is None:
+                    ctx.first_byte_s = time.perf_counter() - ctx.started
                 yield chunk
                 delivered = True
                 if tap is not None:
@@ -578,6 +594,8 @@ class Pipeline:
                 if status != 499:
                     await self._committed()
             finally:
+                if metrics is not None:
+                    metrics.stream_ended(ctx.service)
                 self._log(ctx, status)
 
     async def _models(self, service: Service, ctx: _Ctx) -> Response:
@@ -699,6 +717,29 @@ class Pipeline:
         body = json.dumps(error_chat.completion(kind or "chat", model[:200], text))
         return Response(body, 200, headers=headers, media_type="application/json")
 
+    def _observe(self, ctx: _Ctx, status: int) -> None:
+        usage = ctx.usage
+        if ctx.user_token is not None:
+            user = self.gatekeeper.users.find(ctx.user_token) if self.gatekeeper.users is not None else None
+            user_type = user.type if user is not None else "unknown"
+        else:
+            user_type = {"anon": "anonymous", "proxy-key": "proxy_key"}.get(ctx.user or "", "none")
+        served = ctx.key_id is not None
+        assert self.metrics is not None
+        self.metrics.observe(
+            service=ctx.service,
+            family=ctx.family or "",
+            status=status,
+            user_type=user_type,
+            streamed=ctx.streamed,
+            tokens_in=usage.tokens_in if usage and 200 <= status < 300 else 0,
+            tokens_out=usage.tokens_out if usage and 200 <= status < 300 else 0,
+            total_s=time.perf_counter() - ctx.started,
+            upstream_s=ctx.upstream_s if served else None,
+            added_s=ctx.proxy_s if served else None,
+            first_byte_s=ctx.first_byte_s,
+        )
+
     def error_response(self, shape: str, error: ProxyError) -> Response:
         body = SHAPES[shape](self.redact(error.message), error.kind, error.code)
         return Response(json.dumps(body), error.status, headers=error.headers, media_type="application/json")
@@ -721,6 +762,8 @@ class Pipeline:
         if self.owner is not None:
             self.owner.finished(ctx, status)
         usage = ctx.usage
+        if self.metrics is not None and ctx.service:
+            self._observe(ctx, status)
         log.info(
             "%s %s model=%s status=%d %.0fms key=%s user=%s stream=%s tokens=%s/%s queue=%.0fms",
             ctx.method,
@@ -759,6 +802,10 @@ class _Ctx:
     reply: Any = field(default=None, repr=False)  # the reply's text, kept only for prompt logging
     payload: dict | None = None
     ticket: Ticket | None = None
+    user_token: str | None = field(default=None, repr=False)
+    upstream_s: float = 0.0  # the successful try's wait for response headers
+    proxy_s: float = 0.0  # the proxy's own time before forwarding and after the upstream's reply
+    first_byte_s: float | None = None
 
     @property
     def queue_ms(self) -> float:

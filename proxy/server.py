@@ -31,6 +31,7 @@ from proxy.errors import Redactor
 from proxy.keys.checker import KeyChecker
 from proxy.keys.pool import KeyPool
 from proxy.limits import RequestLimits
+from proxy.metrics import Metrics
 from proxy.owner import Owner
 from proxy.owner_admin import owner_routes
 from proxy.page_limits import limit_body
@@ -69,6 +70,7 @@ class Runtime:
     checker: KeyChecker | None = None
     queue: RequestQueue | None = None
     dependencies: Dependencies = field(default_factory=Dependencies)
+    metrics: Metrics | None = None
     # Lets the page's own calls (from this machine) say which visitor they act for.
     internal_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     info_guard: FailureGuard = field(default_factory=lambda: FailureGuard(limit=10, window_s=300, lockout_s=300))
@@ -246,6 +248,10 @@ def build_runtime(settings: Settings) -> Runtime:
     )
     for service in services.values():
         service.pool.on_change = _waking(service.pool.on_change, queue)
+    runtime.metrics = Metrics(
+        multiprocess=settings.workers > 1,
+        key_states=lambda: {name: service.pool.snapshot() for name, service in runtime.services.items()},
+    )
     store = access.store
     if not isinstance(store, SQLiteStore):
         runtime.dependencies.add("database", lambda: None if store.healthy else (store.last_error or "unavailable"))
@@ -322,6 +328,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         owner=runtime.owner,
         durable=None if isinstance(runtime.access.store, SQLiteStore) else runtime.access.store.committed,
         unavailable=runtime.dependencies.problem if runtime.dependencies else None,
+        metrics=runtime.metrics,
     )
 
     @contextlib.asynccontextmanager
@@ -365,6 +372,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
     app.router.routes.append(Route("/health", health, methods=["GET"]))
     app.router.routes.append(Route("/status", status, methods=["GET"]))
+    if runtime.metrics is not None:
+        app.router.routes.append(Route("/metrics", runtime.metrics.route(settings.metrics_key), methods=["GET"]))
     app.include_router(
         admin_router(
             runtime.access.users,
