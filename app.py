@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import gc
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -89,8 +91,30 @@ def limit_families(runtime) -> tuple[str, ...]:
 def blocked_paths(settings: Settings) -> list[str]:
     """Paths Gradio must never move to its cache nor serve: the data directory (the database and
     its WAL hold user tokens) and the .env file."""
-    paths = [Path(settings.data_dir).resolve(), Path(".env").resolve()]
+    paths = [Path(settings.data_dir).resolve(), settings.sqlite_path.parent.resolve(), Path(".env").resolve()]
     return [str(p) for p in dict.fromkeys(paths)]
+
+
+def worker_app() -> tuple[FastAPI, Settings]:
+    """The app of one worker process when WORKERS > 1 (proxy/workers.py), and its settings."""
+    settings = load_settings()
+    return _ready(settings), settings
+
+
+def _ready(settings: Settings) -> FastAPI:
+    """Logging set up, the app built, and its long-lived heap frozen: what serving needs."""
+    from proxy.errors import Redactor
+    from proxy.logs import configure_logging, redact_std_streams
+
+    redactor = Redactor(settings.secrets)
+    configure_logging(settings.log_level, redactor)
+    redact_std_streams(redactor)  # Gradio prints tracebacks to stderr itself, past logging
+    app = build_app(settings)
+    # Gradio's large, long-lived heap made every garbage collection walk it: freezing it took
+    # ~30% off the proxy's CPU per request (bench/README.md).
+    gc.collect()
+    gc.freeze()
+    return app
 
 
 def main() -> int:
@@ -101,23 +125,31 @@ def main() -> int:
         return 2
     import uvicorn
 
-    from proxy.errors import Redactor
     from proxy.guard import server_config
-    from proxy.logs import configure_logging, redact_std_streams
     from proxy.store import StoreError
 
-    redactor = Redactor(settings.secrets)
-    configure_logging(settings.log_level, redactor)
-    redact_std_streams(redactor)  # Gradio prints tracebacks to stderr itself, past logging
+    if settings.workers > 1:
+        # Several worker processes on one socket (proxy/workers.py), each a whole app; they share
+        # state through Postgres and Redis, and their metrics through files in one directory
+        # (prometheus_client finds it in the environment the workers inherit).
+        try:  # migrate and check the database once, before any worker starts
+            from proxy.state import open_store
+
+            open_store(settings).close()
+        except StoreError as exc:
+            print(f"Cannot start: {exc}", file=sys.stderr)
+            return 1
+        from proxy.workers import supervise
+
+        here = str(Path(__file__).resolve().parent)
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="proxy-metrics-")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
+        return supervise(settings.host, settings.port, settings.workers, env)
     try:
-        app = build_app(settings)
+        app = _ready(settings)
     except StoreError as exc:  # e.g. another instance holds DATA_DIR
         print(f"Cannot start: {exc}", file=sys.stderr)
         return 1
-    # Gradio's large, long-lived heap made every garbage collection walk it: freezing it took
-    # ~30% off the proxy's CPU per request (bench/README.md).
-    gc.collect()
-    gc.freeze()
     # uvicorn with the connection guard: request deadlines, header size and per-address limits.
     uvicorn.Server(server_config(app, settings)).run()
     return 0
