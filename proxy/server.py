@@ -39,6 +39,7 @@ from proxy.pipeline import Pipeline, Service
 from proxy.pow_routes import pow_router
 from proxy.prices import cost, price_table
 from proxy.providers.registry import services_from
+from proxy.state import Shared, share
 from proxy.state.health import Dependencies
 from proxy.store import SQLiteStore
 from proxy.usage import UsageEvent, UsageLedger
@@ -71,6 +72,7 @@ class Runtime:
     queue: RequestQueue | None = None
     dependencies: Dependencies = field(default_factory=Dependencies)
     metrics: Metrics | None = None
+    shared: Shared | None = None
     # Lets the page's own calls (from this machine) say which visitor they act for.
     internal_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     info_guard: FailureGuard = field(default_factory=lambda: FailureGuard(limit=10, window_s=300, lockout_s=300))
@@ -255,6 +257,8 @@ def build_runtime(settings: Settings) -> Runtime:
     store = access.store
     if not isinstance(store, SQLiteStore):
         runtime.dependencies.add("database", lambda: None if store.healthy else (store.last_error or "unavailable"))
+    pools = {name: service.pool for name, service in services.items()}
+    runtime.shared = share(settings, store, access.users, pools, runtime.dependencies)
     return runtime
 
 
@@ -336,6 +340,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         runtime.get_session()
         runtime.access.start()
         runtime.owner.start()
+        if runtime.shared is not None:
+            await runtime.shared.start()
         if settings.check_keys and runtime.checker is not None:
             await runtime.checker.start()
         log.info(
@@ -350,6 +356,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             if runtime.session is not None:
                 await runtime.session.close()
             await runtime.owner.aclose()
+            if runtime.shared is not None:
+                await runtime.shared.aclose()
             await runtime.access.aclose()
 
     app = ProxyApp(title=settings.title, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

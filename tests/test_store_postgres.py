@@ -155,3 +155,31 @@ def test_usage_written_while_the_database_is_down_lands_when_it_returns(postgres
     asyncio.run(store.committed())
     assert store.usage_totals()[0]["gpt-4o"] == {"requests": 2, "tokens_in": 110, "tokens_out": 10}
     store.close()
+
+
+def test_instances_charging_one_user_together_lose_no_tokens(pg_url: str) -> None:
+    a, b = PostgresStore(pg_url, shared=True), PostgresStore(pg_url, shared=True)
+    a.save_user({"token": "tok-shared-0123456789", "token_counts": {}, "lifetime_token_counts": {},
+                 "counts_since": 100.0, "prompt_count": 0})  # fmt: skip
+
+    def charge(store: PostgresStore) -> None:
+        for _ in range(25):
+            store.charge_user("tok-shared-0123456789", "gpt-4o", 10, since=100.0, now=150.0)
+
+    threads = [threading.Thread(target=charge, args=(s,)) for s in (a, b, a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    # A routine save from an instance whose copy is behind keeps the database's counters.
+    b.save_user({"token": "tok-shared-0123456789", "nickname": "renamed", "token_counts": {"gpt-4o": 1},
+                 "lifetime_token_counts": {}, "counts_since": 100.0, "prompt_count": 0}, counters=False)  # fmt: skip
+    (user,) = a.load_users()
+    assert user["token_counts"] == {"gpt-4o": 1000} and user["lifetime_token_counts"] == {"gpt-4o": 1000}
+    assert user["prompt_count"] == 100 and user["nickname"] == "renamed" and user["last_used_at"] == 150.0
+    a.charge_user("tok-shared-0123456789", "gpt-4o", 5, since=200.0, now=201.0)  # a new quota period
+    (user,) = b.load_users()
+    assert user["token_counts"] == {"gpt-4o": 5} and user["lifetime_token_counts"] == {"gpt-4o": 1005}
+    assert user["counts_since"] == 200.0
+    a.close()
+    b.close()

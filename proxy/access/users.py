@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Literal, Protocol
 
 from proxy.access.validation import UserError, parse_record
 from proxy.store import Store
@@ -125,6 +125,8 @@ class UserService:
         """The user owning `credential`. Looked up by its SHA-256, so the time taken says nothing
         about how close a guess was."""
         user = self._by_digest.get(_digest(credential))
+        if user is None and self.shared is not None:
+            user = self._fetch(credential)
         if user is not None:
             self.refresh(user)
         return user
@@ -190,7 +192,7 @@ class UserService:
                 user.disabled_reason = None
             elif changes.get("disabled") and not user.disabled_reason:
                 user.disabled_reason = "Disabled by the administrator."
-            self._save(user)
+            self._save(user, counters="token_counts" in changes)
             return user
 
     def disable(self, user: User, reason: str) -> None:
@@ -207,6 +209,8 @@ class UserService:
             self._by_digest.pop(_digest(token), None)
             if self._store is not None:
                 self._store.delete_user(token)
+            if self.shared is not None:
+                self.shared.deleted(token)
             return True
 
     def add_ip(self, user: User, ip: str, keep: int = MAX_REMEMBERED_IPS, network: str | None = None) -> None:
@@ -232,8 +236,15 @@ class UserService:
             if family is not None:
                 user.token_counts[family] = user.token_counts.get(family, 0) + tokens
                 user.lifetime_token_counts[family] = user.lifetime_token_counts.get(family, 0) + tokens
-            if self._users.get(user.token) is user:  # not deleted while the request ran
-                self._save(user, strict=False)
+            if self._users.get(user.token) is not user:  # deleted while the request ran
+                return
+            if self.shared is not None and family is not None:
+                try:  # added where it is: other instances charge the same user
+                    self.shared.charge(user.token, family, tokens, since=user.counts_since, now=user.last_used_at)
+                except Exception as exc:
+                    log.error("users: could not charge %s: %s", user.label, exc)
+                return
+            self._save(user, strict=False)
 
     def touch(self, user: User) -> None:
         """Note a use in memory only; the next write persists it."""
@@ -260,6 +271,9 @@ class UserService:
         with self._lock:
             if self._store is not None:
                 self._store.save_users(user.record() for user in users)
+            if self.shared is not None:
+                for user in users:
+                    self.shared.changed(user.token, counters=True)
             for user in users:
                 old = self._users.get(user.token)
                 if old is not None:
@@ -267,22 +281,67 @@ class UserService:
                 self._index(user)
         return len(users)
 
+    # Several instances (proxy/state/sync.py): each keeps its own copy of the users.
+    shared: SharedUsers | None = None
+
+    def _fetch(self, token: str) -> User | None:
+        """A user another instance created: read from the shared database on a miss."""
+        assert self.shared is not None
+        record = self.shared.fetch(token)
+        if record is None or record.get("token") != token:
+            return None
+        with self._lock:
+            user = self._users.get(token)
+            if user is None:
+                user = User.from_record(record)
+                self._index(user)
+        return user
+
+    def absorb(self, record: dict | None, token: str) -> None:
+        """Another instance changed (or, with None, deleted) a user: take its copy."""
+        with self._lock:
+            user = self._users.get(token)
+            if record is None:
+                if user is not None:
+                    del self._users[token]
+                    self._by_digest.pop(_digest(token), None)
+                return
+            fresh = User.from_record(record)
+            if user is None:
+                self._index(fresh)
+                return
+            for name in _FIELDS:  # in place: requests in progress hold this object
+                setattr(user, name, getattr(fresh, name))
+
     # Internals
     def _index(self, user: User) -> None:
         self._users[user.token] = user
         self._by_digest[_digest(user.token)] = user
 
-    def _save(self, user: User, *, strict: bool = True) -> None:
+    def _save(self, user: User, *, strict: bool = True, counters: bool = False) -> None:
         """Write `user` through. On the request path (`strict=False`) a failed write is logged and
         the request goes on: the counts in memory stay right and are written with the next change."""
         if self._store is None:
             return
         try:
-            self._store.save_user(user.record())
+            if self.shared is not None:
+                self.shared.save(user.record(), counters=counters)
+            else:
+                self._store.save_user(user.record())
         except Exception as exc:
             if strict:
                 raise
             log.error("users: could not save %s: %s", user.label, exc)
+
+
+class SharedUsers(Protocol):
+    """What a UserService needs when several instances share users (proxy/state/sync.py)."""
+
+    def fetch(self, token: str) -> dict | None: ...
+    def save(self, record: dict, *, counters: bool) -> None: ...
+    def charge(self, token: str, family: str, tokens: int, *, since: float, now: float) -> None: ...
+    def changed(self, token: str, *, counters: bool) -> None: ...
+    def deleted(self, token: str) -> None: ...
 
 
 def _import_defaults(now: float) -> dict:

@@ -1,11 +1,27 @@
-"""Where the proxy's state lives: the durable `Store` (SQLite or Postgres), chosen by settings."""
+"""Where the proxy's state lives: the durable `Store` (SQLite or Postgres) and the fast state
+(limits, reservations, lockouts: in this process, or on Redis), chosen by settings."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 from proxy.config import Settings
+from proxy.state.fast import FastState, FastStateError, MemoryFastState
+from proxy.state.health import Dependencies
 from proxy.store import SQLiteStore, Store, StoreError
 
-__all__ = ["Store", "StoreError", "open_store"]
+if TYPE_CHECKING:
+    from proxy.access.users import UserService
+    from proxy.keys.pool import KeyPool
+    from proxy.state.sync import StateSync
+
+__all__ = ["FastState", "Shared", "Store", "StoreError", "open_store", "share"]
+
+log = logging.getLogger(__name__)
 
 
 def open_store(settings: Settings) -> Store:
@@ -17,3 +33,54 @@ def open_store(settings: Settings) -> Store:
     path = settings.sqlite_path
     path.parent.mkdir(parents=True, exist_ok=True)
     return SQLiteStore(path)
+
+
+@dataclass
+class Shared:
+    """The fast state, and (with Redis and Postgres) what keeps the instances in step."""
+
+    fast: FastState
+    sync: StateSync | None = None
+
+    async def start(self) -> None:
+        start = getattr(self.fast, "start", None)
+        if start is not None:
+            try:
+                await start()
+            except FastStateError as exc:  # serve 503s (see /health) until Redis is back
+                log.error("shared state: %s; requests are refused until it is back", exc)
+        if self.sync is not None:
+            await self.sync.start()
+
+    async def aclose(self) -> None:
+        if self.sync is not None:
+            await self.sync.aclose()
+        close = getattr(self.fast, "aclose", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await close()
+
+
+def share(
+    settings: Settings, store: Store, users: UserService, pools: Mapping[str, KeyPool], dependencies: Dependencies
+) -> Shared:
+    """Build the fast state the settings ask for and hook the users and key pools to it."""
+    if not settings.redis_url:
+        return Shared(MemoryFastState())
+    from proxy.state.redis import RedisFastState
+
+    fast = RedisFastState(settings.redis_url)
+    dependencies.add("redis", fast.healthy)
+    shared = Shared(fast)
+    from proxy.state.postgres import PostgresStore
+
+    if isinstance(store, PostgresStore):
+        from proxy.state.sync import StateSync
+
+        sync = StateSync(fast, store, pools)
+        for pool in pools.values():
+            pool.on_change = lambda key, pool=pool: sync.key_changed(pool, key)
+        users.shared = sync
+        sync.users = users
+        shared.sync = sync
+    return shared

@@ -78,6 +78,46 @@ ON CONFLICT (scope, label) DO UPDATE SET
 _SAVE_USER = """
 INSERT INTO users (token, data) VALUES (%s, %s) ON CONFLICT (token) DO UPDATE SET data = EXCLUDED.data
 """
+# An instance's copy of a user's counters may be behind the others' charges: a routine save
+# (an IP seen, a limit changed) keeps the database's counters; only `charge_user` moves them.
+_SAVE_USER_KEEPING_COUNTERS = """
+INSERT INTO users (token, data) VALUES (%s, %s) ON CONFLICT (token) DO UPDATE SET data = (
+    EXCLUDED.data::jsonb || jsonb_strip_nulls(jsonb_build_object(
+        'token_counts', users.data::jsonb -> 'token_counts',
+        'lifetime_token_counts', users.data::jsonb -> 'lifetime_token_counts',
+        'prompt_count', users.data::jsonb -> 'prompt_count',
+        'counts_since', users.data::jsonb -> 'counts_since',
+        'last_used_at', users.data::jsonb -> 'last_used_at'
+    ))
+)::text
+"""
+# One request's tokens, added where they are (every instance charges the same row), the period's
+# counts first reset when they began before `since`.
+_CHARGE_USER = """
+WITH cur AS (
+    SELECT token, CASE WHEN COALESCE((data::jsonb ->> 'counts_since')::float8, 0) < %(since)s
+        THEN data::jsonb || jsonb_build_object('token_counts', '{}'::jsonb, 'counts_since', %(since)s)
+        ELSE data::jsonb END AS j
+    FROM users WHERE token = %(token)s FOR UPDATE
+)
+UPDATE users SET data = (
+    jsonb_set(
+        jsonb_set(
+            cur.j || jsonb_build_object(
+                'token_counts', COALESCE(cur.j -> 'token_counts', '{}'::jsonb),
+                'lifetime_token_counts', COALESCE(cur.j -> 'lifetime_token_counts', '{}'::jsonb)
+            ),
+            ARRAY['token_counts', %(family)s],
+            to_jsonb(COALESCE((cur.j -> 'token_counts' ->> %(family)s)::bigint, 0) + %(tokens)s)
+        ),
+        ARRAY['lifetime_token_counts', %(family)s],
+        to_jsonb(COALESCE((cur.j -> 'lifetime_token_counts' ->> %(family)s)::bigint, 0) + %(tokens)s)
+    ) || jsonb_build_object(
+        'prompt_count', COALESCE((cur.j ->> 'prompt_count')::bigint, 0) + 1, 'last_used_at', %(now)s
+    )
+)::text
+FROM cur WHERE users.token = cur.token
+"""
 _SAVE_KEY = """
 INSERT INTO key_states (service, key_id, state) VALUES (%s, %s, %s)
 ON CONFLICT (service, key_id) DO UPDATE SET state = EXCLUDED.state
@@ -277,9 +317,16 @@ class PostgresStore:
         row = self._read(lambda c: c.execute("SELECT data FROM users WHERE token = %s", (token,)).fetchone())
         return json.loads(row[0]) if row else None
 
-    def save_user(self, record: dict) -> None:
+    def save_user(self, record: dict, *, counters: bool = True) -> None:
+        """Write `record`; with `counters=False`, the database's usage counters are kept."""
         args = (record["token"], json.dumps(record, separators=(",", ":")))
-        self._write(lambda c: c.execute(_SAVE_USER, args))
+        sql = _SAVE_USER if counters else _SAVE_USER_KEEPING_COUNTERS
+        self._write(lambda c: c.execute(sql, args))
+
+    def charge_user(self, token: str, family: str, tokens: int, *, since: float, now: float) -> None:
+        """Add one request of `tokens` to a user's counters, atomically (instances charge together)."""
+        args = {"token": token, "family": family, "tokens": int(tokens), "since": float(since), "now": float(now)}
+        self._write(lambda c: c.execute(_CHARGE_USER, args))
 
     def save_users(self, records: Iterable[dict]) -> None:
         rows = [(r["token"], json.dumps(r, separators=(",", ":"))) for r in records]

@@ -154,9 +154,9 @@ class RedisFastState:
 
     # Life -----------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Beat once (raising FastStateError when Redis is unreachable), then keep beating."""
-        await self._call(self._beat())
+        """Keep beating (which also notices Redis coming back); FastStateError if it is away now."""
         self._task = asyncio.create_task(self._heartbeat(), name="redis-heartbeat")
+        await self._call(self._beat())
 
     async def aclose(self) -> None:
         if self._task is not None:

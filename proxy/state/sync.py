@@ -1,0 +1,139 @@
+"""What one instance changes and the others must see at once, over Redis pub/sub: key states (a
+key found revoked or rate-limited is skipped by every instance) and users (created, changed or
+deleted through any instance's admin API). The database stays the record; a message only says
+what to re-read, or carries a key's state (which holds no secret)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Coroutine, Mapping
+from typing import Any
+
+from proxy.access.users import UserService
+from proxy.keys.pool import Key, KeyPool
+from proxy.state.postgres import PostgresStore
+from proxy.state.redis import PREFIX, RedisFastState
+
+log = logging.getLogger(__name__)
+
+KEYS_CHANNEL = "keys"
+USERS_CHANNEL = "users"
+
+
+class StateSync:
+    """Publishes this instance's changes and applies the others'. Also `SharedUsers` for the
+    UserService: writes that keep other instances' charges, and atomic charges."""
+
+    def __init__(self, fast: RedisFastState, store: PostgresStore, pools: Mapping[str, KeyPool]) -> None:
+        self.fast = fast
+        self.store = store
+        self.pools = dict(pools)
+        self.users: UserService | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # Life -----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._spawn(self.fast.listen(KEYS_CHANNEL, self._on_key))
+        self._spawn(self.fast.listen(USERS_CHANNEL, self._on_user))
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run `coro` on the app's loop, from the loop or from another thread."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            task = loop.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._spawn, coro)
+        else:
+            coro.close()
+
+    async def _publish(self, channel: str, message: dict) -> None:
+        message["i"] = self.fast.instance_id
+        with contextlib.suppress(Exception):  # Redis down: /health says so; the store keeps the truth
+            await self.fast.publish(channel, json.dumps(message, separators=(",", ":")))
+
+    # Keys -----------------------------------------------------------------------------------
+    def key_changed(self, pool: KeyPool, key: Key) -> None:
+        """A pool's on_change: save the key's state, and tell the other instances."""
+        state = pool.export_state(key)
+        self.store.save_key_state(pool.service, key.id, state)
+        self._spawn(self._publish(KEYS_CHANNEL, {"s": pool.service, "k": key.id, "st": state}))
+
+    def _on_key(self, raw: str) -> None:
+        message = json.loads(raw)
+        if message.get("i") == self.fast.instance_id:
+            return
+        pool = self.pools.get(message.get("s"))
+        if pool is not None and isinstance(message.get("st"), dict):
+            pool.restore({str(message.get("k")): message["st"]})
+
+    # Users (SharedUsers) ----------------------------------------------------------------------
+    def fetch(self, token: str) -> dict | None:
+        return self.store.load_user(token)
+
+    def save(self, record: dict, *, counters: bool) -> None:
+        self.store.save_user(record, counters=counters)
+        self.changed(record["token"], counters=counters)
+
+    def charge(self, token: str, family: str, tokens: int, *, since: float, now: float) -> None:
+        self.store.charge_user(token, family, tokens, since=since, now=now)
+
+    def changed(self, token: str, *, counters: bool) -> None:
+        if counters:  # the administrator set the counts: shared quota state starts again from them
+            self._spawn(self._forget_quotas(token))
+        self._spawn(self._publish_user(token))
+
+    def deleted(self, token: str) -> None:
+        self._spawn(self._publish_user(token))
+
+    async def _publish_user(self, token: str) -> None:
+        """Tell the others once the change is durable, so that what they re-read has it."""
+        with contextlib.suppress(Exception):
+            await self.store.committed()
+        await self._publish(USERS_CHANNEL, {"t": token})
+
+    async def _forget_quotas(self, token: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.store.committed()  # the new counts are durable before Redis is re-seeded
+            redis = self.fast.redis
+            async for name in redis.scan_iter(match=f"{PREFIX}q:{quota_owner(token)}:*", count=500):
+                await redis.delete(name)
+
+    def _on_user(self, raw: str) -> None:
+        message = json.loads(raw)
+        if message.get("i") == self.fast.instance_id or self.users is None:
+            return
+        token = str(message.get("t"))
+        self._spawn(self._reload(token))
+
+    async def _reload(self, token: str) -> None:
+        assert self.users is not None
+        try:
+            record = await asyncio.to_thread(self.store.load_user, token)
+        except Exception:
+            log.exception("sync: could not reload a user changed by another instance")
+            return
+        self.users.absorb(record, token)
+
+
+def quota_owner(token: str) -> str:
+    """How a user is named in shared quota keys: a hash, so Redis never holds a usable token."""
+    import hashlib
+
+    return hashlib.sha256(token.encode()).hexdigest()[:24]

@@ -1,0 +1,118 @@
+"""Two proxy instances on one Postgres and one Redis behave as one proxy."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import PAID, Served
+from tests.fakes import FakeOpenAI, KeyBehaviour
+
+_names = itertools.count()
+ADMIN = "admin-key-for-scale-0001"
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+REVOKED = "sk-revoked-0123456789abcdef"
+
+
+@pytest.fixture
+def two(postgres: Any, redis: Any, proxy_app: Callable[..., Served]) -> Callable[..., tuple[Served, Served]]:
+    """two(**env): two instances with the same settings, sharing a fresh database and Redis."""
+
+    def start(**env: str) -> tuple[Served, Served]:
+        shared = {"DATABASE_URL": postgres.database(f"two_{next(_names)}"), "REDIS_URL": redis.url, **env}
+        return proxy_app(**shared), proxy_app(**shared)
+
+    return start
+
+
+def admin(served: Served) -> httpx.Client:
+    return httpx.Client(base_url=f"{served.url}/admin/api", headers={"authorization": f"Bearer {ADMIN}"}, timeout=30)
+
+
+def chat(served: Served, token: str, **extra: Any) -> httpx.Response:
+    return httpx.post(
+        f"{served.proxy()}/chat/completions", json={**CHAT, **extra},
+        headers={"Authorization": f"Bearer {token}"}, timeout=30,
+    )  # fmt: skip
+
+
+def test_a_user_created_through_one_instance_is_served_by_the_other_at_once(
+    two: Callable[..., tuple[Served, Served]], fake_openai: FakeOpenAI
+) -> None:
+    a, b = two(OPENAI_KEY=PAID, OPENAI_BASE_URL=fake_openai.base_url, GATEKEEPER="user_token", ADMIN_KEY=ADMIN)
+    with admin(a) as api:
+        token = api.post("/users", json={"nickname": "carol"}).json()["token"]
+    assert chat(b, token).status_code == 200
+    with admin(a) as api:
+        assert api.patch(f"/users/{token}", json={"disabled": True}).status_code == 200
+    deadline = time.monotonic() + 1.0  # within a second on every instance
+    while (refused := chat(b, token)).status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert refused.status_code == 403
+    with admin(b) as api:
+        assert api.delete(f"/users/{token}").status_code == 204
+    deadline = time.monotonic() + 1.0
+    while (gone := chat(a, token)).status_code != 401 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone.status_code == 401
+
+
+def test_usage_from_both_instances_adds_up_on_the_user(
+    two: Callable[..., tuple[Served, Served]], fake_openai: FakeOpenAI
+) -> None:
+    a, b = two(OPENAI_KEY=PAID, OPENAI_BASE_URL=fake_openai.base_url, GATEKEEPER="user_token", ADMIN_KEY=ADMIN)
+    with admin(a) as api:
+        token = api.post("/users", json={"nickname": "dan"}).json()["token"]
+    for served in (a, b, a, b, b):
+        assert chat(served, token).status_code == 200
+    with admin(a) as api:
+        api.patch(f"/users/{token}", json={"nickname": "dan2"})  # a routine save keeps b's charges
+    with admin(b) as api:
+        deadline = time.monotonic() + 1.0
+        while (user := api.get(f"/users/{token}").json())["nickname"] != "dan2" and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert user["prompt_count"] == 5 and sum(user["lifetime_token_counts"].values()) > 0
+
+
+def test_a_key_revoked_on_one_instance_is_skipped_by_the_other(
+    two: Callable[..., tuple[Served, Served]], proxy_key: str = "pk-two-instances-0001"
+) -> None:
+    with FakeOpenAI({PAID: KeyBehaviour("paid"), REVOKED: KeyBehaviour("revoked")}) as fake:
+        a, b = two(OPENAI_KEY=f"{REVOKED},{PAID}", OPENAI_BASE_URL=fake.base_url, PROXY_KEY=proxy_key)
+        for _ in range(2):  # least recently used first: one of these tries the revoked key
+            assert chat(a, proxy_key).status_code == 200
+        assert fake.calls_by_key.get(REVOKED) == 1
+        time.sleep(0.3)  # well within the second the issue allows
+        for _ in range(6):
+            assert chat(b, proxy_key).status_code == 200
+        assert fake.calls_by_key.get(REVOKED) == 1  # b never tried it
+        status = httpx.get(f"{b.url}/status").json()["keys"]["openai"]
+        assert status["revoked"] == 1
+
+
+def test_stopping_redis_gives_503s_and_service_resumes_by_itself(
+    redis: Any, two: Callable[..., tuple[Served, Served]], fake_openai: FakeOpenAI
+) -> None:
+    a, _ = two(OPENAI_KEY=PAID, OPENAI_BASE_URL=fake_openai.base_url, PROXY_KEY="pk-two-instances-0002")
+    assert chat(a, "pk-two-instances-0002").status_code == 200
+    redis.stop()
+    try:
+        deadline = time.monotonic() + 5
+        while (reply := chat(a, "pk-two-instances-0002")).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert reply.status_code == 503
+        assert "shared state is unavailable" in reply.json()["error"]["message"]
+        health = httpx.get(f"{a.url}/health")
+        assert health.status_code == 503 and health.json()["redis"] == "unavailable"
+    finally:
+        redis.start()
+    deadline = time.monotonic() + 10
+    while (reply := chat(a, "pk-two-instances-0002")).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert reply.status_code == 200
+    assert httpx.get(f"{a.url}/health").json() == {"status": "ok", "database": "ok", "redis": "ok"}
