@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +51,56 @@ def test_several_workers_on_sqlite_refuse_to_start_saying_why(tmp_path: Path) ->
     with pytest.raises(RuntimeError) as caught:
         start_instance({"WORKERS": "2"}, tmp_path, timeout=30)
     assert "needs REDIS_URL" in str(caught.value) and "Traceback" not in str(caught.value)
+
+
+def test_killing_one_of_two_instances_during_traffic_loses_no_acknowledged_usage(
+    tmp_path: Path, postgres: Any, redis: Any, fake_openai: FakeOpenAI
+) -> None:
+    import threading
+
+    import psycopg
+
+    url = postgres.database(f"kill_{next(_names)}")
+    env = {
+        "OPENAI_KEY": PAID, "OPENAI_BASE_URL": fake_openai.base_url, "PROXY_KEY": PROXY_KEY,
+        "DATABASE_URL": url, "REDIS_URL": redis.url,
+    }  # fmt: skip
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    doomed, survivor = start_instance(env, tmp_path / "a"), start_instance(env, tmp_path / "b")
+    fake_openai.stream_delay = 0.01  # requests in flight when the kill lands
+    acknowledged = [0]
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def traffic(base: str) -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                try:
+                    reply = client.post(
+                        f"{base}/chat/completions", json={**CHAT, "stream": True},
+                        headers={"Authorization": f"Bearer {PROXY_KEY}"},
+                    )  # fmt: skip
+                except httpx.HTTPError:
+                    continue
+                if reply.status_code == 200 and reply.text.rstrip().endswith("data: [DONE]"):
+                    with lock:
+                        acknowledged[0] += 1
+
+    threads = [threading.Thread(target=traffic, args=(i.proxy(),)) for i in (doomed, survivor) for _ in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        doomed.kill()  # SIGKILL, mid-traffic
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(20)
+        survivor.kill()
+    with psycopg.connect(url) as conn:
+        sql = "SELECT COALESCE(sum(requests), 0) FROM usage_totals WHERE scope = 'family'"
+        (recorded,) = conn.execute(sql).fetchone()
+    assert acknowledged[0] > 20
+    assert recorded >= acknowledged[0]  # every reply a client received in full was counted first
