@@ -11,6 +11,7 @@ import hashlib
 import logging
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -200,6 +201,9 @@ class KeyPool:
         self.on_lost: Callable[[Key, str], None] | None = None
         self.keys: list[Key] = [Key(secret=s, id=key_id(prefix, s), service=service) for s in secrets]
         self._by_id = {k.id: k for k in self.keys}
+        # Least recently selected first: `select` usually takes the first key it looks at, so its
+        # cost does not grow with the pool (it scanned every key before: 3x the CPU at 1,000 keys).
+        self._lru: OrderedDict[str, Key] = OrderedDict((k.id, k) for k in self.keys)
         self.checking = False  # set by the checker while the first check of every key runs
         self.max_in_flight = 0  # KEY_MAX_CONCURRENCY: requests one key may carry at once (0: no limit)
 
@@ -217,17 +221,27 @@ class KeyPool:
         """
         now = self.clock()
         best: Key | None = None
-        best_rank: tuple[bool, float] = (True, 0.0)
-        for key in self.keys:
-            if key.id in exclude or not key.usable or key.locked_until > now or not key.serves(model):
+        cooling: Key | None = None
+        dead: list[str] = []
+        for key in self._lru.values():
+            if not key.usable:
+                dead.append(key.id)
+                continue
+            if key.id in exclude or key.locked_until > now or not key.serves(model):
                 continue
             if key.budget == 0 or (self.max_in_flight and key.in_flight >= self.max_in_flight):
                 continue  # busy: given back (and the queue woken) when a request on it ends
-            rank = (key.cooldown_until > now, key.last_used)
-            if best is None or rank < best_rank:
-                best, best_rank = key, rank
+            if key.cooldown_until > now:
+                cooling = cooling or key
+                continue
+            best = key
+            break
+        for key_id_ in dead:  # revoked keys sink to the end, so later requests do not look at them first
+            self._lru.move_to_end(key_id_)
+        best = best or cooling
         if best is not None:
             best.last_used = now
+            self._lru.move_to_end(best.id)
         return best
 
     def why_none(self, model: str | None, exclude: set[str] | frozenset[str] = frozenset()) -> NoKey:
