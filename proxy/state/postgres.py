@@ -15,6 +15,7 @@ instead of silently keeping limits and lockouts of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import queue
@@ -22,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -64,9 +66,9 @@ MIGRATIONS: list[str] = [
 ]
 
 _ADD_USAGE = """
-INSERT INTO usage_totals (scope, label, requests, tokens_in, tokens_out) VALUES (%s, %s, 1, %s, %s)
+INSERT INTO usage_totals (scope, label, requests, tokens_in, tokens_out) VALUES (%s, %s, %s, %s, %s)
 ON CONFLICT (scope, label) DO UPDATE SET
-    requests = usage_totals.requests + 1,
+    requests = usage_totals.requests + EXCLUDED.requests,
     tokens_in = usage_totals.tokens_in + EXCLUDED.tokens_in,
     tokens_out = usage_totals.tokens_out + EXCLUDED.tokens_out
 """
@@ -149,7 +151,7 @@ class PostgresStore:
         self._url = url
         self._shared = shared
         self.commit_wait_s = commit_wait_s
-        self._jobs: queue.SimpleQueue[tuple[Job, Future] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._closed = False
         self.healthy = False
         self.last_error = ""
@@ -201,7 +203,7 @@ class PostgresStore:
                 break
             batch = [first]
             stop = False
-            while len(batch) < 500:
+            while len(batch) < 1000:
                 try:
                     item = self._jobs.get_nowait()
                 except queue.Empty:
@@ -216,44 +218,63 @@ class PostgresStore:
         if conn is not None:
             conn.close()
 
-    def _commit(self, conn: psycopg.Connection | None, batch: list[tuple[Job, Future]]) -> psycopg.Connection | None:
-        """Run `batch` in one transaction; retry through lost connections until it commits
-        (nothing queued is dropped while the database is away). A job whose own SQL fails is
-        reported to its caller alone."""
+    def _commit(self, conn: psycopg.Connection | None, batch: list[_Item]) -> psycopg.Connection | None:
+        """Run `batch` in one transaction (usage increments merged, statements pipelined); retry
+        through lost connections until it commits (nothing queued is dropped while the database
+        is away: the requests waiting on it are failed at once, their writes kept). A job whose
+        own SQL fails is reported to its caller alone."""
         while True:
             if conn is None or conn.closed:
                 try:
                     conn = self._connect()
                 except StoreError as exc:
                     self._unhealthy(str(exc))
-                    if self._closed:
-                        _fail(batch, exc)
+                    batch = _fail_waiters(batch, exc, everything=self._closed)
+                    if not batch or self._closed:
                         return None
                     time.sleep(RETRY_PAUSE_S)
                     continue
             try:
-                results = []
-                with conn.transaction():
-                    for job, _ in batch:
-                        results.append(job(conn))
+                results = self._execute(conn, batch)
             except psycopg.OperationalError as exc:
                 self._unhealthy(f"Lost the Postgres database: {_reason(exc)}")
                 conn.close()
                 conn = None
                 continue
             except psycopg.Error:
-                if len(batch) > 1:  # find the culprit: each job in its own transaction
+                if len(batch) > 1:  # find the culprit: each item in its own transaction
                     for item in batch:
                         conn = self._commit(conn, [item])
                     return conn
-                _fail(batch, StoreError("The database refused a write."))
+                _fail_waiters(batch, StoreError("The database refused a write."), everything=True)
                 log.exception("postgres: a write failed")
                 return conn
             self.healthy = True
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+            _resolve(batch, results)
             return conn
+
+    @staticmethod
+    def _execute(conn: psycopg.Connection, batch: list[_Item]) -> list[Any]:
+        usage: dict[tuple[str, str], list[int]] = {}
+        results: list[Any] = []
+        reads = any(item.kind == "read" for item in batch)
+        with conn.transaction(), (contextlib.nullcontext() if reads else conn.pipeline()):
+            for item in batch:
+                if item.kind == "usage":  # many requests' usage: one statement per label
+                    for scope, label, tokens_in, tokens_out in item.payload:
+                        total = usage.setdefault((scope, label), [0, 0, 0])
+                        total[0] += 1
+                        total[1] += tokens_in
+                        total[2] += tokens_out
+                    results.append(None)
+                elif item.kind == "barrier":
+                    results.append(None)
+                else:
+                    results.append(item.payload(conn))
+            if usage:
+                rows = [(s, label, n, tin, tout) for (s, label), (n, tin, tout) in sorted(usage.items())]
+                conn.cursor().executemany(_ADD_USAGE, rows)
+        return results
 
     def _check(self, conn: psycopg.Connection | None) -> psycopg.Connection | None:
         """While idle: notice a database gone (or back) before a request needs it."""
@@ -277,36 +298,44 @@ class PostgresStore:
             log.error("postgres: %s", message)
         self.healthy, self.last_error = False, message
 
-    def _submit(self, job: Job) -> Future:
+    def _put(self, item: _Item) -> None:
         if self._closed:
             raise StoreError("The store is closed.")
-        future: Future = Future()
-        self._jobs.put((job, future))
-        return future
+        self._jobs.put(item)
 
-    def _write(self, job: Job) -> None:
+    def _write(self, job: Job, kind: str = "job") -> None:
         """Queue a write. Off the event loop, wait for its commit; on it, `committed()` does."""
-        future = self._submit(job)
-        if not _on_event_loop():
-            future.result(self.commit_wait_s)
+        if _on_event_loop():
+            self._put(_Item(kind, job))
+            return
+        future: Future = Future()
+        self._put(_Item(kind, job, future))
+        self._wait(future)
 
     def _read(self, job: Job) -> Any:
-        return self._submit(job).result(self.commit_wait_s)
+        future: Future = Future()
+        self._put(_Item("read", job, future))
+        return self._wait(future)
+
+    def _wait(self, future: Future) -> Any:
+        try:
+            return future.result(self.commit_wait_s)
+        except TimeoutError:
+            raise StoreError(f"The database did not answer in time ({self.last_error or 'busy'}).") from None
 
     async def committed(self) -> None:
-        """Wait until every write queued so far is durable; StoreError when the database stays away."""
-        future = asyncio.wrap_future(self._submit(lambda conn: None))
-        deadline = time.monotonic() + self.commit_wait_s
-        while not future.done():
-            if not self.healthy:  # fail closed at once: the write stays queued for when it returns
-                future.cancel()
-                raise StoreError(f"The database is unavailable ({self.last_error}).")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                future.cancel()
-                raise StoreError("The database did not confirm the write in time.")
-            await asyncio.wait({future}, timeout=min(left, 0.05))
-        future.result()
+        """Wait until every write queued so far is durable; StoreError at once while the database
+        is away (the writes stay queued and land when it returns)."""
+        if not self.healthy:
+            raise StoreError(f"The database is unavailable ({self.last_error}).")
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._put(_Item("barrier", None, waiter, loop))
+        try:
+            async with asyncio.timeout(self.commit_wait_s):
+                await waiter
+        except TimeoutError:
+            raise StoreError("The database did not confirm the write in time.") from None
 
     # Store -----------------------------------------------------------------------------------
     def load_users(self) -> list[dict]:
@@ -341,7 +370,7 @@ class PostgresStore:
         rows = [("family", event.family, event.tokens_in, event.tokens_out)]
         if event.key_id:
             rows.append(("key", event.key_id, event.tokens_in, event.tokens_out))
-        self._write(lambda c: c.cursor().executemany(_ADD_USAGE, rows))
+        self._write(rows, "usage")  # type: ignore[arg-type]
 
     def usage_totals(self) -> tuple[Counts, Counts]:
         rows = self._read(
@@ -378,14 +407,6 @@ class PostgresStore:
         )
         return {key_id: json.loads(state) for key_id, state in rows}
 
-    def ping(self) -> bool:
-        """Whether the database answers now (for /health); never raises."""
-        try:
-            self._submit(lambda c: c.execute("SELECT 1")).result(2)
-        except Exception:
-            return False
-        return True
-
     def close(self) -> None:
         """Commit what is queued, then close. Closing twice is harmless."""
         if self._closed:
@@ -403,10 +424,59 @@ def _on_event_loop() -> bool:
     return True
 
 
-def _fail(batch: list[tuple[Job, Future]], exc: Exception) -> None:
-    for _, future in batch:
-        if not future.done():
-            future.set_exception(exc)
+@dataclass(slots=True)
+class _Item:
+    """One thing for the writer: a `job` (a function of the connection), a `read` (the same, its
+    result wanted), `usage` (rows to add, merged with the batch's others) or a `barrier`."""
+
+    kind: str
+    payload: Any
+    waiter: Future | asyncio.Future | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+
+
+def _resolve(batch: list[_Item], results: list[Any]) -> None:
+    """Hand each waiter its result: threads directly, each event loop in one call for the batch."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+    for item, result in zip(batch, results, strict=True):
+        if item.waiter is None:
+            continue
+        if item.loop is not None:
+            by_loop.setdefault(item.loop, []).append(item.waiter)  # type: ignore[arg-type]
+        elif not item.waiter.done():
+            item.waiter.set_result(result)
+    for loop, waiters in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # a loop closed meanwhile
+            loop.call_soon_threadsafe(_set_all, waiters, None)
+
+
+def _fail_waiters(batch: list[_Item], exc: Exception, *, everything: bool) -> list[_Item]:
+    """Fail the waiters of `batch` (requests waiting for a commit, or all with `everything`);
+    what is left to retry: the writes, without the barriers whose requests were failed."""
+    keep: list[_Item] = []
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+    for item in batch:
+        if item.loop is not None:
+            by_loop.setdefault(item.loop, []).append(item.waiter)  # type: ignore[arg-type]
+            continue
+        if everything and item.waiter is not None and not item.waiter.done():
+            item.waiter.set_exception(exc)
+        if not everything:
+            keep.append(item)
+    for loop, waiters in by_loop.items():
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_set_all, waiters, exc)
+    return keep
+
+
+def _set_all(waiters: list[asyncio.Future], exc: Exception | None) -> None:
+    for waiter in waiters:
+        if waiter.done():
+            continue
+        if exc is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(StoreError(f"The database is unavailable ({exc})."))
 
 
 def _reason(exc: Exception) -> str:
