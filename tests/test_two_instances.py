@@ -116,3 +116,19 @@ def test_stopping_redis_gives_503s_and_service_resumes_by_itself(
         time.sleep(0.1)
     assert reply.status_code == 200
     assert httpx.get(f"{a.url}/health").json() == {"status": "ok", "database": "ok", "redis": "ok"}
+
+
+def test_the_page_s_calls_are_vouched_for_on_every_instance(
+    two: Callable[..., tuple[Served, Served]], fake_openai: FakeOpenAI
+) -> None:
+    """The page calls its own server; behind a balancer (or with WORKERS > 1) that may be another
+    instance, which must still believe which visitor the call is for."""
+    a, b = two(OPENAI_KEY=PAID, OPENAI_BASE_URL=fake_openai.base_url, PROXY_KEY="pk-two-instances-0003")
+
+    class Visitor:
+        client = type("Peer", (), {"host": "203.0.113.7"})()
+        headers: dict[str, str] = {}
+
+    headers = a.runtime.page_headers(Visitor())
+    seen = type("Call", (), {"client": type("Peer", (), {"host": "127.0.0.1"})(), "headers": headers})()
+    assert b.runtime.client_ip(seen) == "203.0.113.7"

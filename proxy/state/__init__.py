@@ -41,6 +41,7 @@ class Shared:
 
     fast: FastState
     sync: StateSync | None = None
+    page_secret: str | None = None  # the page's proof for its own calls, the same on every instance
 
     async def start(self) -> None:
         start = getattr(self.fast, "start", None)
@@ -61,6 +62,26 @@ class Shared:
                 await close()
 
 
+def _shared_secret(url: str, name: str) -> str | None:
+    """A random secret every instance agrees on (the first to start picks it), or None when Redis
+    cannot be reached now (each instance then keeps its own)."""
+    import secrets
+
+    import redis
+
+    from proxy.state.redis import PREFIX
+
+    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True)
+    try:
+        client.set(f"{PREFIX}{name}", secrets.token_urlsafe(32), nx=True)
+        return client.get(f"{PREFIX}{name}")
+    except (redis.RedisError, OSError) as exc:
+        log.warning("shared state: no shared %s (%s); the page's calls must reach this instance", name, exc)
+        return None
+    finally:
+        client.close()
+
+
 def share(
     settings: Settings, store: Store, users: UserService, pools: Mapping[str, KeyPool], dependencies: Dependencies
 ) -> Shared:
@@ -71,7 +92,7 @@ def share(
 
     fast = RedisFastState(settings.redis_url)
     dependencies.add("redis", fast.healthy)
-    shared = Shared(fast)
+    shared = Shared(fast, page_secret=_shared_secret(settings.redis_url, "page-secret"))
     from proxy.state.postgres import PostgresStore
 
     if isinstance(store, PostgresStore):
