@@ -84,6 +84,8 @@ class UsageLedger:
     bucket_s: int = 60
     series_len: int = 24 * 60
     sink: Callable[[UsageEvent], None] | None = None
+    # With several instances, the recent requests of all of them (proxy/state/sync.py).
+    recent_source: Callable[[int], list[dict]] | None = None
     clock: Callable[[], float] = time.time
     total: Totals = field(default_factory=Totals)
     by_family: dict[str, Totals] = field(default_factory=dict)
@@ -142,6 +144,11 @@ class UsageLedger:
 
     def recent(self, limit: int = 100) -> list[dict]:
         """The newest events first, without key ids."""
+        if self.recent_source is not None:
+            try:
+                return self.recent_source(limit)
+            except Exception:  # the shared list unreachable: this instance's own
+                pass
         events = list(self._recent)[-limit:] if limit > 0 else []
         return [e.public() for e in reversed(events)]
 

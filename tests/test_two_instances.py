@@ -24,6 +24,10 @@ def two(postgres: Any, redis: Any, proxy_app: Callable[..., Served]) -> Callable
     """two(**env): two instances with the same settings, sharing a fresh database and Redis."""
 
     def start(**env: str) -> tuple[Served, Served]:
+        import redis as redis_client
+
+        with redis_client.Redis.from_url(redis.url) as client:  # a deployment of its own
+            client.flushall()
         shared = {"DATABASE_URL": postgres.database(f"two_{next(_names)}"), "REDIS_URL": redis.url, **env}
         return proxy_app(**shared), proxy_app(**shared)
 
@@ -132,3 +136,22 @@ def test_the_page_s_calls_are_vouched_for_on_every_instance(
     headers = a.runtime.page_headers(Visitor())
     seen = type("Call", (), {"client": type("Peer", (), {"host": "127.0.0.1"})(), "headers": headers})()
     assert b.runtime.client_ip(seen) == "203.0.113.7"
+
+
+def test_the_page_shows_the_recent_requests_and_totals_of_every_instance(
+    two: Callable[..., tuple[Served, Served]], fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import proxy.state.sync
+
+    monkeypatch.setattr(proxy.state.sync, "TOTALS_REFRESH_S", 0.2)
+    a, b = two(OPENAI_KEY=PAID, OPENAI_BASE_URL=fake_openai.base_url, PROXY_KEY="pk-two-instances-0004")
+    for served, model in ((a, "gpt-4o-mini"), (b, "gpt-4o"), (b, "gpt-4o")):
+        assert chat(served, "pk-two-instances-0004", model=model).status_code == 200
+    deadline = time.monotonic() + 3
+    while len(a.runtime.ledger.recent(10)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [e["model"] for e in a.runtime.ledger.recent(10)] == ["gpt-4o", "gpt-4o", "gpt-4o-mini"]
+    assert all("key_id" not in e for e in a.runtime.ledger.recent(10))
+    while httpx.get(f"{a.url}/status").json()["usage"]["requests"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(f"{a.url}/status").json()["usage"]["requests"] == 3

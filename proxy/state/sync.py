@@ -16,11 +16,14 @@ from proxy.access.users import UserService
 from proxy.keys.pool import Key, KeyPool
 from proxy.state.postgres import PostgresStore
 from proxy.state.redis import PREFIX, RedisFastState
+from proxy.usage import UsageEvent, UsageLedger
 
 log = logging.getLogger(__name__)
 
 KEYS_CHANNEL = "keys"
 USERS_CHANNEL = "users"
+RECENT_SIZE = 500  # the recent requests kept for the page, from every instance
+TOTALS_REFRESH_S = 5.0  # how often the usage totals /status shows are re-read from the database
 
 
 class StateSync:
@@ -40,8 +43,57 @@ class StateSync:
         self._loop = asyncio.get_running_loop()
         self._spawn(self.fast.listen(KEYS_CHANNEL, self._on_key))
         self._spawn(self.fast.listen(USERS_CHANNEL, self._on_user))
+        if self.ledger is not None:
+            self._spawn(self._refresh_totals())
+
+    # Usage: the page's recent requests and totals, of every instance --------------------------
+    ledger: UsageLedger | None = None
+
+    def attach_ledger(self, ledger: UsageLedger) -> None:
+        import redis
+
+        self.ledger = ledger
+        self._recent_client = redis.Redis.from_url(
+            self.fast.url, socket_timeout=0.5, socket_connect_timeout=0.5, decode_responses=True
+        )
+        sink = ledger.sink
+
+        def record(event: UsageEvent) -> None:
+            if sink is not None:
+                sink(event)
+            self._spawn(self._push_recent(json.dumps(event.public(), separators=(",", ":"))))
+
+        ledger.sink = record
+        ledger.recent_source = self.recent
+
+    async def _push_recent(self, item: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.fast.redis.pipeline(transaction=True).lpush(f"{PREFIX}recent", item).ltrim(
+                f"{PREFIX}recent", 0, RECENT_SIZE - 1
+            ).execute()
+
+    def recent(self, limit: int) -> list[dict]:
+        """The newest requests of every instance, first (a blocking read: the page calls it from a thread)."""
+        if limit <= 0:
+            return []
+        rows = self._recent_client.lrange(f"{PREFIX}recent", 0, min(limit, RECENT_SIZE) - 1)
+        return [json.loads(row) for row in rows]
+
+    async def _refresh_totals(self) -> None:
+        """Re-read the usage totals every few seconds, so that /status counts every instance's."""
+        assert self.ledger is not None
+        while True:
+            await asyncio.sleep(TOTALS_REFRESH_S)
+            try:
+                totals = await asyncio.to_thread(self.store.usage_totals)
+            except Exception:
+                continue
+            self.ledger.restore(*totals)
 
     async def aclose(self) -> None:
+        client = getattr(self, "_recent_client", None)
+        if client is not None:
+            client.close()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
