@@ -158,3 +158,31 @@ async def test_without_redis_every_call_fails_closed_and_recovers_when_it_return
     assert entry.refused is None and state.healthy() is None
     await state.finish(ticket)
     await state.aclose()
+
+
+async def test_under_a_quota_the_rate_is_counted_only_once_the_hold_succeeds(pair: tuple[Any, Any]) -> None:
+    from proxy.state.fast import RateLimited
+
+    a, b = pair
+    who = user()
+    limits = Limits(rate_key=who, rate_limit=2, quota_key=f"{who}:gpt-4o", quota_limit=100, defer_rate=True)
+    _, big = await a.enter(limits)
+    assert await a.hold(big, 500, 100, 0) == 100  # refused for quota: no rate used
+    await a.finish(big)
+    tickets = []
+    for state in (a, b):
+        entry, ticket = await state.enter(limits)
+        assert entry.refused is None
+        assert await state.hold(ticket, 10, 100, 0) is None
+        tickets.append((state, ticket))
+    assert tickets[1][1].rate_count == 2
+    entry, _ = await b.enter(limits)  # the window is full: refused at entry
+    assert entry.refused == "rate"
+    for state, ticket in tickets:
+        await state.finish(ticket, used=10)
+    # Two requests past entry together, one rate slot left: the second hold is refused.
+    other = Limits(rate_key=f"{who}-x", rate_limit=1, quota_key=f"{who}:x", quota_limit=100, defer_rate=True)
+    (_, first), (_, second) = await a.enter(other), await b.enter(other)
+    assert await b.hold(second, 1, 100, 0) is None
+    with pytest.raises(RateLimited):
+        await a.hold(first, 1, 100, 0)

@@ -28,6 +28,15 @@ class FastStateError(Exception):
     """The shared state cannot be reached: requests fail closed (503) until it returns."""
 
 
+class RateLimited(Exception):
+    """`hold` found the rate limit reached meanwhile (the rate of a request under a quota is
+    counted only once its hold succeeds: a request refused for quota uses up no rate)."""
+
+    def __init__(self, count: int, reset_s: int) -> None:
+        super().__init__(count, reset_s)
+        self.count, self.reset_s = count, reset_s
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """What `enter` decided. `left`: tokens left of the quota (limit - used - held) when a quota
@@ -49,6 +58,9 @@ class Ticket:
     slot_key: str | None = None
     quota_key: str | None = None
     held: int = 0
+    rate: tuple[str, int, float] | None = None  # a rate hit deferred to `hold`: (key, limit, window)
+    rate_count: int = 0  # the rate window after the deferred hit
+    rate_reset_s: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +76,7 @@ class Limits:
     quota_limit: int = 0
     used: int = 0  # tokens used in the period as this process knows it (shared state: the seed)
     period_s: float = 0.0  # how long the quota key lives (0: for ever)
+    defer_rate: bool = False  # under a quota, count the rate only when `hold` succeeds
 
 
 class FastState(Protocol):
@@ -129,7 +142,9 @@ class MemoryFastState:
                     return Entry("slots", left=left, rate_count=count), ticket
                 self._slots[limits.slot_key] = self._slots.get(limits.slot_key, 0) + 1
                 ticket.slot_key = limits.slot_key
-            if hits is not None:
+            if hits is not None and limits.defer_rate and left is not None:
+                ticket.rate = (limits.rate_key, limits.rate_limit, limits.window_s)  # type: ignore[assignment]
+            elif hits is not None:
                 if not hits:
                     reset = math.ceil(limits.window_s)
                 hits.append(now)
@@ -149,6 +164,16 @@ class MemoryFastState:
             left = limit - used - self._held.get(key, 0)
             if amount > left:
                 return left
+            if ticket.rate is not None:
+                rate_key, rate_limit, window_s = ticket.rate
+                now = self._clock()
+                hits = self._trim(self._windows, rate_key, now - window_s)
+                reset = max(math.ceil(hits[0] + window_s - now), 1) if hits else max(math.ceil(window_s), 1)
+                if len(hits) >= rate_limit:
+                    raise RateLimited(len(hits), reset)
+                hits.append(now)
+                self._windows[rate_key] = hits
+                ticket.rate, ticket.rate_count, ticket.rate_reset_s = None, len(hits), reset
             self._held[key] = self._held.get(key, 0) + amount
             ticket.held += amount
         return None

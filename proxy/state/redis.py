@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from proxy.state.fast import Entry, FastStateError, Limits, Ticket, new_instance_id
+from proxy.state.fast import Entry, FastStateError, Limits, RateLimited, Ticket, new_instance_id
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ end
 """
 
 # KEYS: rate, slots, quota, holds. ARGV: now_ms, rate_limit, window_ms, slot_limit, quota_limit,
-# used_seed, request_id, period_ms, heartbeat prefix.
+# used_seed, request_id, period_ms, heartbeat prefix, defer (1: under a quota, `hold` counts the rate).
 # Returns {refused (0 none, 1 rate, 2 quota, 3 slots), has_quota, left, used, held, count, reset_ms}.
 _ENTER = _LIVE + """
 local now = tonumber(ARGV[1])
@@ -87,7 +87,7 @@ if slot_limit > 0 then
   redis.call('HSET', KEYS[2], ARGV[7], 1)
   redis.call('PEXPIRE', KEYS[2], 86400000)
 end
-if rate_limit > 0 then
+if rate_limit > 0 and not (has_quota == 1 and ARGV[10] == '1') then
   redis.call('ZADD', KEYS[1], now, ARGV[7])
   redis.call('PEXPIRE', KEYS[1], window)
   count = count + 1
@@ -95,15 +95,28 @@ end
 return {0, has_quota, left, used, held, count, reset}
 """
 
-# KEYS: quota, holds. ARGV: amount, limit, request_id, heartbeat prefix, used_seed.
-# Returns {1} when held, else {0, left}.
+# KEYS: quota, holds, rate. ARGV: amount, limit, request_id, heartbeat prefix, used_seed, now_ms,
+# rate_limit (0: counted already), window_ms.
+# Returns {1, count, reset_ms} when held, {0, left} when the quota has not room, {2, count, reset_ms}
+# when the rate limit was reached meanwhile.
 _HOLD = _LIVE + """
 redis.call('HSETNX', KEYS[1], 'used', ARGV[5])
 local used = tonumber(redis.call('HGET', KEYS[1], 'used'))
 local left = tonumber(ARGV[2]) - used - live(KEYS[2], ARGV[4], true)
 if tonumber(ARGV[1]) > left then return {0, left} end
+local rate_limit, now, window = tonumber(ARGV[7]), tonumber(ARGV[6]), tonumber(ARGV[8])
+local count, reset = 0, window
+if rate_limit > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - window)
+  count = redis.call('ZCARD', KEYS[3])
+  if count > 0 then reset = tonumber(redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')[2]) + window - now end
+  if count >= rate_limit then return {2, count, reset} end
+  redis.call('ZADD', KEYS[3], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[3], window)
+  count = count + 1
+end
 redis.call('HINCRBY', KEYS[2], ARGV[3], ARGV[1])
-return {1}
+return {1, count, reset}
 """
 
 # KEYS: slots, quota, holds. ARGV: request_id, used.
@@ -210,7 +223,7 @@ class RedisFastState:
         args = [
             now_ms, limits.rate_limit if rate else 0, int(limits.window_s * 1000), limits.slot_limit if slots else 0,
             limits.quota_limit if quota else 0, limits.used, ticket.request_id, int(limits.period_s * 1000),
-            f"{PREFIX}hb:",
+            f"{PREFIX}hb:", 1 if limits.defer_rate else 0,
         ]  # fmt: skip
         refused, has_quota, left, used, held, count, reset_ms = await self._call(self._enter(keys=keys, args=args))
         reset_s = max(math.ceil(int(reset_ms) / 1000), 1)
@@ -225,18 +238,26 @@ class RedisFastState:
         if entry.refused is None:
             ticket.slot_key = keys[1] if slots else None
             ticket.quota_key = limits.quota_key if quota else None
+            if quota and rate and limits.defer_rate:
+                ticket.rate = (keys[0], limits.rate_limit, limits.window_s)
         return entry, ticket
 
     async def hold(self, ticket: Ticket, amount: int, limit: int, used: int) -> int | None:
         if ticket.quota_key is None:
             return None
-        keys = [f"{PREFIX}q:{ticket.quota_key}", f"{PREFIX}qh:{ticket.quota_key}"]
-        result = await self._call(
-            self._hold(keys=keys, args=[amount, limit, ticket.request_id, f"{PREFIX}hb:", used])
-        )
+        rate_key, rate_limit, window_s = ticket.rate or (f"{PREFIX}-", 0, 60.0)
+        keys = [f"{PREFIX}q:{ticket.quota_key}", f"{PREFIX}qh:{ticket.quota_key}", rate_key]
+        now_ms = int(self._clock() * 1000)
+        args = [amount, limit, ticket.request_id, f"{PREFIX}hb:", used, now_ms, rate_limit, int(window_s * 1000)]
+        result = await self._call(self._hold(keys=keys, args=args))
         if int(result[0]) == 1:
             ticket.held += amount
+            if ticket.rate is not None:
+                ticket.rate_count, ticket.rate_reset_s = int(result[1]), max(math.ceil(int(result[2]) / 1000), 1)
+                ticket.rate = None
             return None
+        if int(result[0]) == 2:
+            raise RateLimited(int(result[1]), max(math.ceil(int(result[2]) / 1000), 1))
         return int(result[1])
 
     async def finish(self, ticket: Ticket, used: int = 0) -> None:
