@@ -19,7 +19,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -164,14 +164,34 @@ class RedisFastState:
         self._ids = itertools.count()
         self._problem: str | None = None
         self._task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # Life -----------------------------------------------------------------------------------
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run `coro` in the background on the app's loop (from the loop or another thread)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            task = loop.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.spawn, coro)
+        else:
+            coro.close()
+
     async def start(self) -> None:
         """Keep beating (which also notices Redis coming back); FastStateError if it is away now."""
+        self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._heartbeat(), name="redis-heartbeat")
         await self._call(self._beat())
 
     async def aclose(self) -> None:
+        if self._tasks:  # slots and holds being given back: let them land
+            await asyncio.wait(list(self._tasks), timeout=2)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
