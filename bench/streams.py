@@ -1,0 +1,229 @@
+"""Streams at scale: 1,000 concurrent SSE streams, one chunk per 100 ms each, for 20 s, relayed by
+the proxy and, side by side, by an nginx hop (`proxy_buffering off`).
+
+    python bench/streams.py                       # 1,000 streams, 20 s, about 2 minutes
+    python bench/streams.py --streams 200 --seconds 5
+
+The upstream (an aiohttp server in its own process) writes, in every chunk, the wall-clock time it
+sent it; the client (aiohttp, its own process, all streams on one event loop) notes when each
+chunk arrived. Per-chunk relay delay = arrival - sending, for every chunk of every stream; the
+nginx row shows what the client, the upstream and the machine themselves add. CPU per chunk = the
+relaying server's CPU time (all its threads) over the chunks it relayed. RSS = the server's peak
+resident memory during the run. Everything listens on 127.0.0.1; every process is stopped at the
+end. Method and figures: bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
+
+PROXY_KEY = "pk-bench-streams"
+KEY = "sk-bench-streams-0123456789abcdef"
+
+
+def serve_upstream(port: int, interval: float, seconds: float) -> None:
+    """A fake OpenAI streaming `seconds / interval` chunks, each stamped with its sending time."""
+    from aiohttp import web
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
+        await response.prepare(request)
+        chunks = int(seconds / interval)
+        for _ in range(chunks):
+            delta = {"content": f"{time.time():.6f}"}
+            event = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "gpt-4o-mini",
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}  # fmt: skip
+            await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            await asyncio.sleep(interval)
+        done = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "gpt-4o-mini",
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": chunks, "total_tokens": 5 + chunks}}  # fmt: skip
+        await response.write(b"data: " + json.dumps(done).encode() + b"\n\ndata: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, backlog=4096)
+
+
+async def drive(url: str, streams: int, token: str | None, out: Path) -> None:
+    """Open `streams` streams at once (spread over 1 s); write every chunk's delay (ms) to `out`."""
+    import aiohttp
+
+    delays: list[float] = []
+    complete = 0
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+
+    async def one(session: aiohttp.ClientSession, i: int) -> None:
+        nonlocal complete
+        await asyncio.sleep(i / streams)
+        async with session.post(url, json=body, headers=headers) as response:
+            buffer = b""
+            async for data in response.content.iter_any():
+                now = time.time()
+                buffer += data
+                *events, buffer = buffer.split(b"\n\n")
+                for event in events:
+                    if event.startswith(b"data: {"):
+                        content = json.loads(event[6:])["choices"][0]["delta"].get("content")
+                        if content:
+                            delays.append((now - float(content)) * 1000)
+                    elif event == b"data: [DONE]":
+                        complete += 1
+
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await asyncio.gather(*(one(session, i) for i in range(streams)), return_exceptions=True)
+    out.write_text(json.dumps({"complete": complete, "delays": delays}))
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def rss_kb(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def run_row(name: str, url: str, token: str | None, pids: list[int], args: argparse.Namespace, work: Path) -> dict:
+    out = work / f"{name}.json"
+    peak = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_kb(pids))
+            time.sleep(0.25)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    cpu0 = harness.cpu_ns(pids)
+    code = (
+        f"import asyncio, sys; sys.path.insert(0, {str(harness.BENCH)!r}); import streams; "
+        f"asyncio.run(streams.drive({url!r}, {args.streams}, {token!r}, __import__('pathlib').Path({str(out)!r})))"
+    )
+    subprocess_run([sys.executable, "-c", code], timeout=args.seconds + 120)
+    cpu = harness.cpu_ns(pids) - cpu0
+    stop.set()
+    sampler.join()
+    data = json.loads(out.read_text())
+    delays = data["delays"]
+    return {
+        "row": name, "streams": args.streams, "complete": data["complete"], "chunks": len(delays),
+        "p50_ms": percentile(delays, 0.5), "p99_ms": percentile(delays, 0.99), "max_ms": max(delays, default=0),
+        "cpu_us_per_chunk": cpu / 1000 / max(len(delays), 1), "rss_mb": peak[0] / 1024,
+    }  # fmt: skip
+
+
+def subprocess_run(argv: list[str], timeout: float) -> None:
+    import subprocess
+
+    done = subprocess.run(argv, timeout=timeout, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-1500:])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--interval", type=float, default=0.1)
+    parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_upstream:
+        serve_upstream(args.serve_upstream, args.interval, args.seconds)
+        return 0
+    harness.need("nginx")
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 65536), hard), hard))
+    with tempfile.TemporaryDirectory(prefix="proxy-streams-") as tmp:
+        work = Path(tmp)
+        procs = harness.Procs(work)
+        try:
+            up = harness.free_port()
+            procs.start("upstream", [sys.executable, __file__, "--serve-upstream", str(up),
+                                     "--interval", str(args.interval), "--seconds", str(args.seconds)])  # fmt: skip
+            hop = harness.free_port()
+            conf = work / "hop.conf"
+            conf.write_text(_nginx_hop(work, hop, up))
+            procs.start("nginx-hop", ["nginx", "-p", str(work), "-c", str(conf)])
+            port = harness.free_port()
+            env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "HOST": "127.0.0.1",
+                   "PORT": str(port), "OPENAI_KEY": KEY, "OPENAI_BASE_URL": f"http://127.0.0.1:{up}/v1",
+                   "PROXY_KEY": PROXY_KEY, "CHECK_KEYS": "false", "LOG_LEVEL": "warning",
+                   "DATA_DIR": str(work / "data")}  # fmt: skip
+            proxy = procs.start("proxy", [sys.executable, str(harness.REPO / "app.py")], env=env)
+            harness.wait_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=proxy)
+            time.sleep(0.5)
+            rows = [
+                run_row("nginx hop (proxy_buffering off)", f"http://127.0.0.1:{hop}/v1/chat/completions", None,
+                        procs.descendants("nginx-hop"), args, work),
+                run_row("proxy (python app.py)", f"http://127.0.0.1:{port}/proxy/openai/v1/chat/completions",
+                        PROXY_KEY, procs.descendants("proxy"), args, work),
+            ]  # fmt: skip
+        finally:
+            procs.close()
+    print("| row | streams complete | chunks | delay p50 (ms) | p99 (ms) | max (ms) | CPU/chunk (µs) | peak RSS (MB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['row']} | {r['complete']}/{r['streams']} | {r['chunks']:,} | {r['p50_ms']:.2f} | "
+              f"{r['p99_ms']:.2f} | {r['max_ms']:.1f} | {r['cpu_us_per_chunk']:.1f} | {r['rss_mb']:.0f} |")  # fmt: skip
+    return 0
+
+
+def _nginx_hop(workdir: Path, port: int, upstream_port: int) -> str:
+    return f"""
+worker_processes 1;
+daemon off;
+error_log {workdir}/hop-error.log warn;
+pid {workdir}/hop.pid;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {workdir}/hop-body;
+  proxy_temp_path {workdir}/hop-proxy;
+  upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 256; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_read_timeout 300s;
+    }}
+  }}
+}}
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
