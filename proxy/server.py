@@ -258,7 +258,7 @@ def build_runtime(settings: Settings) -> Runtime:
     if not isinstance(store, SQLiteStore):
         runtime.dependencies.add("database", lambda: None if store.healthy else (store.last_error or "unavailable"))
     pools = {name: service.pool for name, service in services.items()}
-    runtime.shared = share(settings, store, access.users, pools, runtime.dependencies)
+    runtime.shared = share(settings, store, access.users, pools, runtime.dependencies, access.gatekeeper)
     if runtime.shared.sync is not None:
         runtime.shared.sync.attach_ledger(ledger)
     if runtime.shared.page_secret:  # the page's calls may land on any instance behind the balancer

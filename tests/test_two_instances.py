@@ -155,3 +155,71 @@ def test_the_page_shows_the_recent_requests_and_totals_of_every_instance(
     while httpx.get(f"{a.url}/status").json()["usage"]["requests"] < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert httpx.get(f"{a.url}/status").json()["usage"]["requests"] == 3
+
+
+def _user(served: Served, **limits: int) -> str:
+    with admin(served) as api:
+        created = api.post("/users", json={"nickname": "racer", "token_limits": limits})
+        assert created.status_code == 201, created.text
+        return created.json()["token"]
+
+
+def test_a_twenty_way_quota_race_over_two_instances_admits_exactly_one(
+    two: Callable[..., tuple[Served, Served]], fake_openai: FakeOpenAI
+) -> None:
+    import concurrent.futures
+
+    a, b = two(OPENAI_KEY=PAID, OPENAI_BASE_URL=fake_openai.base_url, GATEKEEPER="user_token", ADMIN_KEY=ADMIN)
+    token = _user(a, **{"gpt-4o-mini": 1000})
+    fake_openai.hang_first_byte = 1.0  # the winner still holds its share while the others arrive
+    # No max_tokens: each request holds its prompt and what is left for the reply (capped to it).
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        replies = list(pool.map(lambda i: chat((a, b)[i % 2], token), range(20)))
+    statuses = sorted(r.status_code for r in replies)
+    assert statuses.count(200) == 1, statuses
+    assert set(statuses) - {200} <= {402, 429}
+
+
+def test_a_rate_limit_of_n_a_minute_holds_across_two_instances(
+    two: Callable[..., tuple[Served, Served]], fake_openai: FakeOpenAI
+) -> None:
+    a, b = two(OPENAI_KEY=PAID, OPENAI_BASE_URL=fake_openai.base_url, PROXY_KEY="pk-two-instances-0005",
+               TEXT_MODEL_RATE_LIMIT="5")  # fmt: skip
+    statuses = [chat((a, b)[i % 2], "pk-two-instances-0005").status_code for i in range(12)]
+    assert statuses.count(200) == 5 and statuses.count(429) == 7
+    refused = chat(a, "pk-two-instances-0005")
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+
+
+def test_a_concurrency_limit_holds_across_two_instances(
+    two: Callable[..., tuple[Served, Served]], fake_openai: FakeOpenAI
+) -> None:
+    import concurrent.futures
+
+    a, b = two(OPENAI_KEY=PAID, OPENAI_BASE_URL=fake_openai.base_url, GATEKEEPER="user_token", ADMIN_KEY=ADMIN,
+               USER_CONCURRENCY_LIMIT="1")  # fmt: skip
+    token = _user(a)
+    fake_openai.hang_first_byte = 1.0
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(chat, a, token)
+        time.sleep(0.3)
+        second = pool.submit(chat, b, token)
+        assert second.result().status_code == 429
+        assert first.result().status_code == 200
+    fake_openai.hang_first_byte = 0.0
+    assert chat(b, token).status_code == 200  # the slot came back
+
+
+def test_guessing_user_tokens_on_both_instances_locks_the_address_out_on_both(
+    two: Callable[..., tuple[Served, Served]], fake_openai: FakeOpenAI
+) -> None:
+    from proxy.access.gatekeeper import GUESS_LIMIT
+
+    a, b = two(OPENAI_KEY=PAID, OPENAI_BASE_URL=fake_openai.base_url, GATEKEEPER="user_token", ADMIN_KEY=ADMIN)
+    token = _user(a)
+    for i in range(GUESS_LIMIT):
+        assert chat((a, b)[i % 2], f"wrong-token-{i:04d}-0123456789").status_code == 401
+    time.sleep(0.3)  # the lockout is announced to every instance
+    for served in (a, b):
+        assert chat(served, "wrong-token-again-0123456789").status_code == 429
+    assert chat(b, token).status_code == 200  # a valid token still works from a locked-out address

@@ -95,6 +95,7 @@ class Admission:
     prompt_tokens: int = 0  # the prompt as counted for the quota (0: not counted): the estimate
     # charged when an upstream reports no usage, so that it stays within what was held
     slot: str | None = None  # the concurrency slot held, if any
+    ticket: Any = field(default=None, repr=False)  # its claims in the shared state (proxy/state/gate.py)
     rate_key: str | None = None  # the rate-limit key still to count (under a quota: once it fits)
 
 
@@ -151,6 +152,8 @@ class Gatekeeper:
         self._guesses = guesses or FailureGuard(GUESS_LIMIT, GUESS_WINDOW_S, GUESS_LOCKOUT_S, clock)
         self._guess_lock = threading.Lock()
         self._tarpit = Tarpit(TARPIT_DELAY_S, TARPIT_HELD, clock)
+        # Several instances: the limits are checked in the shared state (proxy/state/gate.py).
+        self.shared: Any = None
 
     # Identity
     def identify(self, credential: str | None, ip: str) -> Caller:
@@ -278,6 +281,8 @@ class Gatekeeper:
     async def admit_request(self, caller: Caller, family: str, kind: str, payload: dict) -> Admission:
         """`enter`, then under a quota: count the prompt (bounded by what is left; in a thread
         when big), hold prompt + reply allowance, and cap the reply in `payload` to that."""
+        if self.shared is not None:
+            return await self.shared.admit_request(self, caller, family, kind, payload)
         admission = self.enter(caller, family, quota=kind not in FREE_KINDS)
         try:
             if admission.quota_left is not None:
@@ -391,6 +396,8 @@ class Gatekeeper:
             return
         admission.done = True
         self._free(admission)
+        if admission.ticket is not None:
+            self.shared.finish(admission.ticket, usage.total)
         user = self._user_of(admission.caller)
         if user is not None and admission.family is not None:
             self.users.charge(user, admission.family, usage.total)  # type: ignore[union-attr]
@@ -401,6 +408,8 @@ class Gatekeeper:
             return
         admission.done = True
         self._free(admission)
+        if admission.ticket is not None:
+            self.shared.finish(admission.ticket)
 
     def _free(self, admission: Admission) -> None:
         if admission.slot is not None:

@@ -15,8 +15,10 @@ from proxy.state.health import Dependencies
 from proxy.store import SQLiteStore, Store, StoreError
 
 if TYPE_CHECKING:
+    from proxy.access.gatekeeper import Gatekeeper
     from proxy.access.users import UserService
     from proxy.keys.pool import KeyPool
+    from proxy.state.gate import SharedGuesses
     from proxy.state.sync import StateSync
 
 __all__ = ["FastState", "Shared", "Store", "StoreError", "open_store", "share"]
@@ -42,6 +44,7 @@ class Shared:
     fast: FastState
     sync: StateSync | None = None
     page_secret: str | None = None  # the page's proof for its own calls, the same on every instance
+    guesses: SharedGuesses | None = None
 
     async def start(self) -> None:
         start = getattr(self.fast, "start", None)
@@ -52,6 +55,8 @@ class Shared:
                 log.error("shared state: %s; requests are refused until it is back", exc)
         if self.sync is not None:
             await self.sync.start()
+        if self.guesses is not None:
+            self.fast.spawn(self.guesses.listen())  # type: ignore[attr-defined]
 
     async def aclose(self) -> None:
         if self.sync is not None:
@@ -83,16 +88,27 @@ def _shared_secret(url: str, name: str) -> str | None:
 
 
 def share(
-    settings: Settings, store: Store, users: UserService, pools: Mapping[str, KeyPool], dependencies: Dependencies
+    settings: Settings,
+    store: Store,
+    users: UserService,
+    pools: Mapping[str, KeyPool],
+    dependencies: Dependencies,
+    gatekeeper: Gatekeeper | None = None,
 ) -> Shared:
-    """Build the fast state the settings ask for and hook the users and key pools to it."""
+    """Build the fast state the settings ask for and hook the gate, users and key pools to it."""
     if not settings.redis_url:
         return Shared(MemoryFastState())
+    from proxy.state.gate import SharedGate, SharedGuesses
     from proxy.state.redis import RedisFastState
 
     fast = RedisFastState(settings.redis_url)
     dependencies.add("redis", fast.healthy)
     shared = Shared(fast, page_secret=_shared_secret(settings.redis_url, "page-secret"))
+    if gatekeeper is not None:
+        gatekeeper.shared = SharedGate(fast, fast.spawn)
+        local = gatekeeper._guesses
+        guesses = SharedGuesses(fast, fast.spawn, local.limit, local.window_s, local.lockout_s, gatekeeper._clock)
+        gatekeeper._guesses = shared.guesses = guesses
     from proxy.state.postgres import PostgresStore
 
     if isinstance(store, PostgresStore):

@@ -81,6 +81,8 @@ class SharedGate:
             period_s=(refill - now + 3600) if refill is not None else 0.0,
             defer_rate=True,
         )
+        if not (limits.rate_limit or limits.slot_key or limits.quota_key):
+            return Admission(caller=caller, family=family, user=user)  # nothing to check: no round trip
         try:
             entry, ticket = await self.fast.enter(limits)
         except FastStateError:
