@@ -186,3 +186,21 @@ async def test_under_a_quota_the_rate_is_counted_only_once_the_hold_succeeds(pai
     assert await b.hold(second, 1, 100, 0) is None
     with pytest.raises(RateLimited):
         await a.hold(first, 1, 100, 0)
+
+
+async def test_a_count_seeded_from_a_stale_copy_is_raised_to_the_durable_count_never_lowered(redis: Any) -> None:
+    """After a Redis restart an instance seeds a user's count from its own copy, which may be behind
+    other instances' charges; the gate then raises it to what the database holds."""
+    state = RedisFastState(redis.url)
+    await state.start()
+    quota = f"{user()}:gpt-4o:0"
+    limits = Limits(quota_key=quota, quota_limit=1000, used=100)  # this instance thinks 100
+    entry, ticket = await state.enter(limits)
+    assert entry.seeded and entry.left == 900
+    await state.finish(ticket)
+    await state.raise_used(quota, 700)  # the database says 700
+    await state.raise_used(quota, 300)  # never lowered
+    again, ticket = await state.enter(limits)
+    assert not again.seeded and again.left == 300
+    await state.finish(ticket)
+    await state.aclose()

@@ -105,7 +105,7 @@ def share(
     dependencies.add("redis", fast.healthy)
     shared = Shared(fast, page_secret=_shared_secret(settings.redis_url, "page-secret"))
     if gatekeeper is not None:
-        gatekeeper.shared = SharedGate(fast, fast.spawn)
+        gatekeeper.shared = gate = SharedGate(fast, fast.spawn)
         local = gatekeeper._guesses
         guesses = SharedGuesses(fast, fast.spawn, local.limit, local.window_s, local.lockout_s, gatekeeper._clock)
         gatekeeper._guesses = shared.guesses = guesses
@@ -120,4 +120,6 @@ def share(
         users.shared = sync
         sync.users = users
         shared.sync = sync
+        if gatekeeper is not None:
+            gate.durable_used = sync.durable_used
     return shared

@@ -48,6 +48,7 @@ class Entry:
     held: int = 0
     rate_count: int = 0
     rate_reset_s: int = 0
+    seeded: bool = False  # the shared count was missing and started from `Limits.used`
 
 
 @dataclass(slots=True)

@@ -47,9 +47,25 @@ def unavailable() -> ProxyError:
 
 
 class SharedGate:
-    def __init__(self, fast: RedisFastState, spawn: Callable[[Coroutine[Any, Any, Any]], None]) -> None:
+    def __init__(
+        self,
+        fast: RedisFastState,
+        spawn: Callable[[Coroutine[Any, Any, Any]], None],
+        durable_used: Callable[[str, str, float | None], int | None] | None = None,
+    ) -> None:
         self.fast = fast
         self._spawn = spawn
+        # A user's tokens used in the period as the database has them (blocking: run in a thread).
+        self.durable_used = durable_used
+
+    async def _reseed(self, token: str, family: str, quota_key: str, start: float | None) -> None:
+        """A shared count just started from this instance's copy of the user, which may be behind
+        other instances' charges (after a Redis restart): raise it to the database's count."""
+        assert self.durable_used is not None
+        with contextlib.suppress(Exception):
+            used = await asyncio.to_thread(self.durable_used, token, family, start)
+            if used:
+                await self.fast.raise_used(quota_key, used)
 
     async def admit_request(self, gk: Gatekeeper, caller: Caller, family: str, kind: str, payload: dict) -> Admission:
         from proxy.access.gatekeeper import FREE_KINDS, Admission, _when
@@ -88,6 +104,8 @@ class SharedGate:
         except FastStateError:
             raise unavailable() from None
         refills = _when(refill) if refill is not None else None
+        if entry.seeded and self.durable_used is not None and caller.user_token and limits.quota_key:
+            self._spawn(self._reseed(caller.user_token, family, limits.quota_key, start))
         if entry.refused == "rate":
             raise _rate_refusal(limits.rate_limit, entry.rate_reset_s)
         if entry.refused == "quota":

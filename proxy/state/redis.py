@@ -70,7 +70,7 @@ end
 local quota_limit, has_quota, left, used, held = tonumber(ARGV[5]), 0, 0, 0, 0
 if quota_limit > 0 then
   has_quota = 1
-  redis.call('HSETNX', KEYS[3], 'used', ARGV[6])
+  if redis.call('HSETNX', KEYS[3], 'used', ARGV[6]) == 1 then has_quota = 2 end
   used = tonumber(redis.call('HGET', KEYS[3], 'used'))
   held = live(KEYS[4], ARGV[9], true)
   left = quota_limit - used - held
@@ -87,7 +87,7 @@ if slot_limit > 0 then
   redis.call('HSET', KEYS[2], ARGV[7], 1)
   redis.call('PEXPIRE', KEYS[2], 86400000)
 end
-if rate_limit > 0 and not (has_quota == 1 and ARGV[10] == '1') then
+if rate_limit > 0 and not (has_quota > 0 and ARGV[10] == '1') then
   redis.call('ZADD', KEYS[1], now, ARGV[7])
   redis.call('PEXPIRE', KEYS[1], window)
   count = count + 1
@@ -146,6 +146,13 @@ return 0
 """
 
 
+_RAISE = """
+local used = tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
+if tonumber(ARGV[1]) > used then redis.call('HSET', KEYS[1], 'used', ARGV[1]) end
+return 1
+"""
+
+
 class RedisFastState:
     """`FastState` on one Redis. Errors reaching it raise FastStateError (requests fail closed)
     and mark it unhealthy until the heartbeat gets through again."""
@@ -161,6 +168,7 @@ class RedisFastState:
         self._hold = self.redis.register_script(_HOLD)
         self._finish = self.redis.register_script(_FINISH)
         self._guess = self.redis.register_script(_GUESS)
+        self._raise = self.redis.register_script(_RAISE)
         self._ids = itertools.count()
         self._problem: str | None = None
         self._task: asyncio.Task | None = None
@@ -254,6 +262,7 @@ class RedisFastState:
             held=int(held),
             rate_count=int(count),
             rate_reset_s=reset_s,
+            seeded=int(has_quota) == 2,
         )
         if entry.refused is None:
             ticket.slot_key = keys[1] if slots else None
@@ -291,6 +300,10 @@ class RedisFastState:
         ticket.held = 0
         if any(keys):
             await self._call(self._finish(keys=keys, args=[ticket.request_id, max(int(used), 0)]))
+
+    async def raise_used(self, quota_key: str, used: int) -> None:
+        """Raise a quota's used count to at least `used` (the durable count), never lower it."""
+        await self._call(self._raise(keys=[f"{PREFIX}q:{quota_key}"], args=[int(used)]))
 
     async def failed_guess(self, client: str, limit: int, window_s: float, lockout_s: float) -> bool:
         now_ms = int(self._clock() * 1000)

@@ -143,6 +143,15 @@ class StateSync:
         self.store.save_user(record, counters=counters)
         self.changed(record["token"], counters=counters)
 
+    def durable_used(self, token: str, family: str, period_start: float | None) -> int | None:
+        """Tokens `token` used of `family` in the period starting at `period_start`, as committed."""
+        record = self.store.load_user(token)
+        if record is None:
+            return None
+        if period_start is not None and float(record.get("counts_since") or 0) < period_start:
+            return 0  # the record's counts are of an earlier period
+        return int((record.get("token_counts") or {}).get(family, 0))
+
     def charge(self, token: str, family: str, tokens: int, *, since: float, now: float) -> None:
         self.store.charge_user(token, family, tokens, since=since, now=now)
 
