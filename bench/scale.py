@@ -117,6 +117,8 @@ def build_rows(args: argparse.Namespace, procs: harness.Procs, workdir: Path, se
         Row("nginx hop (proxy_pass)", f"http://127.0.0.1:{hop_port}{chat}", None, "nginx-hop"),
     ]
     one = {"OPENAI_KEY": keys(1), "OPENAI_BASE_URL": base, "PROXY_KEY": PROXY_KEY}
+    if args.rate_limit:  # the limits on the path: in memory with one process, on Redis with two
+        one["TEXT_MODEL_RATE_LIMIT"] = str(args.rate_limit)
     if args.part in ("throughput", "all"):
         from tests.services import postgres_server, redis_server
 
@@ -201,6 +203,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--duration", type=float, default=5)
     parser.add_argument("--latency-duration", type=float, default=3)
+    parser.add_argument("--rate-limit", type=int, default=0, help="TEXT_MODEL_RATE_LIMIT of every proxy row")
     args = parser.parse_args()
     harness.need("wrk")
     harness.need("nginx")

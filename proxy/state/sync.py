@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 KEYS_CHANNEL = "keys"
 USERS_CHANNEL = "users"
 RECENT_SIZE = 500  # the recent requests kept for the page, from every instance
+RECENT_FLUSH_S = 0.1  # recent events are pushed to Redis in batches, this often at most
 TOTALS_REFRESH_S = 5.0  # how often the usage totals /status shows are re-read from the database
 
 
@@ -53,6 +54,7 @@ class StateSync:
         import redis
 
         self.ledger = ledger
+        self._recent_out = []
         self._recent_client = redis.Redis.from_url(
             self.fast.url, socket_timeout=0.5, socket_connect_timeout=0.5, decode_responses=True
         )
@@ -61,14 +63,23 @@ class StateSync:
         def record(event: UsageEvent) -> None:
             if sink is not None:
                 sink(event)
-            self._spawn(self._push_recent(json.dumps(event.public(), separators=(",", ":"))))
+            self._recent_out.append(json.dumps(event.public(), separators=(",", ":")))
+            if len(self._recent_out) == 1:  # the first of a batch: one push for all that follow soon
+                self._spawn(self._push_recent())
 
         ledger.sink = record
         ledger.recent_source = self.recent
 
-    async def _push_recent(self, item: str) -> None:
+    _recent_out: list[str]
+
+    async def _push_recent(self) -> None:
+        """Push the recent events gathered meanwhile, in one round trip (not one per request)."""
+        await asyncio.sleep(RECENT_FLUSH_S)
+        items, self._recent_out = self._recent_out[-RECENT_SIZE:], []
+        if not items:
+            return
         with contextlib.suppress(Exception):
-            await self.fast.redis.pipeline(transaction=True).lpush(f"{PREFIX}recent", item).ltrim(
+            await self.fast.redis.pipeline(transaction=True).lpush(f"{PREFIX}recent", *items).ltrim(
                 f"{PREFIX}recent", 0, RECENT_SIZE - 1
             ).execute()
 
