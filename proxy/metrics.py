@@ -23,12 +23,15 @@ ADDED_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 KEY_STATES = ("active", "revoked", "over_quota", "rate_limited", "unchecked")
 
 KeyStates = Callable[[], dict[str, dict]]  # service -> the pool's snapshot counts
+QueueView = Callable[[], dict[str, dict[str, dict]]]  # the queue's snapshot: service -> family -> line
 
 
 class Metrics:
     """The proxy's instruments. `observe` is called once per finished proxy request."""
 
-    def __init__(self, *, multiprocess: bool = False, key_states: KeyStates | None = None) -> None:
+    def __init__(
+        self, *, multiprocess: bool = False, key_states: KeyStates | None = None, queue: QueueView | None = None
+    ) -> None:
         self.multiprocess = multiprocess
         # In multiprocess mode, values live in files and the scrape registry reads them; the
         # instruments are created unregistered. In a single process they live in `registry`.
@@ -61,10 +64,6 @@ class Metrics:
             "proxy_streams_in_flight", "Streams being relayed now.", ["service"],
             registry=target, multiprocess_mode="livesum",
         )  # fmt: skip
-        self.queue_length = Gauge(
-            "proxy_queue_length", "Requests waiting for a key.", ["service"],
-            registry=target, multiprocess_mode="livesum",
-        )  # fmt: skip
         self.queue_wait = Histogram(
             "proxy_queue_wait_seconds", "Time requests waited in the queue.", ["service"],
             buckets=LATENCY_BUCKETS, registry=target,
@@ -75,6 +74,8 @@ class Metrics:
             MultiProcessCollector(self._scrape)
         if key_states is not None:
             self._scrape.register(_KeyStateCollector(key_states))
+        if queue is not None:
+            self._scrape.register(_QueueCollector(queue))
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), labels)
@@ -97,8 +98,11 @@ class Metrics:
         upstream_s: float | None,
         added_s: float | None,
         first_byte_s: float | None,
+        queued_s: float | None = None,
     ) -> None:
         family = family or "-"
+        if queued_s is not None:
+            self._child(self.queue_wait, service).observe(queued_s)
         self._child(self.requests, service, family, str(status), user_type).inc()
         if tokens_in:
             self._child(self.tokens, service, family, "in").inc(tokens_in)
@@ -150,3 +154,23 @@ class _KeyStateCollector:
             for state in KEY_STATES:
                 family.add_metric([service, state], counts.get(state, 0))
         yield family
+
+
+class _QueueCollector:
+    """Requests waiting for a key and the expected wait, per service and family, when scraped
+    (this process's line: each instance has its own)."""
+
+    def __init__(self, queue: QueueView) -> None:
+        self._queue = queue
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        waiting = GaugeMetricFamily("proxy_queue_length", "Requests waiting for a key.", labels=["service", "family"])
+        wait = GaugeMetricFamily(
+            "proxy_queue_expected_wait_seconds", "Expected wait of a new request.", labels=["service", "family"]
+        )
+        for service, lines in self._queue().items():
+            for family, line in lines.items():
+                waiting.add_metric([service, family], line.get("waiting", 0))
+                wait.add_metric([service, family], line.get("estimated_wait_s", 0.0))
+        yield waiting
+        yield wait

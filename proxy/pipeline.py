@@ -738,6 +738,7 @@ class Pipeline:
             upstream_s=ctx.upstream_s if served else None,
             added_s=ctx.proxy_s if served else None,
             first_byte_s=ctx.first_byte_s,
+            queued_s=ctx.ticket.waited_s if ctx.ticket is not None and served else None,
         )
 
     def error_response(self, shape: str, error: ProxyError) -> Response:

@@ -253,6 +253,7 @@ def build_runtime(settings: Settings) -> Runtime:
     runtime.metrics = Metrics(
         multiprocess=settings.workers > 1,
         key_states=lambda: {name: service.pool.snapshot() for name, service in runtime.services.items()},
+        queue=queue.snapshot,
     )
     store = access.store
     if not isinstance(store, SQLiteStore):

@@ -58,6 +58,8 @@ def test_requests_tokens_latencies_and_key_states_are_counted(proxy_app: Any, fa
     assert value(found, "proxy_keys", service="openai", state="active") + value(
         found, "proxy_keys", service="openai", state="unchecked"
     ) == 1
+    assert value(found, "proxy_queue_length", service="openai", family="gpt-4o-mini") == 0  # none waits now
+    assert value(found, "proxy_queue_wait_seconds_count", service="openai") == 2  # each went through the line
     assert PAID not in response.text and PROXY_KEY not in response.text
 
 

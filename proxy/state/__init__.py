@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from proxy.config import Settings
 from proxy.state.fast import FastState, FastStateError, MemoryFastState
@@ -67,6 +67,15 @@ class Shared:
                 await close()
 
 
+def _then(first: Callable[[Any], None] | None, then: Callable[[Any], None]) -> Callable[[Any], None]:
+    def both(value: Any) -> None:
+        if first is not None:
+            first(value)
+        then(value)
+
+    return both
+
+
 def _shared_secret(url: str, name: str) -> str | None:
     """A random secret every instance agrees on (the first to start picks it), or None when Redis
     cannot be reached now (each instance then keeps its own)."""
@@ -115,8 +124,8 @@ def share(
         from proxy.state.sync import StateSync
 
         sync = StateSync(fast, store, pools)
-        for pool in pools.values():
-            pool.on_change = lambda key, pool=pool: sync.key_changed(pool, key)
+        for pool in pools.values():  # after what the pool already does on a change (save, wake the queue)
+            pool.on_change = _then(pool.on_change, lambda key, pool=pool: sync.key_changed(pool, key))
         users.shared = sync
         sync.users = users
         shared.sync = sync

@@ -133,9 +133,8 @@ class StateSync:
 
     # Keys -----------------------------------------------------------------------------------
     def key_changed(self, pool: KeyPool, key: Key) -> None:
-        """A pool's on_change: save the key's state, and tell the other instances."""
+        """After a pool's own on_change (which saves the state): tell the other instances."""
         state = pool.export_state(key)
-        self.store.save_key_state(pool.service, key.id, state)
         self._spawn(self._publish(KEYS_CHANNEL, {"s": pool.service, "k": key.id, "st": state}))
 
     def _on_key(self, raw: str) -> None:
