@@ -183,3 +183,21 @@ def test_instances_charging_one_user_together_lose_no_tokens(pg_url: str) -> Non
     assert user["counts_since"] == 200.0
     a.close()
     b.close()
+
+
+def test_the_event_log_and_owner_settings_work_on_postgres(pg_url: str) -> None:
+    """Modules that write their own SQL (in SQLite's dialect) run unchanged on Postgres."""
+    from proxy.eventlog import Event, EventLog
+
+    store = PostgresStore(pg_url)
+    events = EventLog(store, keep_days=1, clock=lambda: 10_000_000.0)
+    salt = events._salt
+    assert EventLog(store, keep_days=1)._salt == salt  # kept in owner_settings
+    for status in (200, 200, 429):
+        events.record(Event(9_999_990.5, "h:abc", "openai", "gpt-4o", "gpt-4o", status, 10, 5, 12.5, None, False))
+    events.record(Event(1.0, "h:old", "openai", "gpt-4o", "gpt-4o", 200, 1, 1, 1.0, None, True))
+    assert [e["status"] for e in events.recent("h:abc", 10)] == [429, 200, 200]
+    stats = {row["user"]: row for row in events.stats()}
+    assert stats["h:abc"]["requests"] == 3 and stats["h:abc"]["served"] == 2 and stats["h:abc"]["tokens_in"] == 30
+    assert events.prune() == 1 and "h:old" not in {row["user"] for row in events.stats()}
+    store.close()

@@ -19,11 +19,13 @@ import contextlib
 import json
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -407,6 +409,35 @@ class PostgresStore:
         )
         return {key_id: json.loads(state) for key_id, state in rows}
 
+    # Tables other modules own (the event log, owner settings), written in SQLite's dialect: the
+    # few SQLite-isms they use are translated (`?`, INSERT OR REPLACE, INTEGER PRIMARY KEY, REAL).
+    def execute(self, sql: str, params: Iterable | None = ()) -> int:
+        """Run one statement (or a script when `params` is None); the rows changed (0 when queued
+        from the event loop: `committed()` waits for it)."""
+        text = sqlite_to_postgres(sql)
+        args = None if params is None else tuple(params)
+
+        def job(conn: psycopg.Connection) -> int:
+            cursor = conn.execute(text) if args is None else conn.execute(text, args)
+            return max(cursor.rowcount, 0)
+
+        if _on_event_loop():
+            self._put(_Item("job", job))
+            return 0
+        future: Future = Future()
+        self._put(_Item("read", job, future))
+        return int(self._wait(future) or 0)
+
+    def execute_many(self, sql: str, rows: Iterable[Iterable]) -> None:
+        text, batch = sqlite_to_postgres(sql), [tuple(r) for r in rows]
+        if batch:
+            self._write(lambda c: c.cursor().executemany(text, batch))
+
+    def query(self, sql: str, params: Iterable = ()) -> list[tuple]:
+        text, args = sqlite_to_postgres(sql), tuple(params)
+        rows = self._read(lambda c: c.execute(text, args).fetchall())
+        return [tuple(_plain(v) for v in row) for row in rows]
+
     def close(self) -> None:
         """Commit what is queued, then close. Closing twice is harmless."""
         if self._closed:
@@ -414,6 +445,33 @@ class PostgresStore:
         self._closed = True
         self._jobs.put(None)
         self._thread.join(self.commit_wait_s)
+
+
+_OR_REPLACE = re.compile(r"INSERT\s+OR\s+REPLACE\s+INTO\s+(\w+)\s*\(([^)]*)\)", re.I)
+_SUM_OF_TEST = re.compile(r"SUM\(([^()]*?\sBETWEEN\s[^()]*?)\)", re.I)
+
+
+def sqlite_to_postgres(sql: str) -> str:
+    """The SQLite-isms of the modules that write their own SQL, in Postgres's dialect."""
+    replace = _OR_REPLACE.search(sql)
+    text = sql.replace("?", "%s")
+    text = re.sub(r"\bINTEGER PRIMARY KEY\b", "BIGSERIAL PRIMARY KEY", text)
+    text = re.sub(r"\bREAL\b", "DOUBLE PRECISION", text)
+    text = re.sub(r"\bINTEGER\b", "BIGINT", text)
+    text = _SUM_OF_TEST.sub(r"SUM(CASE WHEN \1 THEN 1 ELSE 0 END)", text)
+    if replace is not None:  # a row replaced by its primary key
+        table, columns = replace.group(1), [c.strip() for c in replace.group(2).split(",")]
+        text = _OR_REPLACE.sub(f"INSERT INTO {table} ({replace.group(2)})", text).rstrip().rstrip(";")
+        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns)
+        text += f" ON CONFLICT ON CONSTRAINT {table}_pkey DO UPDATE SET {updates}"
+    return text
+
+
+def _plain(value: Any) -> Any:
+    """Postgres's sums are numeric: the ints and floats SQLite would have given."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value
 
 
 def _on_event_loop() -> bool:
