@@ -71,7 +71,7 @@ class SharedGate:
         from proxy.access.gatekeeper import FREE_KINDS, Admission, _when
         from proxy.access.quota import apply_cap, output_ask, quota_refusal, reply_allowance
         from proxy.access.tokens import count_prompt_async
-        from proxy.access.users import next_refill, period_start
+        from proxy.access.users import next_refill
 
         user = gk._user_of(caller)
         exempt = user is not None and user.exempt
@@ -83,18 +83,17 @@ class SharedGate:
             limit = user.limit_for(family)
         now = gk._clock()
         period = gk.users.refresh_period if gk.users is not None else ""
-        start = period_start(period, now)
-        refill = next_refill(period, now)
+        refill = next_refill(period, now)  # refills raise limits (refresh.py): counts never reset by time
         limits = Limits(
             rate_key=f"{who or 'ip:' + caller.ip}" if rate is not None else None,
             rate_limit=rate.limit if rate is not None else 0,
             window_s=rate.window_s if rate is not None else 60.0,
             slot_key=None if exempt or not gk.concurrency else (who or f"ip:{network_of(caller.ip)}"),
             slot_limit=gk.concurrency,
-            quota_key=f"{who}:{family}:{int(start or 0)}" if limit and who else None,
+            quota_key=f"{who}:{family}" if limit and who else None,
             quota_limit=limit,
             used=user.token_counts.get(family, 0) if user is not None and limit else 0,
-            period_s=(refill - now + 3600) if refill is not None else 0.0,
+            period_s=0.0,
             defer_rate=True,
         )
         if not (limits.rate_limit or limits.slot_key or limits.quota_key):
@@ -105,7 +104,7 @@ class SharedGate:
             raise unavailable() from None
         refills = _when(refill) if refill is not None else None
         if entry.seeded and self.durable_used is not None and caller.user_token and limits.quota_key:
-            self._spawn(self._reseed(caller.user_token, family, limits.quota_key, start))
+            self._spawn(self._reseed(caller.user_token, family, limits.quota_key, None))
         if entry.refused == "rate":
             raise _rate_refusal(limits.rate_limit, entry.rate_reset_s)
         if entry.refused == "quota":
