@@ -151,19 +151,17 @@ class Runtime:
 
     def info_password_ok(self, given: str | None, ip: str) -> bool:
         """Whether `given` opens the status and usage (always, without SERVICE_INFO_PASSWORD).
-        Wrong guesses lock the address out for a while, as for every other credential."""
+        Wrong guesses lock the address out for a while, as for every other credential: while it
+        is locked, wrong passwords are refused unchecked, the right one still works (many
+        visitors may share one address) and resets nothing (it must not launder guesses)."""
         wanted = self.settings.service_info_password
         if not wanted:
             return True
-        client = network_of(ip)
-        if self.info_guard.retry_after(client) is not None:
-            return False
-        if not given:
-            return False
-        if hmac.compare_digest(given.strip().encode(), wanted.encode()):
-            self.info_guard.succeeded(client)  # one shared password, like the admin key
+        if given and hmac.compare_digest(given.strip().encode(), wanted.encode()):
             return True
-        self.info_guard.failed(client)
+        client = network_of(ip)
+        if given and self.info_guard.retry_after(client) is None:
+            self.info_guard.failed(client)
         return False
 
 
