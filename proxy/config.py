@@ -344,11 +344,11 @@ class Settings(BaseModel):
 
     @property
     def connections_per_ip(self) -> int:
-        """MAX_CONNECTIONS_PER_IP, else 64; none on a Space, where every connection comes from its
-        front proxy."""
+        """MAX_CONNECTIONS_PER_IP, else 64; none on a Space or with TRUSTED_PROXIES set, where
+        every visitor's connection comes from the front proxy (the cap counts socket peers)."""
         if self.max_connections_per_ip is not None:
             return self.max_connections_per_ip
-        return 0 if self.on_space else 64
+        return 0 if self.on_space or self.trusted_proxies.strip() else 64
 
     @property
     def title(self) -> str:
