@@ -689,7 +689,8 @@ class Pipeline:
                 body = self.door.error(reply.status, body)
             body = self.redact.scrub(body)
             return Response(json.dumps(body), reply.status, media_type="application/json")
-        text = self.redact(reply.raw[:500].decode("utf-8", errors="replace")).strip()
+        # Redacted before it is cut: a secret across the cut must not leave its first part behind.
+        text = self.redact(reply.raw.decode("utf-8", errors="replace"))[:500].strip()
         message = f"The upstream answered {reply.status}" + (f": {text}" if text else ".")
         status = reply.status if reply.status >= 400 else 502
         return self.error_response(shape, ProxyError(status, message, Kind.UPSTREAM))
