@@ -404,6 +404,17 @@ def http_url(value: str) -> str:
     return value
 
 
+def _setting_variables() -> frozenset[str]:
+    """Every variable a setting is read from (ADMIN_KEY, PROXY_KEY...)."""
+    names = set()
+    for field_name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        names.add(field_name.upper())
+        if isinstance(alias, AliasChoices):
+            names.update(str(choice).upper() for choice in alias.choices)
+    return frozenset(names)
+
+
 def key_variable(name: str) -> str:
     """The variable holding a custom upstream's keys: `lab` -> LAB_KEY, `my-vllm` -> MY_VLLM_KEY."""
     return name.upper().replace("-", "_") + "_KEY"
@@ -421,6 +432,8 @@ def parse_custom_upstreams(raw: str) -> list[tuple[str, str]]:
             raise ValueError(f"'{entry[:60]}' is not name=url (a name is a-z, 0-9 and '-', starting with a letter)")
         if name in RESERVED_NAMES or any(name == n for n, _ in out):
             raise ValueError(f"the name '{name}' is taken")
+        if key_variable(name) in _setting_variables():  # `admin` would send ADMIN_KEY upstream
+            raise ValueError(f"the name '{name}' would read {key_variable(name)}, another setting, as its key")
         try:
             out.append((name, http_url(url)))
         except ValueError:
