@@ -462,3 +462,29 @@ def test_a_query_string_full_of_fields_is_refused_not_a_crash(served: Served, fa
         reply = client.post(f"{ROOT}/v1beta/models/gemini-2.5-flash:generateContent?{query}", json=gemini_body())
     assert reply.status_code == 401
     assert fake.requests == []
+
+
+# Bounded work: Gemini's own lists have the same limits as every other conversation ------------------
+
+
+def test_gemini_contents_and_parts_over_the_limits_are_a_clear_400_before_the_upstream(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    with FakeGemini({GOOD: KeyBehaviour("paid")}) as fake:
+        env = {"GOOGLE_AI_KEY": GOOD, "GOOGLE_AI_BASE_URL": fake.url, "PROXY_KEY": PROXY_KEY,
+               "MAX_MESSAGES": "4", "MAX_CONTENT_PARTS": "3"}  # fmt: skip
+        settings = make_settings(env, tmp_path_factory.mktemp("gemini-limits"))
+        turn = {"parts": [{"text": "hi"}]}  # a role is optional in Gemini's contents
+        too_many_turns = {"contents": [turn] * 5}
+        too_many_parts = {"contents": [{"role": "user", "parts": [{"text": "a"}] * 4}]}
+        too_long_system = {"contents": [turn], "systemInstruction": {"parts": [{"text": "s"}] * 4}}
+        with serve(create_app(settings), settings) as served, http(served, **{"x-goog-api-key": PROXY_KEY}) as client:
+            for verb in ("generateContent", "countTokens"):
+                for body, setting in ((too_many_turns, "MAX_MESSAGES"), (too_many_parts, "MAX_CONTENT_PARTS"),
+                                      (too_long_system, "MAX_CONTENT_PARTS")):  # fmt: skip
+                    reply = client.post(f"{ROOT}/v1beta/models/gemini-2.5-flash:{verb}", json=body)
+                    assert reply.status_code == 400, (verb, setting, reply.text)
+                    assert setting in reply.json()["error"]["message"]
+            assert client.post(f"{ROOT}/v1beta/models/gemini-2.5-flash:generateContent",
+                               json={"contents": [turn] * 4}).status_code == 200  # fmt: skip
+        assert [r.path for r in fake.requests if ":" in r.path] == ["/v1beta/models/gemini-2.5-flash:generateContent"]
