@@ -488,3 +488,24 @@ def test_gemini_contents_and_parts_over_the_limits_are_a_clear_400_before_the_up
             assert client.post(f"{ROOT}/v1beta/models/gemini-2.5-flash:generateContent",
                                json={"contents": [turn] * 4}).status_code == 200  # fmt: skip
         assert [r.path for r in fake.requests if ":" in r.path] == ["/v1beta/models/gemini-2.5-flash:generateContent"]
+
+
+def test_a_malformed_usage_metadata_never_cuts_a_gemini_stream(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Issue 9 item 14 on the new provider: usage that is not a number reads as none, and every
+    chunk the upstream sent reaches the client, as for OpenAI's and Claude's usage."""
+
+    class OddUsage(FakeGemini):
+        def _usage(self, model: str, prompt: int, candidates: int) -> dict:
+            return {"promptTokenCount": "about ten", "candidatesTokenCount": candidates, "thoughtsTokenCount": None}
+
+    with OddUsage({GOOD: KeyBehaviour("paid")}) as fake:
+        env = {"GOOGLE_AI_KEY": GOOD, "GOOGLE_AI_BASE_URL": fake.url, "PROXY_KEY": PROXY_KEY}
+        settings = make_settings(env, tmp_path_factory.mktemp("gemini-odd-usage"))
+        with serve(create_app(settings), settings) as served, http(served, **{"x-goog-api-key": PROXY_KEY}) as client:
+            path = f"{ROOT}/v1beta/models/gemini-2.0-flash-lite:streamGenerateContent?alt=sse"
+            with client.stream("POST", path, json=gemini_body()) as reply:
+                raw = b"".join(reply.iter_bytes())
+            texts = [p["candidates"][0]["content"]["parts"][0]["text"] for p in sse_payloads(raw) if "candidates" in p]
+            assert texts == [f"tok{i} " for i in range(5)] and b'"error"' not in raw
+            whole = client.post(f"{ROOT}/v1beta/models/gemini-2.0-flash-lite:generateContent", json=gemini_body())
+            assert whole.status_code == 200
