@@ -178,6 +178,7 @@ class Pipeline:
                 exc.body = dialect.client_error(shape, exc.status, exc.body)
             response = self._pass_error(shape, exc)
         except ClientGone:
+            self._count_refusal(ctx, None, 499, outcome="cancelled")  # left before the reply began
             response = Response(status_code=499)  # nobody is listening; for the log line only
         except Exception:
             log.exception("unexpected error on %s %s", ctx.method, log_safe(ctx.path))
@@ -632,12 +633,16 @@ class Pipeline:
             )
         )
 
-    def _count_refusal(self, ctx: _Ctx, error: ProxyError | None, status: int = 0) -> None:
-        """Every request that ends here is counted: refused by the proxy (and why) or failed
-        upstream. Model lists and paths off the allow-list are not requests for work."""
+    def _count_refusal(
+        self, ctx: _Ctx, error: ProxyError | None, status: int = 0, *, outcome: str | None = None
+    ) -> None:
+        """Every request that ends here is counted: refused by the proxy (and why), failed
+        upstream, or cancelled (the client left first). Model lists and paths off the allow-list
+        are not requests for work."""
         if ctx.endpoint is None or ctx.endpoint.kind in ("models", "model"):
             return
-        outcome = refusal_reason(error, identified=ctx.user is not None) if error is not None else "failed"
+        if outcome is None:
+            outcome = refusal_reason(error, identified=ctx.user is not None) if error is not None else "failed"
         self.ledger.record(
             UsageEvent(
                 time=time.time(),
