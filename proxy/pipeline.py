@@ -178,7 +178,8 @@ class Pipeline:
                 exc.body = dialect.client_error(shape, exc.status, exc.body)
             response = self._pass_error(shape, exc)
         except ClientGone:
-            self._count_refusal(ctx, None, 499, outcome="cancelled")  # left before the reply began
+            if ctx.usage is None:  # not yet accounted (as a wait in the queue is): left before the reply
+                self._count_refusal(ctx, None, 499, outcome="cancelled")
             response = Response(status_code=499)  # nobody is listening; for the log line only
         except Exception:
             log.exception("unexpected error on %s %s", ctx.method, log_safe(ctx.path))
@@ -305,6 +306,7 @@ class Pipeline:
         ticket = ctx.ticket
         assert ticket is not None
         status, relayed = 499, False
+        refused: ProxyError | UpstreamReply | None = None  # counted as in `handle`: refused (why) or failed
         try:
             yield self._wait_comment(ticket)
             while not (await asyncio.wait((task,), timeout=self.heartbeat))[0]:
@@ -312,11 +314,15 @@ class Pipeline:
             try:
                 reply, response = task.result()
             except ProxyError as exc:
-                status = exc.status
+                status, refused = exc.status, exc
+                if self.errors_as_chat and error_chat.applies(exc, endpoint.kind):  # as without the wait
+                    model = ctx.model or ""
+                    yield error_chat.stream_events(endpoint.kind, model[:200], self.redact(error_chat.error_text(exc)))
+                    return
                 yield self._error_event(endpoint.shape, self.error_response(endpoint.shape, exc))
                 return
             except UpstreamReply as exc:
-                status = exc.status
+                status, refused = exc.status, exc
                 yield self._error_event(endpoint.shape, self._pass_error(endpoint.shape, exc))
                 return
             except ClientGone:
@@ -339,7 +345,12 @@ class Pipeline:
                 task.cancel()
             if not relayed:
                 self.gatekeeper.release(admission)
-                self._account(ctx, admission, Usage(), status)
+                if refused is None:
+                    self._account(ctx, admission, Usage(), status)
+                else:
+                    self.queue.done(ticket)
+                    ctx.usage = Usage()
+                    self._count_refusal(ctx, refused if isinstance(refused, ProxyError) else None, status)
                 self._log(ctx, status)
 
     @staticmethod
