@@ -509,3 +509,21 @@ def test_a_malformed_usage_metadata_never_cuts_a_gemini_stream(tmp_path_factory:
             assert texts == [f"tok{i} " for i in range(5)] and b'"error"' not in raw
             whole = client.post(f"{ROOT}/v1beta/models/gemini-2.0-flash-lite:generateContent", json=gemini_body())
             assert whole.status_code == 200
+
+
+def test_a_slow_gemini_stream_reaches_the_google_genai_sdk_without_sse_comments(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The queue's heartbeats are SSE comments (`: waiting for the upstream`), which the openai and
+    anthropic SDKs skip; google-genai (3.6) reads every non-`data:` line as JSON and raises
+    UnknownApiResponseError. A native stream (asked by its path, not a `stream` field) must never
+    get them, however long a thinking model stays silent."""
+    with FakeGemini({GOOD: KeyBehaviour("paid")}) as fake:
+        env = {"GOOGLE_AI_KEY": GOOD, "GOOGLE_AI_BASE_URL": fake.url, "PROXY_KEY": PROXY_KEY,
+               "HEARTBEAT_INTERVAL": "0.2"}  # fmt: skip
+        settings = make_settings(env, tmp_path_factory.mktemp("gemini-heartbeat"))
+        with serve(create_app(settings), settings) as served:
+            fake.hang_first_byte = 1.0  # five heartbeats' worth of silence
+            client = genai_client(served)
+            chunks = list(client.models.generate_content_stream(model="gemini-2.5-flash", contents="Hello there"))
+    assert "".join(c.text or "" for c in chunks) == "".join(f"tok{i} " for i in range(5))
