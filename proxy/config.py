@@ -381,11 +381,11 @@ class Settings(BaseModel):
 
     @property
     def connections_per_ip(self) -> int:
-        """MAX_CONNECTIONS_PER_IP, else 64; none on a Space, where every connection comes from its
-        front proxy."""
+        """MAX_CONNECTIONS_PER_IP, else 64; none on a Space or with TRUSTED_PROXIES set, where
+        every visitor's connection comes from the front proxy (the cap counts socket peers)."""
         if self.max_connections_per_ip is not None:
             return self.max_connections_per_ip
-        return 0 if self.on_space else 64
+        return 0 if self.on_space or self.trusted_proxies.strip() else 64
 
     @property
     def title(self) -> str:
@@ -441,6 +441,17 @@ def http_url(value: str) -> str:
     return value
 
 
+def _setting_variables() -> frozenset[str]:
+    """Every variable a setting is read from (ADMIN_KEY, PROXY_KEY...)."""
+    names = set()
+    for field_name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        names.add(field_name.upper())
+        if isinstance(alias, AliasChoices):
+            names.update(str(choice).upper() for choice in alias.choices)
+    return frozenset(names)
+
+
 def key_variable(name: str) -> str:
     """The variable holding a custom upstream's keys: `lab` -> LAB_KEY, `my-vllm` -> MY_VLLM_KEY."""
     return name.upper().replace("-", "_") + "_KEY"
@@ -458,6 +469,8 @@ def parse_custom_upstreams(raw: str) -> list[tuple[str, str]]:
             raise ValueError(f"'{entry[:60]}' is not name=url (a name is a-z, 0-9 and '-', starting with a letter)")
         if name in RESERVED_NAMES or any(name == n for n, _ in out):
             raise ValueError(f"the name '{name}' is taken")
+        if key_variable(name) in _setting_variables():  # `admin` would send ADMIN_KEY upstream
+            raise ValueError(f"the name '{name}' would read {key_variable(name)}, another setting, as its key")
         try:
             out.append((name, http_url(url)))
         except ValueError:

@@ -126,6 +126,25 @@ _OTHER_PATTERN = re.compile(_BOUNDARY + "(?:" + _OTHER_KEYS + ")")
 _DIGIT = re.compile(r"[0-9]")
 
 
+# Opaque blobs an upstream signs or encrypts and a client must send back byte for byte (Claude's
+# thinking signatures and redacted thinking, the Responses API's encrypted reasoning, Gemini's
+# thought signatures): base64 whose random runs can look like a key ("/AIza" + 35 characters;
+# "-sk-..." in URL-safe base64, about 1 in 1,300 blobs of 4 KB). Redacting such a look-alike
+# breaks the conversation's next turn, so only the configured secrets are redacted in them.
+# (the dict's "type", the field) pairs; a type of None: the field under any type.
+OPAQUE_FIELDS = frozenset(
+    {("thinking", "signature"), ("signature_delta", "signature"), ("redacted_thinking", "data"),
+     ("reasoning", "encrypted_content"), (None, "thoughtSignature"), (None, "thought_signature")}
+)  # fmt: skip
+_OPAQUE_NAMES = frozenset(name for _, name in OPAQUE_FIELDS)
+
+
+def _opaque(kind: object, name: object) -> bool:
+    if name not in _OPAQUE_NAMES:
+        return False
+    return (None, name) in OPAQUE_FIELDS or (isinstance(kind, str) and (kind, name) in OPAQUE_FIELDS)
+
+
 def _mark_key(match: re.Match[str]) -> str:
     token = match.group(0)
     if not token.startswith("sk-") or _DIGIT.search(token, 3) is not None:
@@ -245,22 +264,30 @@ class Redactor:
         cleaned = self._text(text)
         return text if cleaned == text else cleaned
 
-    def _text(self, text: str) -> str:
-        out = self._plain(text)
+    def _text(self, text: str, shapes: bool = True) -> str:
+        """`text` redacted: configured secrets, and with `shapes` anything shaped like a key."""
+        out = self._plain(text, shapes)
         if self._escape.search(out) is not None:
             # A secret spelled with `\u` escapes reads as the secret once the escapes are decoded
             # (by a JSON parser, or by a reader): decode the escapes of key characters and look again.
             decoded = self._unescape.sub(self._decode_escape, out)
             if decoded != out:
-                cleaned = self._plain(decoded)
+                cleaned = self._plain(decoded, shapes)
                 if cleaned != decoded:
                     return cleaned
         return out
 
-    def _plain(self, text: str) -> str:
+    def _plain(self, text: str, shapes: bool = True) -> str:
         if self._pattern is not None:
             text = self._pattern.sub(MARK, text)
-        return _SECRET_PATTERN.sub(_mark_key, text)
+        return _SECRET_PATTERN.sub(_mark_key, text) if shapes else text
+
+    def _opaque_blob(self, text: str) -> str:
+        """An opaque blob (see OPAQUE_FIELDS) with the configured secrets redacted, nothing else."""
+        if self._pattern is None or not self.suspicious(text):
+            return text
+        cleaned = self._text(text, shapes=False)
+        return text if cleaned == text else cleaned
 
     def _decode_escape(self, match: re.Match[str]) -> str:
         backslashes, code, slash = match.group(1), match.group(2), match.group(3) if match.re.groups > 2 else None
@@ -280,10 +307,10 @@ class Redactor:
         changed = False
         work: list[tuple[dict | list, dict | list]] = []
 
-        def convert(item: object) -> object:
+        def convert(item: object, opaque: bool = False) -> object:
             nonlocal changed
             if isinstance(item, str):
-                cleaned = self(item)
+                cleaned = self._opaque_blob(item) if opaque else self(item)
                 if cleaned is not item and cleaned != item:
                     changed = True
                 return cleaned
@@ -300,8 +327,9 @@ class Redactor:
         while work:
             source, shell = work.pop()
             if isinstance(source, dict):
+                kind = source.get("type")
                 for key, item in source.items():
-                    shell[convert(key)] = convert(item)  # type: ignore[index]
+                    shell[convert(key)] = convert(item, _opaque(kind, key))  # type: ignore[index]
             else:
                 shell.extend([convert(item) for item in source])  # type: ignore[union-attr]
         return result, changed

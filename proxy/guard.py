@@ -14,7 +14,8 @@ header of any size. This protocol adds, per connection:
   plain close once the response has begun);
 - a cap on simultaneous connections from one peer address (the peer is the socket's: behind a
   front proxy every connection comes from it, hence `Settings.connections_per_ip` is off on a
-  Space, and 127.0.0.1 and ::1, this machine, are not capped), answered with 429 and a close.
+  Space and with TRUSTED_PROXIES set, and 127.0.0.1 and ::1, this machine, are not capped),
+  answered with 429 and a close.
 
 Everything else is uvicorn's (httptools parser, flow control, pipelining), so the proxy's
 throughput is unchanged (bench/README.md).

@@ -18,6 +18,8 @@ MAX_MODEL_NAME = 256
 # Endpoints whose body holds a conversation: its turns are "messages" (chat, Claude's messages
 # and count_tokens) or "input" items (Responses).
 _CHAT_KINDS = frozenset({"chat", "messages", "count_tokens", "responses"})
+# Gemini's native endpoints: the turns are `contents`, each with `parts`.
+_GEMINI_KINDS = frozenset({"generate", "count_tokens"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,9 @@ class RequestLimits:
 
     def check_counts(self, payload: dict, kind: str) -> None:
         """Messages, content parts per message and tools: list lengths only."""
+        if kind in _GEMINI_KINDS and ("contents" in payload or "generateContentRequest" in payload):
+            self._check_gemini(payload)
+            return
         messages = payload.get("input" if kind == "responses" else "messages")
         if kind in _CHAT_KINDS and isinstance(messages, list):
             if len(messages) > self.max_messages:
@@ -56,6 +61,34 @@ class RequestLimits:
         tools = payload.get("tools")
         if isinstance(tools, list) and len(tools) > self.max_tools:
             raise self._too_many(f"{len(tools)} tools", self.max_tools, "MAX_TOOLS")
+
+    def _check_gemini(self, payload: dict) -> None:
+        """Gemini's native body: `contents` are the turns, each with `parts`; `systemInstruction`
+        has parts; tools hold `functionDeclarations` (countTokens may wrap it all in
+        `generateContentRequest`)."""
+        inner = payload.get("generateContentRequest")
+        for body in (payload, inner) if isinstance(inner, dict) else (payload,):
+            contents = body.get("contents")
+            if isinstance(contents, list):
+                if len(contents) > self.max_messages:
+                    raise self._too_many(f"{len(contents)} contents", self.max_messages, "MAX_MESSAGES")
+                for i, content in enumerate(contents):
+                    parts = content.get("parts") if isinstance(content, dict) else None
+                    if isinstance(parts, list) and len(parts) > self.max_content_parts:
+                        raise self._too_many(
+                            f"{len(parts)} parts in contents[{i}]", self.max_content_parts, "MAX_CONTENT_PARTS"
+                        )
+            system = body.get("systemInstruction") or body.get("system_instruction")
+            parts = system.get("parts") if isinstance(system, dict) else None
+            if isinstance(parts, list) and len(parts) > self.max_content_parts:
+                raise self._too_many(
+                    f"{len(parts)} parts in 'systemInstruction'", self.max_content_parts, "MAX_CONTENT_PARTS"
+                )
+            tools = body.get("tools")
+            if isinstance(tools, list):
+                count = len(tools) + sum(len(_declarations(tool)) for tool in tools)
+                if count > self.max_tools:
+                    raise self._too_many(f"{count} tools and function declarations", self.max_tools, "MAX_TOOLS")
 
     def check_depth(self, payload: Any) -> None:
         """Objects and lists nested deeper than max_json_depth (a walk level by level, no recursion)."""
@@ -99,3 +132,11 @@ def check_model(model: object) -> str:
             Kind.INVALID_REQUEST,
         )
     return model
+
+
+def _declarations(tool: object) -> list:
+    """The function declarations of one Gemini tool ([] when it has none)."""
+    if not isinstance(tool, dict):
+        return []
+    found = tool.get("functionDeclarations") or tool.get("function_declarations")
+    return found if isinstance(found, list) else []

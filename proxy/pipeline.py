@@ -191,6 +191,8 @@ class Pipeline:
                 exc.body = dialect.client_error(shape, exc.status, exc.body)
             response = self._pass_error(shape, exc)
         except ClientGone:
+            if ctx.usage is None:  # not yet accounted (as a wait in the queue is): left before the reply
+                self._count_refusal(ctx, None, 499, outcome="cancelled")
             response = Response(status_code=499)  # nobody is listening; for the log line only
         except Exception:
             log.exception("unexpected error on %s %s", ctx.method, log_safe(ctx.path))
@@ -319,6 +321,7 @@ class Pipeline:
         ticket = ctx.ticket
         assert ticket is not None
         status, relayed = 499, False
+        refused: ProxyError | UpstreamReply | None = None  # counted as in `handle`: refused (why) or failed
         try:
             yield self._wait_comment(ticket)
             while not (await asyncio.wait((task,), timeout=self.heartbeat))[0]:
@@ -326,11 +329,15 @@ class Pipeline:
             try:
                 reply, response = task.result()
             except ProxyError as exc:
-                status = exc.status
+                status, refused = exc.status, exc
+                if self.errors_as_chat and error_chat.applies(exc, endpoint.kind):  # as without the wait
+                    model = ctx.model or ""
+                    yield error_chat.stream_events(endpoint.kind, model[:200], self.redact(error_chat.error_text(exc)))
+                    return
                 yield self._error_event(endpoint.shape, self.error_response(endpoint.shape, exc))
                 return
             except UpstreamReply as exc:
-                status = exc.status
+                status, refused = exc.status, exc
                 yield self._error_event(endpoint.shape, self._pass_error(endpoint.shape, exc))
                 return
             except ClientGone:
@@ -353,7 +360,12 @@ class Pipeline:
                 task.cancel()
             if not relayed:
                 self.gatekeeper.release(admission)
-                self._account(ctx, admission, Usage(), status)
+                if refused is None:
+                    self._account(ctx, admission, Usage(), status)
+                else:
+                    self.queue.done(ticket)
+                    ctx.usage = Usage()
+                    self._count_refusal(ctx, refused if isinstance(refused, ProxyError) else None, status)
                 self._log(ctx, status)
 
     @staticmethod
@@ -673,12 +685,16 @@ class Pipeline:
             )
         )
 
-    def _count_refusal(self, ctx: _Ctx, error: ProxyError | None, status: int = 0) -> None:
-        """Every request that ends here is counted: refused by the proxy (and why) or failed
-        upstream. Model lists and paths off the allow-list are not requests for work."""
+    def _count_refusal(
+        self, ctx: _Ctx, error: ProxyError | None, status: int = 0, *, outcome: str | None = None
+    ) -> None:
+        """Every request that ends here is counted: refused by the proxy (and why), failed
+        upstream, or cancelled (the client left first). Model lists and paths off the allow-list
+        are not requests for work."""
         if ctx.endpoint is None or ctx.endpoint.kind in ("models", "model"):
             return
-        outcome = refusal_reason(error, identified=ctx.user is not None) if error is not None else "failed"
+        if outcome is None:
+            outcome = refusal_reason(error, identified=ctx.user is not None) if error is not None else "failed"
         self.ledger.record(
             UsageEvent(
                 time=time.time(),
@@ -754,7 +770,8 @@ class Pipeline:
                 body = self.door.error(reply.status, body)
             body = self.redact.scrub(body)
             return Response(json.dumps(body), reply.status, media_type="application/json")
-        text = self.redact(reply.raw[:500].decode("utf-8", errors="replace")).strip()
+        # Redacted before it is cut: a secret across the cut must not leave its first part behind.
+        text = self.redact(reply.raw.decode("utf-8", errors="replace"))[:500].strip()
         message = f"The upstream answered {reply.status}" + (f": {text}" if text else ".")
         status = reply.status if reply.status >= 400 else 502
         return self.error_response(shape, ProxyError(status, message, Kind.UPSTREAM))

@@ -120,20 +120,17 @@ class Runtime:
         """The public snapshot served at /status and read by the UI. It holds no secret.
         `full=False`: only what anyone may see when SERVICE_INFO_PASSWORD hides the rest.
 
-        The full one is built at most once per STATUS_CACHE_SECONDS per base URL, however many
-        visitors poll it: it walks every key and the usage series, work the proxy's requests must
-        not wait behind. The caller must not change the dict it gets."""
+        The full one is built at most once per STATUS_CACHE_SECONDS, however many visitors poll
+        it and whatever Host they name (only the endpoints follow the base URL): it walks every
+        key and the usage series, work the proxy's requests must not wait behind. The caller must
+        not change the dict it gets (a shallow copy; the nested values are shared)."""
         if not full:
             return {**self._public_status(base_url), "locked": True}
         now = time.monotonic()
-        cached = self._status_cache.get(base_url)
-        if cached is not None and now - cached[0] < self.settings.status_cache_seconds:
-            return cached[1]
-        snapshot = self._build_status(base_url)
-        if len(self._status_cache) >= 16:  # base URLs come from the Host header: keep a few
-            self._status_cache.clear()
-        self._status_cache[base_url] = (now, snapshot)
-        return snapshot
+        cached = self._status_cache.get("")
+        if cached is None or now - cached[0] >= self.settings.status_cache_seconds:
+            cached = self._status_cache[""] = (now, self._build_status(""))
+        return {**cached[1], "endpoints": self.endpoints(base_url)}
 
     def _public_status(self, base_url: str) -> dict:
         return {
@@ -158,19 +155,17 @@ class Runtime:
 
     def info_password_ok(self, given: str | None, ip: str) -> bool:
         """Whether `given` opens the status and usage (always, without SERVICE_INFO_PASSWORD).
-        Wrong guesses lock the address out for a while, as for every other credential."""
+        Wrong guesses lock the address out for a while, as for every other credential: while it
+        is locked, wrong passwords are refused unchecked, the right one still works (many
+        visitors may share one address) and resets nothing (it must not launder guesses)."""
         wanted = self.settings.service_info_password
         if not wanted:
             return True
-        client = network_of(ip)
-        if self.info_guard.retry_after(client) is not None:
-            return False
-        if not given:
-            return False
-        if hmac.compare_digest(given.strip().encode(), wanted.encode()):
-            self.info_guard.succeeded(client)  # one shared password, like the admin key
+        if given and hmac.compare_digest(given.strip().encode(), wanted.encode()):
             return True
-        self.info_guard.failed(client)
+        client = network_of(ip)
+        if given and self.info_guard.retry_after(client) is None:
+            self.info_guard.failed(client)
         return False
 
 

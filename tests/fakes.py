@@ -500,6 +500,7 @@ class FakeOpenAI(FakeUpstream):
     # Models that refuse max_tokens and non-default sampling values, as OpenAI's reasoning models do.
     REASONING = re.compile(r"^(o\d|gpt-5)")
     reasoning_models: ClassVar[frozenset[str]] = frozenset()  # more, by exact id (a "new family")
+    ENCRYPTED_CONTENT: ClassVar[str] = "gAAAAfake"  # a reasoning item's encrypted_content (Fernet-like)
 
     def _common_headers(self) -> dict[str, str]:
         return {
@@ -740,7 +741,7 @@ class FakeOpenAI(FakeUpstream):
         output: list[Json] = []
         if reasoning:
             output.append({"type": "reasoning", "id": f"rs_{ident}", "summary": [],
-                           "encrypted_content": "gAAAAfake"})  # fmt: skip
+                           "encrypted_content": self.ENCRYPTED_CONTENT})  # fmt: skip
         output.append(message)
 
         def response(status: str, with_output: bool) -> Json:

@@ -450,3 +450,75 @@ def test_a_tool_loop_from_a_client_that_drops_thinking_blocks_still_gets_an_answ
 
     assert reply.choices[0].message.content == "Hello from fake claude"
     assert "thinking" not in sent(fake)  # this turn goes without thinking rather than failing
+
+
+# Opaque thinking blobs are never taken for keys ----------------------------------------------------
+
+# Base64 as Claude signs thinking: a "/AIza" or "+hf_"-free run of 30+ key characters after a
+# non-alphanumeric one reads like a Google API key to the key-shaped redaction.
+SHAPED_SIGNATURE = "EqQBCkgIARABGAIiQL/AIzaSyD3x0Qb7LmN2pK9vR4tW8cY1eZ5hJ6gF0aS3dq+xYz/Lw=="
+SHAPED_REDACTED = "EmwKAhgBEgy3va3pzix/AIzaSyB4Qq9k2Lm7Xw0pT5rVn8cJ1dH6gF3eZ2a/LafPsn4aDFIT2Xlxh0L5L8rLV"
+
+
+class KeyShapedSignatures(FakeAnthropic):
+    SIGNATURE = SHAPED_SIGNATURE
+    REDACTED = SHAPED_REDACTED
+
+
+@pytest.fixture
+def shaped(claude_pool) -> tuple[Served, FakeAnthropic]:
+    return claude_pool({PAID: KeyBehaviour()}, KeyShapedSignatures)
+
+
+def test_signatures_shaped_like_keys_reach_the_native_client_intact_and_verify_next_turn(shaped) -> None:
+    served, fake = shaped
+    thinking = {"type": "enabled", "budget_tokens": 2000}
+    first = native(served).messages.create(
+        model=SONNET, max_tokens=4000, thinking=thinking,
+        messages=[{"role": "user", "content": "please redact your thoughts"}],
+    )  # fmt: skip
+    blocks = [b.model_dump(exclude_none=True) for b in first.content]
+    assert blocks[0]["signature"] == SHAPED_SIGNATURE and blocks[1]["data"] == SHAPED_REDACTED
+
+    with native(served).messages.stream(model=SONNET, max_tokens=4000, thinking=thinking,
+                                        messages=[{"role": "user", "content": "please redact your thoughts"}]) as s:
+        streamed = s.get_final_message()  # fmt: skip
+    assert streamed.content[0].signature == SHAPED_SIGNATURE and streamed.content[1].data == SHAPED_REDACTED
+
+    history = [{"role": "user", "content": "please redact your thoughts"},
+               {"role": "assistant", "content": blocks}, {"role": "user", "content": "and now?"}]  # fmt: skip
+    second = native(served).messages.create(model=SONNET, max_tokens=4000, thinking=thinking, messages=history)
+    assert second.content[-1].text == "Hello from fake claude"  # the fake checks signature and data
+
+
+def test_signatures_shaped_like_keys_survive_the_openai_door_streamed_and_not(shaped) -> None:
+    served, _ = shaped
+    history: list[dict[str, Any]] = [{"role": "user", "content": "please redact your thoughts"}]
+    first = door(served).chat.completions.create(model=SONNET, messages=history, reasoning_effort="low")
+    message = first.choices[0].message.model_dump(exclude_none=True)
+    assert [b.get("signature") or b.get("data") for b in message["thinking_blocks"]] == [
+        SHAPED_SIGNATURE, SHAPED_REDACTED,
+    ]  # fmt: skip
+    chunks = list(door(served).chat.completions.create(model=SONNET, messages=history, reasoning_effort="low",
+                                                       stream=True))  # fmt: skip
+    blocks = [b for c in chunks if c.choices for b in (getattr(c.choices[0].delta, "thinking_blocks", None) or [])]
+    assert [b.get("signature") or b.get("data") for b in blocks] == [SHAPED_SIGNATURE, SHAPED_REDACTED]
+
+    history += [message, {"role": "user", "content": "and now?"}]
+    second = door(served).chat.completions.create(model=SONNET, messages=history, reasoning_effort="low")
+    assert second.choices[0].message.content == "Hello from fake claude"
+
+
+def test_a_configured_key_inside_a_signature_is_still_redacted(claude_pool) -> None:
+    class EchoingSignatures(FakeAnthropic):
+        SIGNATURE = "EqQBCkgIARABGAIiQL" + PAID + "xYz=="
+
+    served, _ = claude_pool({PAID: KeyBehaviour()}, EchoingSignatures)
+    reply = httpx.post(
+        f"{served.url}/proxy/anthropic/v1/messages",
+        json={"model": SONNET, "max_tokens": 4000, "thinking": {"type": "enabled", "budget_tokens": 2000},
+              "messages": HELLO},
+        headers={"x-api-key": PROXY_KEY}, timeout=10,
+    )  # fmt: skip
+    assert reply.status_code == 200 and PAID not in reply.text
+    assert reply.json()["content"][0]["signature"] == "EqQBCkgIARABGAIiQL[redacted]xYz=="

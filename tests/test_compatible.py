@@ -261,3 +261,11 @@ def test_every_built_in_service_is_served_on_its_route_with_its_own_key(tmp_path
                 assert fake.requests[-1] is sent  # the refused path reached nothing
             status = served.runtime.status()
     assert set(BUILT_INS) <= set(status["keys"])
+
+
+@pytest.mark.parametrize("name", ["admin", "proxy"])
+def test_a_custom_upstream_never_takes_another_settings_secret_as_its_key(name: str) -> None:
+    """`admin` would read ADMIN_KEY and `proxy` PROXY_KEY as its key, and send it to that upstream."""
+    env = {"CUSTOM_UPSTREAMS": f"{name}=http://10.0.0.5:8000/v1", "ADMIN_KEY": "admin-secret-1", "PROXY_KEY": "pk-1"}
+    with pytest.raises(ConfigError, match=f"CUSTOM_UPSTREAMS.*{name.upper()}_KEY"):
+        load_settings(env, env_file=None)

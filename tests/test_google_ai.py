@@ -462,3 +462,68 @@ def test_a_query_string_full_of_fields_is_refused_not_a_crash(served: Served, fa
         reply = client.post(f"{ROOT}/v1beta/models/gemini-2.5-flash:generateContent?{query}", json=gemini_body())
     assert reply.status_code == 401
     assert fake.requests == []
+
+
+# Bounded work: Gemini's own lists have the same limits as every other conversation ------------------
+
+
+def test_gemini_contents_and_parts_over_the_limits_are_a_clear_400_before_the_upstream(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    with FakeGemini({GOOD: KeyBehaviour("paid")}) as fake:
+        env = {"GOOGLE_AI_KEY": GOOD, "GOOGLE_AI_BASE_URL": fake.url, "PROXY_KEY": PROXY_KEY,
+               "MAX_MESSAGES": "4", "MAX_CONTENT_PARTS": "3"}  # fmt: skip
+        settings = make_settings(env, tmp_path_factory.mktemp("gemini-limits"))
+        turn = {"parts": [{"text": "hi"}]}  # a role is optional in Gemini's contents
+        too_many_turns = {"contents": [turn] * 5}
+        too_many_parts = {"contents": [{"role": "user", "parts": [{"text": "a"}] * 4}]}
+        too_long_system = {"contents": [turn], "systemInstruction": {"parts": [{"text": "s"}] * 4}}
+        with serve(create_app(settings), settings) as served, http(served, **{"x-goog-api-key": PROXY_KEY}) as client:
+            for verb in ("generateContent", "countTokens"):
+                for body, setting in ((too_many_turns, "MAX_MESSAGES"), (too_many_parts, "MAX_CONTENT_PARTS"),
+                                      (too_long_system, "MAX_CONTENT_PARTS")):  # fmt: skip
+                    reply = client.post(f"{ROOT}/v1beta/models/gemini-2.5-flash:{verb}", json=body)
+                    assert reply.status_code == 400, (verb, setting, reply.text)
+                    assert setting in reply.json()["error"]["message"]
+            assert client.post(f"{ROOT}/v1beta/models/gemini-2.5-flash:generateContent",
+                               json={"contents": [turn] * 4}).status_code == 200  # fmt: skip
+        assert [r.path for r in fake.requests if ":" in r.path] == ["/v1beta/models/gemini-2.5-flash:generateContent"]
+
+
+def test_a_malformed_usage_metadata_never_cuts_a_gemini_stream(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Issue 9 item 14 on the new provider: usage that is not a number reads as none, and every
+    chunk the upstream sent reaches the client, as for OpenAI's and Claude's usage."""
+
+    class OddUsage(FakeGemini):
+        def _usage(self, model: str, prompt: int, candidates: int) -> dict:
+            return {"promptTokenCount": "about ten", "candidatesTokenCount": candidates, "thoughtsTokenCount": None}
+
+    with OddUsage({GOOD: KeyBehaviour("paid")}) as fake:
+        env = {"GOOGLE_AI_KEY": GOOD, "GOOGLE_AI_BASE_URL": fake.url, "PROXY_KEY": PROXY_KEY}
+        settings = make_settings(env, tmp_path_factory.mktemp("gemini-odd-usage"))
+        with serve(create_app(settings), settings) as served, http(served, **{"x-goog-api-key": PROXY_KEY}) as client:
+            path = f"{ROOT}/v1beta/models/gemini-2.0-flash-lite:streamGenerateContent?alt=sse"
+            with client.stream("POST", path, json=gemini_body()) as reply:
+                raw = b"".join(reply.iter_bytes())
+            texts = [p["candidates"][0]["content"]["parts"][0]["text"] for p in sse_payloads(raw) if "candidates" in p]
+            assert texts == [f"tok{i} " for i in range(5)] and b'"error"' not in raw
+            whole = client.post(f"{ROOT}/v1beta/models/gemini-2.0-flash-lite:generateContent", json=gemini_body())
+            assert whole.status_code == 200
+
+
+def test_a_slow_gemini_stream_reaches_the_google_genai_sdk_without_sse_comments(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The queue's heartbeats are SSE comments (`: waiting for the upstream`), which the openai and
+    anthropic SDKs skip; google-genai (3.6) reads every non-`data:` line as JSON and raises
+    UnknownApiResponseError. A native stream (asked by its path, not a `stream` field) must never
+    get them, however long a thinking model stays silent."""
+    with FakeGemini({GOOD: KeyBehaviour("paid")}) as fake:
+        env = {"GOOGLE_AI_KEY": GOOD, "GOOGLE_AI_BASE_URL": fake.url, "PROXY_KEY": PROXY_KEY,
+               "HEARTBEAT_INTERVAL": "0.2"}  # fmt: skip
+        settings = make_settings(env, tmp_path_factory.mktemp("gemini-heartbeat"))
+        with serve(create_app(settings), settings) as served:
+            fake.hang_first_byte = 1.0  # five heartbeats' worth of silence
+            client = genai_client(served)
+            chunks = list(client.models.generate_content_stream(model="gemini-2.5-flash", contents="Hello there"))
+    assert "".join(c.text or "" for c in chunks) == "".join(f"tok{i} " for i in range(5))

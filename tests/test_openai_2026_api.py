@@ -345,3 +345,21 @@ def test_the_responses_meter_reads_events_named_only_in_their_data() -> None:
     assert meter.finished and meter.seen_usage and meter.text_chars == 5
     assert (meter.usage.tokens_in, meter.usage.tokens_out, meter.usage.cached, meter.usage.reasoning) == (7, 9, 4, 6)
     assert b'"sequence_number":4' in meter.stream_error("cut")
+
+
+def test_encrypted_reasoning_shaped_like_a_key_reaches_the_client_byte_for_byte(
+    proxy_app: ProxyApp,
+) -> None:
+    """Codex CLI sends `encrypted_content` back on the next turn: URL-safe base64 whose random runs
+    may read "-sk-..." (a key's shape) must not be redacted, or the next turn is refused."""
+
+    class KeyShapedReasoning(FakeOpenAI):
+        ENCRYPTED_CONTENT = "gAAAAABn3x_Q-sk-9fK2mZ0pL4vR8tW1yC6hJ3gF5aS7dQ2xB_" + "Yz0-Lw" * 8
+
+    with KeyShapedReasoning({PAID: KeyBehaviour()}) as fake:
+        served = proxy_app(OPENAI_KEY=PAID, OPENAI_BASE_URL=fake.base_url, PROXY_KEY=PROXY_KEY)
+        ask = {"model": "gpt-5", "input": "hi", "include": ["reasoning.encrypted_content"]}
+        reply = sdk(served).responses.create(**ask)
+        assert reply.output[0].encrypted_content == KeyShapedReasoning.ENCRYPTED_CONTENT
+        streamed = [e for e in sdk(served).responses.create(**ask, stream=True) if e.type == "response.completed"]
+        assert streamed[0].response.output[0].encrypted_content == KeyShapedReasoning.ENCRYPTED_CONTENT

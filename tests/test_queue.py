@@ -458,3 +458,39 @@ def test_the_page_shows_each_familys_queue_next_to_its_keys_and_the_wait_of_each
     assert rows == [["gpt-4o", 1, 1, 0, 3, "40s"]]
     event = {"time": 0, "service": "openai", "model": "gpt-4o", "latency_ms": 1500.0, "queue_ms": 1234.5, "status": 200}
     assert event_rows([event])[0][EVENT_HEADERS.index("Queued (ms)")] == 1234
+
+
+# Seams with the refusal count and ERRORS_AS_CHAT ----------------------------------------------------
+
+
+def test_a_client_that_leaves_the_line_is_counted_once_as_cancelled(
+    proxy_app: Callable[..., Served], limited: FakeOpenAI
+) -> None:
+    served = proxy_app(OPENAI_KEY=LIMITED, OPENAI_BASE_URL=limited.base_url, PROXY_KEY=PROXY_KEY)
+    sock = raw_stream(served, {"model": "gpt-4o", "messages": HELLO}, PROXY_KEY)
+    assert wait_until(lambda: queue_of(served)["waiting"] == 1)
+    sock.close()
+    ledger = served.runtime.ledger
+    assert wait_until(lambda: ledger.outcomes.get("cancelled", 0) >= 1)
+    time.sleep(0.3)
+    assert ledger.outcomes.get("cancelled") == 1 and len(ledger.recent(10)) == 1, ledger.outcomes
+
+
+def test_a_queue_timeout_in_a_waiting_stream_is_counted_as_a_refusal_and_answered_as_chat(
+    proxy_app: Callable[..., Served], limited: FakeOpenAI
+) -> None:
+    """The headers of a waiting stream are sent: the refusal is still counted with its reason (as
+    without the wait), and with ERRORS_AS_CHAT it is chat text SillyTavern shows, not an error event."""
+    served = proxy_app(OPENAI_KEY=LIMITED, OPENAI_BASE_URL=limited.base_url, PROXY_KEY=PROXY_KEY,
+                       QUEUE_TIMEOUT="1", HEARTBEAT_INTERVAL="0.3", ERRORS_AS_CHAT="true")  # fmt: skip
+    with httpx.stream(
+        "POST", served.proxy() + CHAT, json={"model": "gpt-4o", "messages": HELLO, "stream": True},
+        headers={"authorization": f"Bearer {PROXY_KEY}"}, timeout=10,
+    ) as reply:  # fmt: skip
+        lines = [line for line in reply.iter_lines() if line]
+    assert lines[0].startswith(": queued")
+    data = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: {")]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in data if c.get("choices"))
+    assert "Waited 1 s in the queue" in text and lines[-1] == "data: [DONE]"
+    event = served.runtime.ledger.recent(1)[0]
+    assert event["outcome"] == "refused: rate limit" and event["status"] == 429, event

@@ -549,3 +549,29 @@ def test_a_model_name_cannot_forge_an_access_log_line(proxy_app: ProxyApp, fake_
     assert all(line.startswith("INFO proxy.access: POST /proxy/openai/v1/chat/completions") for line in lines)
     assert "\\n2026-01-01" in lines[0]
     assert len(lines[1]) < ACCESS_LINE_LIMIT + 100
+
+
+def test_an_upstream_error_that_is_not_json_never_shows_part_of_a_key(proxy_app: ProxyApp) -> None:
+    """A text error body is shown cut to its first 500 bytes: a key across the cut must not leave
+    its first half behind (a Mistral key has no shape to recognise it by, only the configured list)."""
+    from aiohttp import web as aioweb
+
+    from tests.fakes import ScriptedUpstream
+
+    mistral = "Xq7Lm2Pz9Rt4Vw8Yb3Nc6Fd1Gh5Jk0Ms"  # 32 letters and digits, as Mistral's keys are
+    text = "<html><body>" + "x" * (470 - len("<html><body>")) + f" bad key {mistral} </body></html>"
+
+    async def reply(request: aioweb.Request, body: Any) -> aioweb.StreamResponse:
+        return aioweb.Response(text=text, status=400, content_type="text/html")
+
+    with ScriptedUpstream(reply) as upstream:
+        served = proxy_app(MISTRAL_AI_KEY=mistral, MISTRAL_AI_BASE_URL=upstream.base_url, PROXY_KEY=PROXY_KEY)
+        response = httpx.post(
+            served.proxy("mistral-ai") + "/chat/completions",
+            json={"model": "mistral-large-latest", "messages": [{"role": "user", "content": "hi"}]},
+            headers=AUTH, timeout=10,
+        )  # fmt: skip
+    assert response.status_code == 400
+    shown = response.json()["error"]["message"]
+    assert shown.startswith("The upstream answered 400: <html>")
+    assert mistral[:8] not in every_reading(response.text), shown[-60:]

@@ -12,6 +12,7 @@ on (its page reads `delta.text`)."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -275,3 +276,21 @@ def test_every_outcome_is_counted_with_why_the_proxy_refused(
     ]
     assert all(ANT not in json.dumps(e) and PAID not in json.dumps(e) for e in recent)
     assert status["usage"]["active_users_1m"] == 2  # the two users that got in
+
+
+def test_a_client_that_leaves_before_the_reply_is_counted_as_cancelled(proxy_app: Callable[..., Served]) -> None:
+    """Non-negotiable 9: every outcome is counted. A non-streamed request whose client hung up
+    while the upstream was still thinking was in no count at all."""
+    with FakeOpenAI({PAID: KeyBehaviour()}) as fake:
+        served = proxy_app(OPENAI_KEY=PAID, OPENAI_BASE_URL=fake.base_url)
+        fake.hang_first_byte = 3.0
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(served.proxy() + "/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.5))
+        ledger = served.runtime.ledger
+        deadline = time.monotonic() + 5
+        while not ledger.recent(1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ledger.outcomes.get("cancelled") == 1, ledger.outcomes
+        event = ledger.recent(1)[0]
+        assert (event["outcome"], event["model"], event["status"]) == ("cancelled", "gpt-4o", 499)

@@ -227,3 +227,28 @@ def test_this_machine_is_never_capped(guarded: Served) -> None:
     finally:
         for sock in held:
             sock.close()
+
+
+def test_behind_trusted_front_proxies_the_per_address_cap_is_off_by_default() -> None:
+    """With TRUSTED_PROXIES set every visitor arrives from the front proxy's address: a cap on the
+    socket peer would cap them all together."""
+    assert make_settings({"TRUSTED_PROXIES": "1"}).connections_per_ip == 0
+    assert make_settings({"TRUSTED_PROXIES": "10.0.0.0/8"}).connections_per_ip == 0
+    assert make_settings({"TRUSTED_PROXIES": "1", "MAX_CONNECTIONS_PER_IP": "200"}).connections_per_ip == 200
+
+
+def test_visitors_behind_a_trusted_front_proxy_are_not_capped_together(tmp_path) -> None:
+    """A front proxy on another address (127.0.0.20 here: a tunnel, a load balancer) holding more
+    connections than the default cap, one per visitor: every visitor is still served."""
+    from proxy.server import create_app
+
+    env = {"PROXY_KEY": PROXY_KEY, "TRUSTED_PROXIES": "127.0.0.20/32", "HEADER_TIMEOUT": "20"}
+    settings = make_settings(env, tmp_path)
+    with serve(create_app(settings), settings, guarded=True) as served:
+        held = [connect(served, "127.0.0.20") for _ in range(70)]  # over the default cap of 64
+        try:
+            time.sleep(0.2)
+            assert health_ms(served, "127.0.0.20") < 2000
+        finally:
+            for sock in held:
+                sock.close()

@@ -132,3 +132,15 @@ def test_a_new_visitors_first_event_renders_only_what_it_updates(
     assert len(config["components"]) > 60
     # Gradio 6 rendered every block's config for each new session (~120 here); now only the outputs.
     assert len(rendered) <= 12, len(rendered)
+
+
+def test_a_client_changing_its_host_header_cannot_force_a_rebuild(proxy_app: Callable[..., Served]) -> None:
+    """The snapshot was cached per Host header (16 at most, then all dropped): a client naming a
+    new host on every request had it rebuilt every time. Only the endpoints depend on the host."""
+    served = proxy_app(PROXY_KEY=PROXY_KEY, STATUS_CACHE_SECONDS="60")
+    builds = count_builds(served)
+    with httpx.Client(timeout=10) as client:
+        for i in range(40):
+            status = client.get(f"{served.url}/status", headers={"host": f"h{i}.example"}).json()
+            assert status["endpoints"]["openai"] == f"http://h{i}.example/proxy/openai/v1"
+    assert len(builds) <= 1, len(builds)

@@ -42,14 +42,21 @@ def test_a_service_info_password_hides_status_and_usage_from_strangers(
     assert INFO not in httpx.get(served.url + "/status", timeout=10).text
 
 
-def test_guessing_the_service_info_password_locks_the_address_out(
+def test_guessing_the_service_info_password_locks_out_wrong_guesses_but_not_the_right_password(
     fake_openai: FakeOpenAI, proxy_app: Callable[..., Served]
 ) -> None:
+    """Issue 9 item 7: behind a NAT or a front proxy many visitors share one address; one of them
+    guessing must not lock the others out of the status they hold the password for."""
     served = proxy_app(OPENAI_KEY=PAID, OPENAI_BASE_URL=fake_openai.base_url, SERVICE_INFO_PASSWORD=INFO)
     for attempt in range(10):
         httpx.get(served.url + "/status", headers={"Authorization": f"Bearer guess-{attempt}"}, timeout=10)
+    assert served.runtime.info_guard.retry_after("127.0.0.1") is not None  # the address is locked out
     right = httpx.get(served.url + "/status", headers={"Authorization": f"Bearer {INFO}"}, timeout=10).json()
-    assert "usage" not in right  # even the right password waits out the lockout
+    assert "usage" in right and "keys" in right  # the right password still opens the status
+    # ...and does not launder the guesses: wrong ones are still refused, and still counted.
+    wrong = httpx.get(served.url + "/status", headers={"Authorization": "Bearer guess-11"}, timeout=10).json()
+    assert wrong["locked"] is True and "usage" not in wrong
+    assert served.runtime.info_guard.retry_after("127.0.0.1") is not None
 
 
 def test_costs_per_family_show_only_when_asked_and_follow_the_owners_prices(

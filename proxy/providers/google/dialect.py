@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 from proxy import sse
 from proxy.errors import Kind, google_error
 from proxy.keys.pool import Outcome, Verdict
-from proxy.providers.base import Call, Endpoint, Outbound, StreamMeter, parse_duration
+from proxy.providers.base import Call, Endpoint, Outbound, StreamMeter, parse_duration, token_count
 from proxy.providers.google.errors import error_info, google_error_to_openai, unwrap
 from proxy.providers.openai.dialect import OpenAI, OpenAIStreamMeter
 from proxy.sse import Event
@@ -53,10 +53,11 @@ def usage_from_metadata(meta: Any) -> Usage | None:
     candidates plus thoughts (billed as output) out."""
     if not isinstance(meta, dict):
         return None
-    tokens_in = int(meta.get("promptTokenCount") or 0) + int(meta.get("toolUsePromptTokenCount") or 0)
-    thoughts = int(meta.get("thoughtsTokenCount") or 0)
-    tokens_out = int(meta.get("candidatesTokenCount") or 0) + thoughts
-    return Usage(tokens_in, tokens_out, cached=int(meta.get("cachedContentTokenCount") or 0), reasoning=thoughts)
+    # token_count: anything but a non-negative number reads as 0, never an error that cuts a stream.
+    tokens_in = token_count(meta.get("promptTokenCount")) + token_count(meta.get("toolUsePromptTokenCount"))
+    thoughts = token_count(meta.get("thoughtsTokenCount"))
+    tokens_out = token_count(meta.get("candidatesTokenCount")) + thoughts
+    return Usage(tokens_in, tokens_out, cached=token_count(meta.get("cachedContentTokenCount")), reasoning=thoughts)
 
 
 class GeminiStreamMeter(StreamMeter):
