@@ -65,6 +65,27 @@ INSERT OR REPLACE INTO usage_totals (scope, label, requests, tokens_in, tokens_o
 """
 
 
+def totals_from_rows(rows: Iterable[tuple]) -> tuple[Counts, Counts]:
+    """(by_family, by_key) from `usage_totals` rows (scope, label, requests, tokens_in, tokens_out)."""
+    by_scope: dict[str, Counts] = {"family": {}, "key": {}}
+    for scope, label, requests, tokens_in, tokens_out in rows:
+        by_scope.setdefault(scope, {})[label] = {
+            "requests": requests,
+            "tokens_in": tokens_in,
+            "tokens_out": tokens_out,
+        }
+    return by_scope["family"], by_scope["key"]
+
+
+def total_rows(by_family: Counts, by_key: Counts) -> list[tuple[str, str, int, int, int]]:
+    """`usage_totals` rows for the totals given: the inverse of `totals_from_rows`."""
+    return [
+        (scope, label, int(c.get("requests", 0)), int(c.get("tokens_in", 0)), int(c.get("tokens_out", 0)))
+        for scope, counts in (("family", by_family), ("key", by_key))
+        for label, c in counts.items()
+    ]
+
+
 class StoreError(Exception):
     """The database cannot be opened or used; the message says why."""
 
@@ -165,22 +186,11 @@ class SQLiteStore:
             rows = self._conn.execute(
                 "SELECT scope, label, requests, tokens_in, tokens_out FROM usage_totals ORDER BY scope, label"
             ).fetchall()
-        by_scope: dict[str, Counts] = {"family": {}, "key": {}}
-        for scope, label, requests, tokens_in, tokens_out in rows:
-            by_scope.setdefault(scope, {})[label] = {
-                "requests": requests,
-                "tokens_in": tokens_in,
-                "tokens_out": tokens_out,
-            }
-        return by_scope["family"], by_scope["key"]
+        return totals_from_rows(rows)
 
     def set_usage_totals(self, by_family: Counts, by_key: Counts) -> None:
         """Replace the totals of the labels given (an import); other labels are kept."""
-        rows = [
-            (scope, label, int(c.get("requests", 0)), int(c.get("tokens_in", 0)), int(c.get("tokens_out", 0)))
-            for scope, counts in (("family", by_family), ("key", by_key))
-            for label, c in counts.items()
-        ]
+        rows = total_rows(by_family, by_key)
         with self._lock, self._transaction():
             self._conn.executemany(_SET_USAGE, rows)
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import psycopg
 
-from proxy.store import Counts, StoreError
+from proxy.store import Counts, StoreError, total_rows, totals_from_rows
 from proxy.usage import UsageEvent
 
 log = logging.getLogger(__name__)
@@ -380,21 +380,10 @@ class PostgresStore:
                 "SELECT scope, label, requests, tokens_in, tokens_out FROM usage_totals ORDER BY scope, label"
             ).fetchall()
         )
-        by_scope: dict[str, Counts] = {"family": {}, "key": {}}
-        for scope, label, requests, tokens_in, tokens_out in rows:
-            by_scope.setdefault(scope, {})[label] = {
-                "requests": requests,
-                "tokens_in": tokens_in,
-                "tokens_out": tokens_out,
-            }
-        return by_scope["family"], by_scope["key"]
+        return totals_from_rows(rows)
 
     def set_usage_totals(self, by_family: Counts, by_key: Counts) -> None:
-        rows = [
-            (scope, label, int(c.get("requests", 0)), int(c.get("tokens_in", 0)), int(c.get("tokens_out", 0)))
-            for scope, counts in (("family", by_family), ("key", by_key))
-            for label, c in counts.items()
-        ]
+        rows = total_rows(by_family, by_key)
         self._write(lambda c: c.cursor().executemany(_SET_USAGE, rows))
 
     def save_key_state(self, service: str, key_id: str, state: dict) -> None:
