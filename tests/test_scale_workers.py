@@ -28,6 +28,9 @@ def test_two_workers_serve_one_port_and_a_scrape_counts_both(
     }  # fmt: skip
     instance = start_instance(env, tmp_path)
     try:
+        deadline = time.monotonic() + 30  # the second worker may still be starting when the port answers
+        while len(instance.workers()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert len(instance.workers()) == 2
         for _ in range(30):
             with httpx.Client(timeout=30) as client:  # a new connection each time: spread over workers
