@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 @dataclass(slots=True)
@@ -50,9 +50,11 @@ class UsageEvent:
     queue_ms: float = 0.0  # time spent waiting in line for a key
 
     def public(self) -> dict:
-        data = asdict(self)
-        data.pop("key_id")
-        return data
+        """Every field but the key's id (what the page and /status may show)."""
+        return {name: getattr(self, name) for name in _PUBLIC_FIELDS}
+
+
+_PUBLIC_FIELDS = tuple(f.name for f in fields(UsageEvent) if f.name != "key_id")
 
 
 def outcome_of(status: int) -> str:

@@ -171,6 +171,7 @@ class PostgresStore:
             migrate(conn)
             conn.commit()
             self._take_instance_lock(conn, first)
+            conn.autocommit = True  # a batch of usage is one statement; others open a transaction
         except BaseException:
             conn.close()
             raise
@@ -259,23 +260,28 @@ class PostgresStore:
     def _execute(conn: psycopg.Connection, batch: list[_Item]) -> list[Any]:
         usage: dict[tuple[str, str], list[int]] = {}
         results: list[Any] = []
+        if all(item.kind in ("usage", "barrier") for item in batch):
+            # What every request writes (its usage, then a barrier it waits on): all of the batch's
+            # usage merged into one statement, which autocommits: one round trip for the batch.
+            for item in batch:
+                if item.kind == "usage":
+                    _merge_usage(usage, item.payload)
+                results.append(None)
+            if usage:
+                conn.execute(*_add_usage_statement(usage))
+            return results
         reads = any(item.kind == "read" for item in batch)
         with conn.transaction(), (contextlib.nullcontext() if reads else conn.pipeline()):
             for item in batch:
-                if item.kind == "usage":  # many requests' usage: one statement per label
-                    for scope, label, tokens_in, tokens_out in item.payload:
-                        total = usage.setdefault((scope, label), [0, 0, 0])
-                        total[0] += 1
-                        total[1] += tokens_in
-                        total[2] += tokens_out
+                if item.kind == "usage":  # many requests' usage: one statement for all
+                    _merge_usage(usage, item.payload)
                     results.append(None)
                 elif item.kind == "barrier":
                     results.append(None)
                 else:
                     results.append(item.payload(conn))
             if usage:
-                rows = [(s, label, n, tin, tout) for (s, label), (n, tin, tout) in sorted(usage.items())]
-                conn.cursor().executemany(_ADD_USAGE, rows)
+                conn.execute(*_add_usage_statement(usage))
         return results
 
     def _check(self, conn: psycopg.Connection | None) -> psycopg.Connection | None:
@@ -464,11 +470,25 @@ def _plain(value: Any) -> Any:
 
 
 def _on_event_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
+    return asyncio._get_running_loop() is not None  # noqa: SLF001 (get_running_loop raises: slower)
+
+
+def _merge_usage(usage: dict[tuple[str, str], list[int]], rows: list[tuple[str, str, int, int]]) -> None:
+    for scope, label, tokens_in, tokens_out in rows:
+        total = usage.setdefault((scope, label), [0, 0, 0])
+        total[0] += 1
+        total[1] += tokens_in
+        total[2] += tokens_out
+
+
+def _add_usage_statement(usage: dict[tuple[str, str], list[int]]) -> tuple[str, list[Any]]:
+    """One INSERT … ON CONFLICT adding every (scope, label)'s merged counts (each label once, in a
+    fixed order, so that concurrent instances lock rows in the same order)."""
+    params: list[Any] = []
+    for (scope, label), (requests, tokens_in, tokens_out) in sorted(usage.items()):
+        params += (scope, label, requests, tokens_in, tokens_out)
+    values = ", ".join(["(%s, %s, %s, %s, %s)"] * len(usage))
+    return _ADD_USAGE.replace("VALUES (%s, %s, %s, %s, %s)", f"VALUES {values}", 1), params
 
 
 @dataclass(slots=True)

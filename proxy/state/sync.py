@@ -12,6 +12,7 @@ import logging
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
+from proxy import jsonx
 from proxy.access.users import UserService
 from proxy.keys.pool import Key, KeyPool
 from proxy.state.postgres import PostgresStore
@@ -63,21 +64,22 @@ class StateSync:
         def record(event: UsageEvent) -> None:
             if sink is not None:
                 sink(event)
-            self._recent_out.append(json.dumps(event.public(), separators=(",", ":")))
+            self._recent_out.append(event)  # encoded when pushed, a batch at a time
             if len(self._recent_out) == 1:  # the first of a batch: one push for all that follow soon
                 self._spawn(self._push_recent())
 
         ledger.sink = record
         ledger.recent_source = self.recent
 
-    _recent_out: list[str]
+    _recent_out: list[UsageEvent]
 
     async def _push_recent(self) -> None:
         """Push the recent events gathered meanwhile, in one round trip (not one per request)."""
         await asyncio.sleep(RECENT_FLUSH_S)
-        items, self._recent_out = self._recent_out[-RECENT_SIZE:], []
-        if not items:
+        events, self._recent_out = self._recent_out[-RECENT_SIZE:], []
+        if not events:
             return
+        items = [jsonx.dumps(event.public()) for event in events]
         with contextlib.suppress(Exception):
             await self.fast.redis.pipeline(transaction=True).lpush(f"{PREFIX}recent", *items).ltrim(
                 f"{PREFIX}recent", 0, RECENT_SIZE - 1
