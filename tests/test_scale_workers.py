@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,59 @@ def test_two_workers_serve_one_port_and_a_scrape_counts_both(
         assert total == 30
     finally:
         instance.kill()
+
+
+def test_connections_opened_at_once_are_spread_evenly_over_the_workers(
+    tmp_path: Path, postgres: Any, redis: Any, fake_openai: FakeOpenAI
+) -> None:
+    """A client (or a front proxy) opening its pool at once: each worker gets a fair share. With
+    one shared socket, the worker that woke first took a burst (22 of 64 against 42), and the
+    busier one capped the throughput of both."""
+    env = {
+        "OPENAI_KEY": PAID, "OPENAI_BASE_URL": fake_openai.base_url, "PROXY_KEY": PROXY_KEY, "WORKERS": "2",
+        "DATABASE_URL": postgres.database(f"workers_{next(_names)}"), "REDIS_URL": redis.url,
+        "MAX_CONNECTIONS_PER_IP": "1000",
+    }  # fmt: skip
+    instance = start_instance(env, tmp_path)
+    conns: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 30
+        while len(instance.workers()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = instance.workers()
+        assert len(workers) == 2
+        host, port = instance.url.removeprefix("http://").rsplit(":", 1)
+        for _ in range(200):
+            conns.append(socket.create_connection((host, int(port)), timeout=30))
+        for conn in conns:  # every connection served once (so accepted), all kept open
+            conn.sendall(b"GET /health HTTP/1.1\r\nHost: proxy\r\n\r\n")
+        for conn in conns:
+            assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+        held = {pid: _established_on(pid, int(port)) for pid in workers}
+        assert sum(held.values()) == 200, held
+        assert min(held.values()) >= 60, held  # even: 100 each; a hash's spread is ~7
+    finally:
+        for conn in conns:
+            conn.close()
+        instance.kill()
+
+
+def _established_on(pid: int, port: int) -> int:
+    """How many established connections to local `port` process `pid` holds."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+                    count += 1
+    return count
 
 
 def test_several_workers_on_sqlite_refuse_to_start_saying_why(tmp_path: Path) -> None:
