@@ -5,12 +5,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
+import logging
 import os
 import sys
 import tempfile
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from proxy.config import ConfigError, Settings, load_settings
 
@@ -18,22 +22,45 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
 
-def build_app(settings: Settings, self_url: str | None = None) -> FastAPI:
-    """The whole app. `self_url` is how the page's test chat reaches this server over HTTP."""
-    # Imported here: gradio reads GRADIO_SERVER_PORT at import, so settings are checked first.
-    import gradio as gr
+def build_app(settings: Settings, self_url: str | None = None, *, page_later: bool = False) -> FastAPI:
+    """The whole app. `self_url` is how the page's test chat reaches this server over HTTP.
 
+    `page_later`: the proxy serves as soon as the server starts, and the Gradio page follows
+    once it is built (importing Gradio and building the page take seconds: a restart should
+    not keep clients waiting for a page they do not use). Until then "/" says it is starting."""
     from proxy.server import build_runtime, create_app
-    from ui import sessions
-    from ui.blocks import CSS, UIContext, build_theme, build_ui
-
-    sessions.install()  # a visitor's new session no longer renders the whole page's config
 
     runtime = build_runtime(settings)
     app = create_app(settings, runtime)  # proxy routes first: a mount at "/" shadows later routes
     if self_url is None:
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
         self_url = f"http://{host}:{settings.port}"
+    if not page_later:
+        return mount_page(app, build_page(settings, runtime, self_url), settings)
+    page = LatePage(lambda: mount_page(_page_app(), build_page(settings, runtime, self_url), settings))
+    app.mount("/", page)
+    app.state.page = page
+    serve = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[Any]:
+        async with serve(app) as state:
+            page.begin()
+            try:
+                yield state
+            finally:
+                await page.aclose()
+
+    app.router.lifespan_context = lifespan
+    return app
+
+
+def build_page(settings: Settings, runtime: Any, self_url: str) -> Any:
+    """The Gradio Blocks of the page (imports Gradio: seconds)."""
+    from ui import sessions
+    from ui.blocks import UIContext, build_ui
+
+    sessions.install()  # a visitor's new session no longer renders the whole page's config
     ctx = UIContext(
         title=settings.title,
         self_url=self_url,
@@ -57,7 +84,16 @@ def build_app(settings: Settings, self_url: str | None = None) -> FastAPI:
         families=limit_families(runtime),
         quota_defaults=dict(settings.token_quota),
     )
-    blocks = build_ui(ctx)
+    return build_ui(ctx)
+
+
+def mount_page(app: FastAPI, blocks: Any, settings: Settings) -> FastAPI:
+    """`blocks` mounted at "/" of `app` with the page's settings."""
+    # Imported here: gradio reads GRADIO_SERVER_PORT at import, so settings are checked first.
+    import gradio as gr
+
+    from ui.blocks import CSS, build_theme
+
     app = gr.mount_gradio_app(
         app,
         blocks,
@@ -77,6 +113,70 @@ def build_app(settings: Settings, self_url: str | None = None) -> FastAPI:
     # cache and served (processing_utils._check_allowed).
     blocks.has_launched = True
     return app
+
+
+def _page_app() -> FastAPI:
+    """The app the late page is mounted in (its lifespan starts Gradio's queue)."""
+    from fastapi import FastAPI
+
+    return FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+
+STARTING_PAGE = b"""<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="2">
+<title>Starting</title></head><body style="font-family:sans-serif;margin:3em">
+<p>The page is starting; it will appear in a moment. The proxy already serves requests.</p></body></html>"""
+
+
+class LatePage:
+    """The ASGI app at "/" while the Gradio page is built in a thread: a short "starting" page
+    (503, refreshing itself) until then, the page after. If building it fails, the proxy goes
+    on serving and "/" says the page is unavailable (the reason is in the log)."""
+
+    def __init__(self, build: Callable[[], FastAPI]) -> None:
+        self._build = build
+        self.app: FastAPI | None = None
+        self.failed = False
+        self._task: asyncio.Task | None = None
+        self._stack = contextlib.AsyncExitStack()
+
+    def begin(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._load(), name="page")
+
+    async def _load(self) -> None:
+        try:
+            app = await asyncio.to_thread(self._build)
+            await self._stack.enter_async_context(app.router.lifespan_context(app))  # Gradio's queue
+        except Exception:
+            logging.getLogger("proxy").exception("the page could not be built; the proxy goes on serving")
+            self.failed = True
+            return
+        gc.freeze()  # the page's long-lived heap, as for the rest (see _ready)
+        self.app = app
+        logging.getLogger("proxy").info("page ready")
+
+    async def aclose(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        await self._stack.aclose()
+
+    async def __call__(self, scope: Any, receive: Callable, send: Callable) -> None:
+        app = self.app
+        if app is not None:
+            await app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1013})  # try again later
+            return
+        if scope["type"] != "http":
+            return
+        status, body = (500, b"The page is unavailable; the proxy works.") if self.failed else (503, STARTING_PAGE)
+        headers = [(b"content-type", b"text/html; charset=utf-8"), (b"cache-control", b"no-store")]
+        if not self.failed:
+            headers.append((b"retry-after", b"2"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 def limit_families(runtime) -> tuple[str, ...]:
@@ -109,9 +209,10 @@ def _ready(settings: Settings) -> FastAPI:
     redactor = Redactor(settings.secrets)
     configure_logging(settings.log_level, redactor)
     redact_std_streams(redactor)  # Gradio prints tracebacks to stderr itself, past logging
-    app = build_app(settings)
+    app = build_app(settings, page_later=True)
     # Gradio's large, long-lived heap made every garbage collection walk it: freezing it took
-    # ~30% off the proxy's CPU per request (bench/README.md).
+    # ~30% off the proxy's CPU per request (bench/README.md). The page's heap is frozen once
+    # it is built (LatePage).
     gc.collect()
     gc.freeze()
     return app

@@ -74,7 +74,8 @@ def make_users(data_dir: Path, n: int) -> str:
 
 
 def start_app(procs: harness.Procs, name: str, env: dict[str, str]) -> tuple[int, float]:
-    """`python app.py` with `env`; its port and how long it took to answer /health."""
+    """`python app.py` with `env`; its port and how long it took to serve (answer /health). The
+    page follows later (app.LatePage): how long it took is printed, and the run waits for it."""
     port = harness.free_port()
     full = {
         "PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "HOST": "127.0.0.1",
@@ -83,7 +84,26 @@ def start_app(procs: harness.Procs, name: str, env: dict[str, str]) -> tuple[int
     started = time.monotonic()
     proc = procs.start(name, [*harness.pin(None), sys.executable, str(harness.REPO / "app.py")], env=full)
     harness.wait_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=proc)
-    return port, time.monotonic() - started
+    ready = time.monotonic() - started
+    wait_ok(f"http://127.0.0.1:{port}/", timeout=120)  # the measured rows serve the page too
+    print(f"{name}: serving after {ready:.2f} s, page after {time.monotonic() - started:.2f} s", file=sys.stderr)
+    return port, ready
+
+
+def wait_ok(url: str, timeout: float) -> None:
+    """Wait until `url` answers 200 (the page: 503 while it is being built)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.HTTPError, OSError):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not answer 200 in {timeout:.0f} s") from None
+            time.sleep(0.05)
 
 
 def state_pids(pg: object, redis: object) -> list[int]:

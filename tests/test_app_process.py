@@ -27,6 +27,8 @@ class Process:
     proc: subprocess.Popen
     log: Path
     data_dir: Path
+    first_page: httpx.Response | None = None  # "/" and a proxy route as soon as /health answered
+    first_proxy: httpx.Response | None = None
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -79,6 +81,13 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError("app.py did not start")
+            time.sleep(0.05)
+        # What a client sees the moment the server answers: the proxy, and the page still starting.
+        served.first_page = httpx.get(url + "/", timeout=5)
+        served.first_proxy = httpx.get(url + "/proxy/openai/v1/models", timeout=5)
+        while httpx.get(url + "/", timeout=5).status_code != 200:  # the page follows
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the page did not appear: {served.output()[-2000:]}")
             time.sleep(0.2)
         yield served
     finally:
@@ -113,6 +122,23 @@ def call_event(url: str, fn_index: int, data: list) -> dict:
                 if line.startswith("data:") and '"process_completed"' in line:
                     return json.loads(line[5:])
     raise AssertionError("the event never completed")
+
+
+# ---------------------------------------------------------------- start-up: the proxy first
+
+
+def test_the_proxy_serves_as_soon_as_the_server_starts_and_the_page_follows(app: Process) -> None:
+    # Importing Gradio and building the page take seconds: clients do not wait for them.
+    assert app.first_proxy is not None and app.first_page is not None
+    assert app.first_proxy.status_code == 401  # the proxy's own answer: no credential given
+    assert app.first_proxy.json()["error"]["type"]  # in the OpenAI shape
+    assert app.first_page.status_code == 503
+    assert app.first_page.headers["retry-after"] == "2"
+    assert b"The page is starting" in app.first_page.content
+    assert b'http-equiv="refresh"' in app.first_page.content  # the browser comes back by itself
+    page = httpx.get(app.url + "/", timeout=10)
+    assert page.status_code == 200 and b"gradio" in page.content.lower()
+    assert "page ready" in app.output()
 
 
 # ---------------------------------------------------------------- item 17: redaction, hidden errors
