@@ -76,6 +76,7 @@ class Runtime:
     # Lets the page's own calls (from this machine) say which visitor they act for.
     internal_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     info_guard: FailureGuard = field(default_factory=lambda: FailureGuard(limit=10, window_s=300, lockout_s=300))
+    admin_guard: FailureGuard | None = None  # None: the admin API's own (proxy/admin.py)
     _status_cache: dict[str, tuple[float, dict]] = field(default_factory=dict, repr=False)
     trusted_proxies: TrustedProxies | None = None
 
@@ -257,6 +258,9 @@ def build_runtime(settings: Settings) -> Runtime:
     runtime.shared = share(settings, store, access.users, pools, runtime.dependencies, access.gatekeeper)
     if runtime.shared.sync is not None:
         runtime.shared.sync.attach_ledger(ledger)
+    # Guessing the admin key or the service info password: counted and locked out on every instance.
+    runtime.info_guard = runtime.shared.guard("info", limit=10, window_s=300, lockout_s=300)
+    runtime.admin_guard = runtime.shared.guard("admin", limit=10, window_s=300, lockout_s=300)
     if runtime.shared.page_secret:  # the page's calls may land on any instance behind the balancer
         runtime.internal_secret = runtime.shared.page_secret
     return runtime
@@ -389,6 +393,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             store=runtime.access.store,
             ledger=runtime.ledger,
             recheck=runtime.checker.recheck if runtime.checker else None,
+            guard=runtime.admin_guard,
             client_ip=client_ip,
             extend=owner_routes(runtime.owner, client_ip),
         ),

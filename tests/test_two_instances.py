@@ -223,3 +223,28 @@ def test_guessing_user_tokens_on_both_instances_locks_the_address_out_on_both(
     for served in (a, b):
         assert chat(served, "wrong-token-again-0123456789").status_code == 429
     assert chat(b, token).status_code == 200  # a valid token still works from a locked-out address
+
+
+def test_guessing_the_admin_key_or_the_info_password_on_both_instances_locks_out_on_both(
+    two: Callable[..., tuple[Served, Served]], fake_openai: FakeOpenAI
+) -> None:
+    info = "info-password-for-scale-01"
+    a, b = two(
+        OPENAI_KEY=PAID, OPENAI_BASE_URL=fake_openai.base_url, GATEKEEPER="user_token", ADMIN_KEY=ADMIN,
+        SERVICE_INFO_PASSWORD=info,
+    )  # fmt: skip
+    for i in range(10):  # the admin guard's limit, split over the two: neither alone reaches it
+        wrong = httpx.get(f"{(a, b)[i % 2].url}/admin/api/users", headers={"Authorization": f"Bearer g{i}"}, timeout=10)
+        assert wrong.status_code == 401
+    for i in range(10):
+        httpx.get(f"{(a, b)[i % 2].url}/status", headers={"Authorization": f"Bearer guess-{i}"}, timeout=10)
+    time.sleep(0.3)  # the lockouts are announced to every instance
+    for served in (a, b):
+        locked = httpx.get(f"{served.url}/admin/api/users", headers={"Authorization": "Bearer again"}, timeout=10)
+        assert locked.status_code == 429 and int(locked.headers["Retry-After"]) > 0
+        with admin(served) as api:  # the right key still works from a locked-out address
+            assert api.get("/users").status_code == 200
+        status = httpx.get(f"{served.url}/status", headers={"Authorization": "Bearer guess-again"}, timeout=10)
+        assert status.json().get("locked") is True and "usage" not in status.json()
+        opened = httpx.get(f"{served.url}/status", headers={"Authorization": f"Bearer {info}"}, timeout=10).json()
+        assert "usage" in opened

@@ -6,9 +6,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from proxy.access.ratelimit import FailureGuard
 from proxy.config import Settings
 from proxy.state.fast import FastState, FastStateError, MemoryFastState
 from proxy.state.health import Dependencies
@@ -45,6 +46,20 @@ class Shared:
     sync: StateSync | None = None
     page_secret: str | None = None  # the page's proof for its own calls, the same on every instance
     guesses: SharedGuesses | None = None
+    guards: list[SharedGuesses] = field(default_factory=list)  # the admin key's, the info password's
+
+    def guard(self, scope: str, limit: int, window_s: float, lockout_s: float) -> FailureGuard:
+        """A guessing lockout for `scope` ("admin", "info"): shared by every instance with Redis
+        (wrong guesses counted together, a lockout announced to all), else this process's own."""
+        from proxy.state.redis import RedisFastState
+
+        if not isinstance(self.fast, RedisFastState):
+            return FailureGuard(limit=limit, window_s=window_s, lockout_s=lockout_s)
+        from proxy.state.gate import SharedGuesses
+
+        guard = SharedGuesses(self.fast, self.fast.spawn, limit, window_s, lockout_s, scope=f"{scope}:")
+        self.guards.append(guard)
+        return guard
 
     async def start(self) -> None:
         start = getattr(self.fast, "start", None)
@@ -55,8 +70,9 @@ class Shared:
                 log.error("shared state: %s; requests are refused until it is back", exc)
         if self.sync is not None:
             await self.sync.start()
-        if self.guesses is not None:
-            self.fast.spawn(self.guesses.listen())  # type: ignore[attr-defined]
+        for guesses in [self.guesses, *self.guards]:
+            if guesses is not None:
+                self.fast.spawn(guesses.listen())  # type: ignore[attr-defined]
 
     async def aclose(self) -> None:
         if self.sync is not None:

@@ -189,10 +189,15 @@ class SharedGuesses(FailureGuard):
         window_s: float,
         lockout_s: float,
         clock: Callable[[], float] = time.time,
+        scope: str = "",
     ) -> None:
         super().__init__(limit, window_s, lockout_s, clock)
         self.fast = fast
         self._spawn = spawn
+        # What is guessed ("" proxy keys and tokens, "admin:" the admin key, "info:" the service
+        # info password): each its own counts and lockouts, announced on its own channel.
+        self.scope = scope
+        self.channel = LOCKOUTS_CHANNEL + (f":{scope.rstrip(':')}" if scope else "")
 
     def failed(self, client: str) -> bool:
         started = super().failed(client)
@@ -201,11 +206,11 @@ class SharedGuesses(FailureGuard):
 
     async def _count(self, client: str) -> None:
         try:
-            if await self.fast.failed_guess(client, self.limit, self.window_s, self.lockout_s):
+            if await self.fast.failed_guess(self.scope + client, self.limit, self.window_s, self.lockout_s):
                 until = self._clock() + self.lockout_s
                 self._locked_until[client] = until
                 message = json.dumps({"c": client, "u": until, "i": self.fast.instance_id})
-                await self.fast.publish(LOCKOUTS_CHANNEL, message)
+                await self.fast.publish(self.channel, message)
         except FastStateError:
             pass
 
@@ -217,4 +222,4 @@ class SharedGuesses(FailureGuard):
 
     async def listen(self) -> None:
         with contextlib.suppress(asyncio.CancelledError):
-            await self.fast.listen(LOCKOUTS_CHANNEL, self.on_message)
+            await self.fast.listen(self.channel, self.on_message)
