@@ -258,6 +258,7 @@ def build_runtime(settings: Settings) -> Runtime:
     runtime.shared = share(settings, store, access.users, pools, runtime.dependencies, access.gatekeeper)
     if runtime.shared.sync is not None:
         runtime.shared.sync.attach_ledger(ledger)
+    runtime.shared.share_queue(queue)
     # Guessing the admin key or the service info password: counted and locked out on every instance.
     runtime.info_guard = runtime.shared.guard("info", limit=10, window_s=300, lockout_s=300)
     runtime.admin_guard = runtime.shared.guard("admin", limit=10, window_s=300, lockout_s=300)

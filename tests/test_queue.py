@@ -494,3 +494,34 @@ def test_a_queue_timeout_in_a_waiting_stream_is_counted_as_a_refusal_and_answere
     assert "Waited 1 s in the queue" in text and lines[-1] == "data: [DONE]"
     event = served.runtime.ledger.recent(1)[0]
     assert event["outcome"] == "refused: rate limit" and event["status"] == 429, event
+
+
+# Several instances: the estimates count every instance's line ------------------------------------
+
+
+def test_with_other_instances_waiting_the_estimate_counts_their_requests_and_their_pace() -> None:
+    async def scenario() -> None:
+        pool = KeyPool("openai", ["sk-one-0123456789"], "oai-")
+        pool.max_in_flight = 1
+        queue = RequestQueue({"openai": pool}, timeout=30)
+        holder = queue.ticket("openai", "gpt-4o", "zed", "gpt-4o")
+        assert await queue.acquire(holder) is not None  # the only key is busy
+        mine = [queue.ticket("openai", "gpt-4o", f"u{i}", "gpt-4o") for i in range(2)]
+        waiting = [asyncio.ensure_future(queue.acquire(t)) for t in mine]
+        await asyncio.sleep(0)
+        line = mine[0].line
+        line.interval, line.last_grant = 4.0, queue.clock()  # this instance's line is served every 4 s
+        alone = queue.estimate("openai", line, 3)
+        assert alone == 12.0  # third in line, one every 4 s
+        assert queue.snapshot()["openai"]["gpt-4o"] == {"waiting": 2, "estimated_wait_s": 12.0}
+
+        # Another instance has 4 waiting on the same keys, served at 0.25 a second (every 4 s).
+        queue.peers = {("openai", "gpt-4o"): (4, 0.25)}
+        # A newcomer: 7th overall (2 here + 4 there + itself), served at 0.25 + 0.25 a second.
+        assert queue.snapshot()["openai"]["gpt-4o"] == {"waiting": 6, "estimated_wait_s": 14.0}
+        assert queue.wait_of(mine[0]) == (3, 6)  # first here: about third overall (1 + 4 * 1/2), 3 / 0.5 s
+        assert queue.lines() == {("openai", "gpt-4o"): (2, 0.25)}  # what this instance tells the others
+        for future in waiting:
+            future.cancel()
+
+    asyncio.run(scenario())

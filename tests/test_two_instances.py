@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -248,3 +249,47 @@ def test_guessing_the_admin_key_or_the_info_password_on_both_instances_locks_out
         assert status.json().get("locked") is True and "usage" not in status.json()
         opened = httpx.get(f"{served.url}/status", headers={"Authorization": f"Bearer {info}"}, timeout=10).json()
         assert "usage" in opened
+
+
+def test_the_queue_shown_by_each_instance_counts_the_requests_waiting_on_both(
+    two: Callable[..., tuple[Served, Served]]
+) -> None:
+    import socket
+
+    from tests.conftest import PROXY_KEY
+    from tests.fakes import FakeOpenAI as Fake
+
+    limited_key = "sk-limited-for-scale-0123456789"
+    with Fake({limited_key: KeyBehaviour("rate_limited", reset_s=30)}) as limited:
+        a, b = two(OPENAI_KEY=limited_key, OPENAI_BASE_URL=limited.base_url, PROXY_KEY=PROXY_KEY, QUEUE_TIMEOUT="60")
+        body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+        socks = []
+        try:
+            for served, count in ((a, 1), (b, 2)):
+                host, port = served.url.removeprefix("http://").split(":")
+                for _ in range(count):
+                    sock = socket.create_connection((host, int(port)), timeout=10)
+                    sock.sendall(
+                        f"POST /proxy/openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                        f"\r\nAuthorization: Bearer {PROXY_KEY}\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode()
+                    )
+                    socks.append(sock)
+
+            def waiting(served: Served) -> int:
+                return httpx.get(f"{served.url}/status", timeout=10).json()["queue"]["openai"].get("gpt-4o", {}).get(
+                    "waiting", 0
+                )
+
+            deadline = time.monotonic() + 6  # lines are exchanged every second, /status built at most once a second
+            while (waiting(a), waiting(b)) != (3, 3) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert (waiting(a), waiting(b)) == (3, 3)
+            queue = httpx.get(f"{a.url}/status", timeout=10).json()["queue"]["openai"]["gpt-4o"]
+            assert 20 <= queue["estimated_wait_s"] <= 31  # the key's lockout (30 s) bounds it
+        finally:
+            for sock in socks:
+                sock.close()
+        deadline = time.monotonic() + 6
+        while (waiting(a), waiting(b)) != (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (waiting(a), waiting(b)) == (0, 0)  # a client that left is gone from both views

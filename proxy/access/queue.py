@@ -12,8 +12,9 @@ says a key has headroom again, when a key changes (the checker), and by a timer 
 moment the earliest lockout ends. A global cap (UPSTREAM_MAX_CONNECTIONS) on upstream requests in
 flight makes requests beyond it wait in the same line.
 
-The line holds asyncio futures, so it is per instance; what several instances would share (the
-wait estimates, see `Line`) is kept small and apart, ready for a shared backend.
+The line holds asyncio futures, so it is per instance. With several instances the wait estimates
+take the others' lines into account: each instance publishes its lines (how many wait, how fast
+they are served) and reads the others' (proxy/state/lines.py, on Redis) into `peers`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from proxy.keys.pool import Key, KeyPool
 from proxy.providers.base import int_header, retry_after
 
 EWMA_ALPHA = 0.2  # weight of the newest interval in the moving estimate
+PACE_FRESH_S = 60.0  # a line's pace is told to other instances while it served within this long
 _WAITING, _GRANTED, _OUT = 1, 2, 3
 
 
@@ -162,6 +164,8 @@ class RequestQueue:
         self._services = {name: _Service(pool) for name, pool in pools.items()}
         self._seq = itertools.count(1)
         self._scheduled = False
+        # Other instances' lines: (service, family) -> (requests waiting, grants per second).
+        self.peers: dict[tuple[str, str], tuple[int, float]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -285,26 +289,62 @@ class RequestQueue:
         )
 
     def estimate(self, service: str, line: Line, position: int) -> float:
+        """Seconds until the request at `position` of this instance's `line` is served. With other
+        instances, the keys serve every instance's line: the position counts the others' waiting
+        requests in proportion, and the pace is the sum of every instance's."""
         pool = self._services[service].pool
         unlock = pool.next_unlock()
         unlock_in = max(0.0, unlock - pool.clock()) if unlock is not None else 0.0
-        if position <= 1 and not line.waiting and pool.has_free():
+        peer = self.peers.get((service, line.family))
+        if peer is None:
+            if position <= 1 and not line.waiting and pool.has_free():
+                return 0.0
+            return line.estimate(position, unlock_in)
+        others, others_rate = peer
+        if position <= 1 and not line.waiting and not others and pool.has_free():
             return 0.0
-        return line.estimate(position, unlock_in)
+        rate = (1.0 / line.interval if line.interval else 0.0) + others_rate
+        overall = self.overall_position(service, line, position)
+        return max(unlock_in, overall / rate if rate > 0 else 0.0)
+
+    def overall_position(self, service: str, line: Line, position: int) -> float:
+        """`position` in this instance's line as a place among every instance's waiting requests
+        (the others' counted in proportion: they are served alongside, not after)."""
+        others = self.peers.get((service, line.family), (0, 0.0))[0]
+        return position + others * position / max(line.waiting, position, 1)
+
+    def lines(self) -> dict[tuple[str, str], tuple[int, float]]:
+        """This instance's lines for the others: (service, family) -> (waiting, grants per second)."""
+        out = {}
+        for name, svc in list(self._services.items()):
+            for family, line in list(svc.lines.items()):
+                recent = line.interval and self.clock() - line.last_grant < PACE_FRESH_S
+                if line.waiting or recent:
+                    out[(name, family)] = (line.waiting, 1.0 / line.interval if recent else 0.0)
+        return out
 
     def wait_of(self, ticket: Ticket) -> tuple[int, int]:
         """The ticket's position and expected wait in whole seconds, for the client."""
         position = self.position(ticket)
-        return position, math.ceil(self.estimate(ticket.service, ticket.line, max(position, 1)))
+        wait = math.ceil(self.estimate(ticket.service, ticket.line, max(position, 1)))
+        if position and self.peers:
+            position = round(self.overall_position(ticket.service, ticket.line, position))
+        return position, wait
 
     def snapshot(self) -> dict[str, dict[str, dict[str, Any]]]:
         """{service: {family: {"waiting": n, "estimated_wait_s": s}}} for /status and the page."""
         out: dict[str, dict[str, dict[str, Any]]] = {}
         for name, svc in list(self._services.items()):
             lines = {}
-            for family, line in sorted(list(svc.lines.items())):
+            families = sorted({*svc.lines, *(family for (service, family) in self.peers if service == name)})
+            for family in families:
+                line = svc.lines.get(family) or Line(family)
+                others = self.peers.get((name, family), (0, 0.0))[0]
+                waiting = line.waiting + others
+                if family not in svc.lines and not waiting:
+                    continue
                 wait = self.estimate(name, line, line.waiting + 1)
-                lines[family] = {"waiting": line.waiting, "estimated_wait_s": round(wait, 1)}
+                lines[family] = {"waiting": waiting, "estimated_wait_s": round(wait, 1)}
             out[name] = lines
         return out
 

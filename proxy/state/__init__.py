@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
@@ -17,9 +18,11 @@ from proxy.store import SQLiteStore, Store, StoreError
 
 if TYPE_CHECKING:
     from proxy.access.gatekeeper import Gatekeeper
+    from proxy.access.queue import RequestQueue
     from proxy.access.users import UserService
     from proxy.keys.pool import KeyPool
     from proxy.state.gate import SharedGuesses
+    from proxy.state.lines import SharedLines
     from proxy.state.sync import StateSync
 
 __all__ = ["FastState", "Shared", "Store", "StoreError", "open_store", "share"]
@@ -47,6 +50,8 @@ class Shared:
     page_secret: str | None = None  # the page's proof for its own calls, the same on every instance
     guesses: SharedGuesses | None = None
     guards: list[SharedGuesses] = field(default_factory=list)  # the admin key's, the info password's
+    lines: SharedLines | None = None  # the queue's lines of every instance, for wait estimates
+    _tasks: list[asyncio.Task] = field(default_factory=list, repr=False)
 
     def guard(self, scope: str, limit: int, window_s: float, lockout_s: float) -> FailureGuard:
         """A guessing lockout for `scope` ("admin", "info"): shared by every instance with Redis
@@ -72,9 +77,26 @@ class Shared:
             await self.sync.start()
         for guesses in [self.guesses, *self.guards]:
             if guesses is not None:
-                self.fast.spawn(guesses.listen())  # type: ignore[attr-defined]
+                self._tasks.append(asyncio.create_task(guesses.listen(), name="shared-lockouts"))
+        if self.lines is not None:
+            self._tasks.append(asyncio.create_task(self.lines.run(), name="shared-queue-lines"))
+
+    def share_queue(self, queue: RequestQueue) -> None:
+        """With Redis, the queue's wait estimates count every instance's waiting requests."""
+        from proxy.state.redis import RedisFastState
+
+        if isinstance(self.fast, RedisFastState):
+            from proxy.state.lines import SharedLines
+
+            self.lines = SharedLines(self.fast, queue)
 
     async def aclose(self) -> None:
+        for task in self._tasks:  # the loops that run for the whole life (listeners, exchanges)
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
         if self.sync is not None:
             await self.sync.aclose()
         close = getattr(self.fast, "aclose", None)
