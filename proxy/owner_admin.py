@@ -6,6 +6,7 @@ GET /stats?format=json|csv|md&anonymise=true&days=N: usage statistics from the e
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -85,7 +86,7 @@ def owner_routes(owner: Owner, client_ip: Callable[[Request], str]) -> Callable[
             user = owner.users.get(token) if owner.users is not None else None
             if user is None:
                 raise AdminError(404, "No user has this token.", "not_found")
-            refresher.refresh_one(user)
+            await asyncio.to_thread(refresher.refresh_one, user)  # with Postgres, a round trip
             log.info("admin: refreshed the quota of %s", user.label)
             return JSONResponse(user.record())
 

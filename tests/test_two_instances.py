@@ -293,3 +293,35 @@ def test_the_queue_shown_by_each_instance_counts_the_requests_waiting_on_both(
         while (waiting(a), waiting(b)) != (0, 0) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert (waiting(a), waiting(b)) == (0, 0)  # a client that left is gone from both views
+
+
+def test_a_quota_refresh_builds_on_what_the_user_used_through_every_instance(
+    two: Callable[..., tuple[Served, Served]], fake_openai: FakeOpenAI
+) -> None:
+    a, b = two(
+        OPENAI_KEY=PAID, OPENAI_BASE_URL=fake_openai.base_url, GATEKEEPER="user_token", ADMIN_KEY=ADMIN,
+        TOKEN_QUOTA_GPT_4O_MINI="1000",
+    )  # fmt: skip
+    with admin(a) as api:
+        token = api.post("/users", json={"nickname": "eve"}).json()["token"]
+        other = api.post("/users", json={"nickname": "tmp", "type": "temporary", "expires_at": time.time() + 3600})
+        temporary = other.json()["token"]
+    for _ in range(3):  # used through b only: a's copy of the user knows nothing of it
+        assert chat(b, token).status_code == 200
+    with admin(b) as api:
+        used = api.get(f"/users/{token}").json()["token_counts"]["gpt-4o-mini"]
+    assert used > 0
+    # The schedule's refresh, as instance a runs it at a firing (in a thread, as its loop does).
+    a.runtime.owner.quotas.refresh_all()
+    for served in (a, b):  # both instances have the new limit at once (b by the announcement)
+        deadline = time.monotonic() + 1.0
+        with admin(served) as api:
+            while (user := api.get(f"/users/{token}").json())["token_limits"] != {"gpt-4o-mini": used + 1000}:
+                assert time.monotonic() < deadline, user["token_limits"]
+                time.sleep(0.05)
+            assert api.get(f"/users/{temporary}").json()["token_limits"] == {"gpt-4o-mini": 1000}  # skipped
+    with admin(a) as api:  # the admin's refresh of one user, through either instance
+        assert chat(a, token).status_code == 200
+        now_used = api.get(f"/users/{token}").json()["token_counts"]["gpt-4o-mini"]
+        refreshed = api.post(f"/users/{token}/refresh-quota")
+        assert refreshed.status_code == 200 and refreshed.json()["token_limits"] == {"gpt-4o-mini": now_used + 1000}

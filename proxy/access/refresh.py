@@ -59,8 +59,17 @@ class QuotaRefresher:
         self.period = period
         self.clock = clock
 
+    def _shared(self) -> Any:
+        """With several instances, the refresh is done where every instance's counts are."""
+        shared = getattr(self.users, "shared", None)
+        return shared if hasattr(shared, "refresh_quotas") else None
+
     def refresh_one(self, user: Any) -> dict[str, int]:
         """Top `user` up: limit = used + default, for every family with a default quota."""
+        shared = self._shared()
+        if shared is not None:
+            shared.refresh_quotas(self.defaults, user.token)
+            return dict(user.token_limits)  # re-read in place
         limits = dict(user.token_limits)
         for family, amount in self.defaults.items():
             limits[family] = user.token_counts.get(family, 0) + amount
@@ -69,6 +78,12 @@ class QuotaRefresher:
 
     def refresh_all(self) -> int:
         """Refresh every user but temporary ones; returns how many."""
+        shared = self._shared()
+        if shared is not None:  # one statement; every instance may run it at a firing: same result
+            shared.refresh_quotas(self.defaults)
+            count = sum(1 for user in self.users.all() if user.type != "temporary")
+            log.info("quotas: refreshed %d users", count)
+            return count
         count = 0
         for user in self.users.all():
             if user.type == "temporary":
@@ -94,6 +109,6 @@ class QuotaRefresher:
                 return
             await self.sleep(max(due - self.clock(), 0.0) + 0.01)
             try:
-                self.refresh_all()
+                await asyncio.to_thread(self.refresh_all)  # thousands of users: off the event loop
             except Exception:
                 log.exception("quotas: the scheduled refresh failed")

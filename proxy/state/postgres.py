@@ -22,7 +22,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from decimal import Decimal
@@ -121,6 +121,19 @@ UPDATE users SET data = (
     )
 )::text
 FROM cur WHERE users.token = cur.token
+"""
+# Quota refresh (proxy/access/refresh.py) where the counts are: each non-temporary user's limit for
+# every family with a default becomes what they used plus the default; other limits are kept.
+_REFRESH_LIMITS = """
+UPDATE users SET data = (
+    data::jsonb || jsonb_build_object('token_limits',
+        COALESCE(data::jsonb -> 'token_limits', '{}'::jsonb) || COALESCE((
+            SELECT jsonb_object_agg(d.key, COALESCE((users.data::jsonb -> 'token_counts' ->> d.key)::bigint, 0)
+                + d.value::bigint)
+            FROM jsonb_each_text(%(defaults)s::jsonb) AS d
+        ), '{}'::jsonb))
+)::text
+WHERE COALESCE(data::jsonb ->> 'type', 'normal') <> 'temporary' AND (%(token)s::text IS NULL OR token = %(token)s)
 """
 _SAVE_KEY = """
 INSERT INTO key_states (service, key_id, state) VALUES (%s, %s, %s)
@@ -359,6 +372,14 @@ class PostgresStore:
         args = (record["token"], json.dumps(record, separators=(",", ":")))
         sql = _SAVE_USER if counters else _SAVE_USER_KEEPING_COUNTERS
         self._write(lambda c: c.execute(sql, args))
+
+    def refresh_limits(self, defaults: Mapping[str, int], token: str | None = None) -> None:
+        """Quota refresh on the database's own counts (every instance's charges), for every user
+        but temporary ones, or only `token`'s; waits for the commit (call it off the event loop)."""
+        args = {"defaults": json.dumps({f: int(n) for f, n in defaults.items()}), "token": token}
+        future: Future = Future()
+        self._put(_Item("job", lambda c: c.execute(_REFRESH_LIMITS, args), future))
+        self._wait(future)
 
     def charge_user(self, token: str, family: str, tokens: int, *, since: float, now: float) -> None:
         """Add one request of `tokens` to a user's counters, atomically (instances charge together)."""

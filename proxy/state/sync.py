@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 KEYS_CHANNEL = "keys"
 USERS_CHANNEL = "users"
+ALL_USERS = "*"  # a users message naming no one token: every user changed (a quota refresh)
 RECENT_SIZE = 500  # the recent requests kept for the page, from every instance
 RECENT_FLUSH_S = 0.1  # recent events are pushed to Redis in batches, this often at most
 TOTALS_REFRESH_S = 5.0  # how often the usage totals /status shows are re-read from the database
@@ -167,6 +168,17 @@ class StateSync:
     def charge(self, token: str, family: str, tokens: int, *, since: float, now: float) -> None:
         self.store.charge_user(token, family, tokens, since=since, now=now)
 
+    def refresh_quotas(self, defaults: Mapping[str, int], token: str | None = None) -> None:
+        """Quota refresh on the shared counts (blocking: the refresher runs it in a thread): the
+        database sets the limits from every instance's charges; then every instance re-reads."""
+        self.store.refresh_limits(defaults, token)
+        records = [self.store.load_user(token)] if token is not None else self.store.load_users()
+        if self.users is not None:
+            for record in records:
+                if record is not None:
+                    self.users.absorb(record, record["token"])
+        self._spawn(self._publish(USERS_CHANNEL, {"t": token if token is not None else ALL_USERS}))
+
     def changed(self, token: str, *, counters: bool) -> None:
         if counters:  # the administrator set the counts: shared quota state starts again from them
             self._spawn(self._forget_quotas(token))
@@ -193,7 +205,17 @@ class StateSync:
         if message.get("i") == self.fast.instance_id or self.users is None:
             return
         token = str(message.get("t"))
-        self._spawn(self._reload(token))
+        self._spawn(self._reload_all() if token == ALL_USERS else self._reload(token))
+
+    async def _reload_all(self) -> None:
+        assert self.users is not None
+        try:
+            records = await asyncio.to_thread(self.store.load_users)
+        except Exception:
+            log.exception("sync: could not reload the users another instance changed")
+            return
+        for record in records:
+            self.users.absorb(record, record["token"])
 
     async def _reload(self, token: str) -> None:
         assert self.users is not None
