@@ -438,6 +438,8 @@ def http_url(value: str) -> str:
     value = value.strip().rstrip("/")
     if not re.match(r"^https?://[^/\s]+", value):
         raise ValueError("must be an http:// or https:// URL")
+    if "@" in value.split("://", 1)[1].split("/", 1)[0]:  # never echoed: it would hold a password
+        raise ValueError("must not hold a user name or password (user:password@host): the proxy sends the key itself")
     return value
 
 
@@ -473,8 +475,8 @@ def parse_custom_upstreams(raw: str) -> list[tuple[str, str]]:
             raise ValueError(f"the name '{name}' would read {key_variable(name)}, another setting, as its key")
         try:
             out.append((name, http_url(url)))
-        except ValueError:
-            raise ValueError(f"the URL of '{name}' must be an http:// or https:// URL") from None
+        except ValueError as exc:
+            raise ValueError(f"the URL of '{name}' {exc}") from None
     return out
 
 

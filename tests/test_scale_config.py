@@ -75,3 +75,21 @@ def test_a_bad_scale_setting_is_refused_naming_it(env: dict[str, str], variable:
 def test_the_metrics_key_is_a_secret() -> None:
     loaded = settings(METRICS_KEY="metrics-secret-123")
     assert "metrics-secret-123" in loaded.secrets and "metrics-secret-123" not in repr(loaded)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"OPENAI_BASE_URL": "https://bob:pw-in-url-1234@up.example/v1"},
+        {"CUSTOM_UPSTREAMS": "lab=http://bob:pw-in-url-1234@10.0.0.5:8000/v1"},
+    ],
+    ids=["service", "custom"],
+)
+def test_an_upstream_url_holding_a_password_is_refused_without_echoing_it(env: dict[str, str]) -> None:
+    # aiohttp would send the URL's credentials as a second Authorization header and refuse every
+    # request; and the URL would be a secret the proxy shows in /status and the page.
+    with pytest.raises(ConfigError) as refused:
+        settings(**env)
+    message = str(refused.value)
+    assert "user name or password" in message
+    assert "pw-in-url-1234" not in message and "bob" not in message
