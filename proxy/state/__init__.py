@@ -10,7 +10,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from proxy.access.ratelimit import FailureGuard
 from proxy.config import Settings
 from proxy.state.fast import FastState, FastStateError, MemoryFastState
 from proxy.state.health import Dependencies
@@ -19,6 +18,7 @@ from proxy.store import SQLiteStore, Store, StoreError
 if TYPE_CHECKING:
     from proxy.access.gatekeeper import Gatekeeper
     from proxy.access.queue import RequestQueue
+    from proxy.access.ratelimit import FailureGuard
     from proxy.access.users import UserService
     from proxy.keys.pool import KeyPool
     from proxy.state.gate import SharedGuesses
@@ -56,6 +56,7 @@ class Shared:
     def guard(self, scope: str, limit: int, window_s: float, lockout_s: float) -> FailureGuard:
         """A guessing lockout for `scope` ("admin", "info"): shared by every instance with Redis
         (wrong guesses counted together, a lockout announced to all), else this process's own."""
+        from proxy.access.ratelimit import FailureGuard
         from proxy.state.redis import RedisFastState
 
         if not isinstance(self.fast, RedisFastState):

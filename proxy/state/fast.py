@@ -10,6 +10,7 @@ heartbeat stops, instead of being held forever.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import os
@@ -17,11 +18,35 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 Refusal = Literal["rate", "quota", "slots"]
+
+
+class Background:
+    """Coroutines run in the background on the app's loop, started from the loop or from another
+    thread (the users service and key pools call in from threads); each kept until it ends."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self) -> None:
+        """Remember the running loop, for calls from other threads."""
+        self.loop = asyncio.get_running_loop()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        loop = asyncio._get_running_loop()  # noqa: SLF001 (None off the loop, where get_ raises)
+        if loop is not None:
+            task = loop.create_task(coro)
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        elif self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.spawn, coro)
+        else:
+            coro.close()
 
 
 class FastStateError(Exception):

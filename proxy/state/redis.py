@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from proxy.state.fast import Entry, FastStateError, Limits, RateLimited, Ticket, new_instance_id
+from proxy.state.fast import Background, Entry, FastStateError, Limits, RateLimited, Ticket, new_instance_id
 
 log = logging.getLogger(__name__)
 
@@ -172,34 +172,22 @@ class RedisFastState:
         self._ids = itertools.count()
         self._problem: str | None = None
         self._task: asyncio.Task | None = None
-        self._tasks: set[asyncio.Task] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._background = Background()
 
     # Life -----------------------------------------------------------------------------------
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run `coro` in the background on the app's loop (from the loop or another thread)."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if loop is not None:
-            task = loop.create_task(coro)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        elif self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self.spawn, coro)
-        else:
-            coro.close()
+        self._background.spawn(coro)
 
     async def start(self) -> None:
         """Keep beating (which also notices Redis coming back); FastStateError if it is away now."""
-        self._loop = asyncio.get_running_loop()
+        self._background.bind()
         self._task = asyncio.create_task(self._heartbeat(), name="redis-heartbeat")
         await self._call(self._beat())
 
     async def aclose(self) -> None:
-        if self._tasks:  # slots and holds being given back: let them land
-            await asyncio.wait(list(self._tasks), timeout=2)
+        if self._background.tasks:  # slots and holds being given back: let them land
+            await asyncio.wait(list(self._background.tasks), timeout=2)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

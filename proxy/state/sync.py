@@ -15,6 +15,7 @@ from typing import Any
 from proxy import jsonx
 from proxy.access.users import UserService
 from proxy.keys.pool import Key, KeyPool
+from proxy.state.fast import Background
 from proxy.state.postgres import PostgresStore
 from proxy.state.redis import PREFIX, RedisFastState
 from proxy.usage import UsageEvent, UsageLedger
@@ -38,12 +39,11 @@ class StateSync:
         self.store = store
         self.pools = dict(pools)
         self.users: UserService | None = None
-        self._tasks: set[asyncio.Task] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._background = Background()
 
     # Life -----------------------------------------------------------------------------------
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._background.bind()
         self._spawn(self.fast.listen(KEYS_CHANNEL, self._on_key))
         self._spawn(self.fast.listen(USERS_CHANNEL, self._on_user))
         if self.ledger is not None:
@@ -108,26 +108,15 @@ class StateSync:
         client = getattr(self, "_recent_client", None)
         if client is not None:
             client.close()
-        for task in list(self._tasks):
+        for task in list(self._background.tasks):
             task.cancel()
-        for task in list(self._tasks):
+        for task in list(self._background.tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run `coro` on the app's loop, from the loop or from another thread."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if loop is not None:
-            task = loop.create_task(coro)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        elif self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._spawn, coro)
-        else:
-            coro.close()
+        self._background.spawn(coro)
 
     async def _publish(self, channel: str, message: dict) -> None:
         message["i"] = self.fast.instance_id
