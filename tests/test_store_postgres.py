@@ -201,3 +201,22 @@ def test_the_event_log_and_owner_settings_work_on_postgres(pg_url: str) -> None:
     assert stats["h:abc"]["requests"] == 3 and stats["h:abc"]["served"] == 2 and stats["h:abc"]["tokens_in"] == 30
     assert events.prune() == 1 and "h:old" not in {row["user"] for row in events.stats()}
     store.close()
+
+
+def test_a_request_is_not_acknowledged_when_its_commit_hangs_past_the_wait(pg_url: str) -> None:
+    store = PostgresStore(pg_url, commit_wait_s=1.0)
+    try:
+        async def request() -> float:
+            store.execute("SELECT pg_sleep(3)")  # queued: the writer is busy (a database answering slowly)
+            store.add_usage(event())
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="did not confirm"):
+                await store.committed()
+            return time.monotonic() - started
+
+        waited = asyncio.run(request())
+        assert 0.9 <= waited <= 2.0
+        time.sleep(2.5)  # the slow statement ends; then the write lands
+        assert store.usage_totals()[0]["gpt-4o"]["requests"] == 1
+    finally:
+        store.close()

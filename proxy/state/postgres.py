@@ -15,6 +15,7 @@ instead of silently keeping limits and lockouts of its own.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -168,6 +169,14 @@ class PostgresStore:
         self.commit_wait_s = commit_wait_s
         self._jobs: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._closed = False
+        # Every write is numbered as it is queued; `_done` is the number of the last one committed
+        # (batches commit in queue order). A request waits until `_done` passes what was queued
+        # when it asked: no item of its own, one wake-up per loop per batch.
+        self._seq = 0
+        self._seq_lock = threading.Lock()
+        self._done = 0
+        self._waiters: dict[asyncio.AbstractEventLoop, collections.deque[_Waiter]] = {}
+        self._watchdogs: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}
         self.healthy = False
         self.last_error = ""
         conn = self._connect(first=True)  # raises StoreError: a start must fail clearly
@@ -245,6 +254,7 @@ class PostgresStore:
                     conn = self._connect()
                 except StoreError as exc:
                     self._unhealthy(str(exc))
+                    self._fail_loop_waiters(self._seq, exc)  # every waiting request: 503 now
                     batch = _fail_waiters(batch, exc, everything=self._closed)
                     if not batch or self._closed:
                         return None
@@ -264,18 +274,20 @@ class PostgresStore:
                     return conn
                 _fail_waiters(batch, StoreError("The database refused a write."), everything=True)
                 log.exception("postgres: a write failed")
+                self._committed_through(batch[-1].seq)  # not kept: nothing more will come of it
                 return conn
             self.healthy = True
             _resolve(batch, results)
+            self._committed_through(batch[-1].seq)
             return conn
 
     @staticmethod
     def _execute(conn: psycopg.Connection, batch: list[_Item]) -> list[Any]:
         usage: dict[tuple[str, str], list[int]] = {}
         results: list[Any] = []
-        if all(item.kind in ("usage", "barrier") for item in batch):
-            # What every request writes (its usage, then a barrier it waits on): all of the batch's
-            # usage merged into one statement, which autocommits: one round trip for the batch.
+        if all(item.kind == "usage" for item in batch):
+            # What every request writes: all of the batch's usage merged into one statement, which
+            # autocommits: one round trip for the batch.
             for item in batch:
                 if item.kind == "usage":
                     _merge_usage(usage, item.payload)
@@ -288,8 +300,6 @@ class PostgresStore:
             for item in batch:
                 if item.kind == "usage":  # many requests' usage: one statement for all
                     _merge_usage(usage, item.payload)
-                    results.append(None)
-                elif item.kind == "barrier":
                     results.append(None)
                 else:
                     results.append(item.payload(conn))
@@ -322,7 +332,50 @@ class PostgresStore:
     def _put(self, item: _Item) -> None:
         if self._closed:
             raise StoreError("The store is closed.")
-        self._jobs.put(item)
+        with self._seq_lock:  # numbered in queue order
+            self._seq += 1
+            item.seq = self._seq
+            self._jobs.put(item)
+
+    # Waiting for commits on an event loop ------------------------------------------------------
+    def _committed_through(self, seq: int) -> None:
+        """(writer) Everything numbered up to `seq` is committed: wake the loops' waiters."""
+        self._done = seq
+        for loop in list(self._waiters):
+            if loop.is_closed():  # (tests run one loop after another)
+                self._waiters.pop(loop, None)
+                self._watchdogs.pop(loop, None)
+                continue
+            with contextlib.suppress(RuntimeError):  # a loop closed meanwhile
+                loop.call_soon_threadsafe(self._advance, loop, seq, None)
+
+    def _fail_loop_waiters(self, seq: int, exc: Exception) -> None:
+        """(writer) The database is away: whoever waits for a write up to `seq` is told at once."""
+        for loop in list(self._waiters):
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._advance, loop, seq, exc)
+
+    def _advance(self, loop: asyncio.AbstractEventLoop, seq: int, exc: Exception | None) -> None:
+        waiters = self._waiters.get(loop)
+        while waiters and waiters[0].seq <= seq:
+            future = waiters.popleft().future
+            if future.done():
+                continue
+            if exc is None:
+                future.set_result(None)
+            else:
+                future.set_exception(StoreError(f"The database is unavailable ({exc})."))
+
+    async def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fail the waits that have lasted `commit_wait_s` (the database hangs without an error)."""
+        waiters = self._waiters[loop]
+        while True:
+            await asyncio.sleep(min(1.0, self.commit_wait_s / 2))
+            now = time.monotonic()
+            while waiters and waiters[0].deadline <= now:
+                future = waiters.popleft().future
+                if not future.done():
+                    future.set_exception(StoreError("The database did not confirm the write in time."))
 
     def _write(self, job: Job, kind: str = "job") -> None:
         """Queue a write. Off the event loop, wait for its commit; on it, `committed()` does."""
@@ -349,14 +402,19 @@ class PostgresStore:
         is away (the writes stay queued and land when it returns)."""
         if not self.healthy:
             raise StoreError(f"The database is unavailable ({self.last_error}).")
+        seq = self._seq
+        if self._done >= seq:
+            return
         loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        self._put(_Item("barrier", None, waiter, loop))
-        try:
-            async with asyncio.timeout(self.commit_wait_s):
-                await waiter
-        except TimeoutError:
-            raise StoreError("The database did not confirm the write in time.") from None
+        waiters = self._waiters.get(loop)
+        if waiters is None:
+            waiters = self._waiters[loop] = collections.deque()
+            self._watchdogs[loop] = loop.create_task(self._watch(loop), name="postgres-commit-watch")
+        future = loop.create_future()
+        waiters.append(_Waiter(seq, future, time.monotonic() + self.commit_wait_s))
+        if self._done >= seq:  # committed meanwhile (the writer's wake-up may already have run)
+            self._advance(loop, self._done, None)
+        await future
 
     # Store -----------------------------------------------------------------------------------
     def load_users(self) -> list[dict]:
@@ -461,6 +519,9 @@ class PostgresStore:
         self._closed = True
         self._jobs.put(None)
         self._thread.join(self.commit_wait_s)
+        for loop, task in list(self._watchdogs.items()):
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(task.cancel)
 
 
 _OR_REPLACE = re.compile(r"INSERT\s+OR\s+REPLACE\s+INTO\s+(\w+)\s*\(([^)]*)\)", re.I)
@@ -515,56 +576,39 @@ def _add_usage_statement(usage: dict[tuple[str, str], list[int]]) -> tuple[str, 
 @dataclass(slots=True)
 class _Item:
     """One thing for the writer: a `job` (a function of the connection), a `read` (the same, its
-    result wanted), `usage` (rows to add, merged with the batch's others) or a `barrier`."""
+    result wanted) or `usage` (rows to add, merged with the batch's others). `seq`: its number."""
 
     kind: str
     payload: Any
-    waiter: Future | asyncio.Future | None = None
-    loop: asyncio.AbstractEventLoop | None = None
+    waiter: Future | None = None  # a thread waiting for this item (loops wait by number)
+    seq: int = 0
+
+
+@dataclass(slots=True)
+class _Waiter:
+    """A request on an event loop waiting for every write numbered up to `seq` to commit."""
+
+    seq: int
+    future: asyncio.Future
+    deadline: float
 
 
 def _resolve(batch: list[_Item], results: list[Any]) -> None:
-    """Hand each waiter its result: threads directly, each event loop in one call for the batch."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+    """Hand each waiting thread its result."""
     for item, result in zip(batch, results, strict=True):
-        if item.waiter is None:
-            continue
-        if item.loop is not None:
-            by_loop.setdefault(item.loop, []).append(item.waiter)  # type: ignore[arg-type]
-        elif not item.waiter.done():
+        if item.waiter is not None and not item.waiter.done():
             item.waiter.set_result(result)
-    for loop, waiters in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # a loop closed meanwhile
-            loop.call_soon_threadsafe(_set_all, waiters, None)
 
 
 def _fail_waiters(batch: list[_Item], exc: Exception, *, everything: bool) -> list[_Item]:
-    """Fail the waiters of `batch` (requests waiting for a commit, or all with `everything`);
-    what is left to retry: the writes, without the barriers whose requests were failed."""
-    keep: list[_Item] = []
-    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+    """Fail the threads waiting on `batch`'s items with `everything`, and say what is left to
+    retry: without `everything`, every item (the writes are kept until the database returns)."""
+    if not everything:
+        return batch
     for item in batch:
-        if item.loop is not None:
-            by_loop.setdefault(item.loop, []).append(item.waiter)  # type: ignore[arg-type]
-            continue
-        if everything and item.waiter is not None and not item.waiter.done():
+        if item.waiter is not None and not item.waiter.done():
             item.waiter.set_exception(exc)
-        if not everything:
-            keep.append(item)
-    for loop, waiters in by_loop.items():
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(_set_all, waiters, exc)
-    return keep
-
-
-def _set_all(waiters: list[asyncio.Future], exc: Exception | None) -> None:
-    for waiter in waiters:
-        if waiter.done():
-            continue
-        if exc is None:
-            waiter.set_result(None)
-        else:
-            waiter.set_exception(StoreError(f"The database is unavailable ({exc})."))
+    return []
 
 
 def _reason(exc: Exception) -> str:
