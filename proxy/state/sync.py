@@ -26,7 +26,7 @@ KEYS_CHANNEL = "keys"
 USERS_CHANNEL = "users"
 ALL_USERS = "*"  # a users message naming no one token: every user changed (a quota refresh)
 RECENT_SIZE = 500  # the recent requests kept for the page, from every instance
-RECENT_FLUSH_S = 0.1  # recent events are pushed to Redis in batches, this often at most
+RECENT_FLUSH_S = 0.5  # recent events are pushed to Redis in batches, this often at most (the page shows them)
 TOTALS_REFRESH_S = 5.0  # how often the usage totals /status shows are re-read from the database
 
 
