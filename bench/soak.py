@@ -109,18 +109,22 @@ def start_app(env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def wait_health(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    """Until the whole app is up: /health, then the page (built after the proxy starts serving;
+    RSS compared over the run must start from the whole app's)."""
     import urllib.request
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app.py exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError("app.py did not start")
+    for path in ("/health", "/"):
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"app.py exited with {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"app.py did not start ({path})")
+            try:
+                with urllib.request.urlopen(url + path, timeout=2):
+                    break
+            except OSError:  # (HTTPError included: "/" answers 503 while the page is built)
+                time.sleep(0.2)
 
 
 def status_requests(url: str) -> int:
