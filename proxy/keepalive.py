@@ -1,104 +1,78 @@
-"""Heartbeats for a silent stream: an SSE comment whenever the relayed chunks pause too long.
+"""Heartbeats for a silent stream: an SSE comment whenever the client has heard nothing for a while.
 
 Reasoning models can think for minutes before their first token; proxies in between (a Space's
-front, a client's HTTP library) drop a connection that says nothing for a while. `keep_alive`
-wraps any chunk iterator: the chunks pass unchanged, one at a time, and a comment line goes out
-whenever none came for `interval` seconds. Chunks are whole SSE events, so a comment never lands
-inside one. Comment lines are ignored by SSE clients (the openai and anthropic SDKs included).
+front, a client's HTTP library) drop a connection that says nothing for a while. The relay reads
+the upstream through `Silence.read`, which gives up a read (None) once the client has heard
+nothing for `interval` seconds; the relay then sends a comment line between two whole events, so
+a comment never lands inside one. Comment lines are ignored by SSE clients (the openai and
+anthropic SDKs included).
+
+It costs nothing per chunk but a clock read: one timer per stream, due when the interval would
+end, checks whether the stream is still silent and the relay still waits in a read; only then is
+that read interrupted (a cancellation taken back at once, as `asyncio.timeout` does). Earlier
+versions read the upstream in a helper task and handed every chunk over through two futures:
+three task switches a chunk instead of one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 
 HEARTBEAT = b": heartbeat\n\n"
-_END = object()
 
 
-class _Failed:
-    __slots__ = ("error",)
+class Silence:
+    """Watches one stream for `interval` seconds without a word to the client (interval > 0).
 
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
+    `read(fn)` awaits `fn()` and returns what it returns, or None when the interval passed during
+    the read: the read is then abandoned, so it must be one that loses nothing when cancelled
+    (aiohttp's `StreamReader.readany` keeps its bytes buffered for the next read). `spoke()` notes
+    that the client was just sent something; `close()` stops the timer."""
 
+    __slots__ = ("interval", "_loop", "_last", "_timer", "_reader", "_fired")
 
-async def keep_alive(chunks: AsyncIterator[bytes], interval: float, beat: bytes = HEARTBEAT) -> AsyncIterator[bytes]:
-    """`chunks`, with `beat` whenever they are silent for `interval` seconds (0: no heartbeats).
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._loop = asyncio.get_running_loop()
+        self._last = self._loop.time()
+        self._reader: asyncio.Task | None = None  # the task waiting in `read`, if one is
+        self._fired = False
+        self._timer: asyncio.TimerHandle | None = self._loop.call_at(self._last + interval, self._tick)
 
-    The chunks are read by a helper task, one ahead at most (the client's pace still holds the
-    upstream back). When the consumer stops (the client went away), the helper is cancelled and
-    `chunks` closed, so whatever `chunks` holds open (an upstream connection) is closed too."""
-    if interval <= 0:
-        async for chunk in chunks:
-            yield chunk
-        return
-    loop = asyncio.get_running_loop()
-    ready: deque = deque()
-    state: dict = {"waiter": None, "resume": None, "last": loop.time()}
+    def spoke(self) -> None:
+        self._last = self._loop.time()
 
-    def put(item: object) -> None:
-        ready.append(item)
-        waiter = state["waiter"]
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def pump() -> None:
-        try:
-            async for chunk in chunks:
-                put(chunk)
-                resume = state["resume"] = loop.create_future()
-                await resume  # until the consumer took it
-            put(_END)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            put(_Failed(exc))
-        finally:
-            with contextlib.suppress(BaseException):
-                await chunks.aclose()  # type: ignore[attr-defined]
-
-    def tick() -> None:
-        state["timer"] = None
-        waiter = state["waiter"]
-        silent = loop.time() - state["last"]
-        if waiter is not None and not waiter.done() and silent >= interval * 0.999:
-            waiter.set_result(beat)
+    def _tick(self) -> None:
+        silent = self._loop.time() - self._last
+        if silent < self.interval * 0.999 or self._reader is None:
+            # Spoken since, or not waiting for the upstream (e.g. writing to a slow client): look again
+            # when the interval since the last word ends.
+            self._timer = self._loop.call_at(self._last + self.interval, self._tick)
             return
-        state["timer"] = loop.call_later(max(interval - silent, 0.001), tick)
+        self._fired = True
+        self._reader.cancel()
+        self._timer = None  # re-armed by `read` once the heartbeat went out (`spoke`)
 
-    task = loop.create_task(pump())
-    state["timer"] = loop.call_later(interval, tick)
-    try:
-        while True:
-            if not ready:
-                waiter = state["waiter"] = loop.create_future()
-                try:
-                    got = await waiter
-                finally:
-                    state["waiter"] = None
-                if got is beat and not ready:
-                    state["last"] = loop.time()
-                    if state["timer"] is None:
-                        state["timer"] = loop.call_later(interval, tick)
-                    yield beat
-                    continue
-            item = ready.popleft()
-            resume = state["resume"]
-            if resume is not None and not resume.done():
-                resume.set_result(None)
-            if item is _END:
-                return
-            if isinstance(item, _Failed):
-                raise item.error
-            state["last"] = loop.time()
-            if state["timer"] is None:
-                state["timer"] = loop.call_later(interval, tick)
-            yield item
-    finally:
-        timer = state.get("timer")
-        if timer is not None:
-            timer.cancel()
-        task.cancel()
+    async def read(self, fn: Callable[[], Awaitable[bytes]]) -> bytes | None:
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()
+        self._reader = task
+        try:
+            return await fn()
+        except asyncio.CancelledError:
+            # Ours (taken back), unless the task was also cancelled for real meanwhile.
+            if self._fired and task.uncancel() <= cancelling:
+                return None
+            raise
+        finally:
+            self._reader = None
+            if self._fired:
+                self._fired = False
+                self._timer = self._loop.call_at(self._loop.time() + self.interval, self._tick)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -10,6 +10,7 @@ import aiohttp
 from proxy import jsonx
 from proxy.config import Settings
 from proxy.errors import Redactor
+from proxy.keepalive import HEARTBEAT, Silence
 from proxy.providers.base import StreamMeter
 from proxy.sse import Event, EventTooLarge, SSEParser
 
@@ -88,6 +89,7 @@ async def relay_events(
     stream_error: Callable[[str], bytes],
     redact: Redactor = _KEY_SHAPED,
     decode: Callable[[bytes], bytes] | None = None,
+    heartbeat: float = 0.0,
 ) -> AsyncIterator[bytes]:
     """Relay an SSE reply event by event as it arrives.
 
@@ -98,7 +100,8 @@ async def relay_events(
     streams) turns accepted events into the client's format. An error event from the upstream is
     the stream's last word. A drop mid-stream ends with one error event in the client's format.
     Cancellation (the client went away) closes the upstream connection at once. `decode` (the
-    dialect's `stream_decoder`) first turns a provider's own framing into SSE bytes.
+    dialect's `stream_decoder`) first turns a provider's own framing into SSE bytes. With
+    `heartbeat` (seconds), an SSE comment goes out whenever the client heard nothing for that long.
     """
     parser = SSEParser()
     upstream_failed = False
@@ -132,10 +135,20 @@ async def relay_events(
         return b"".join(parts), None
 
     content = response.content
+    silence = Silence(heartbeat) if heartbeat > 0 else None
     try:
         while True:
             # Bytes that arrived before a break first (see `buffered_before_break`), then the error.
-            chunk = buffered_before_break(content) or await content.readany()
+            chunk = buffered_before_break(content)
+            if not chunk:
+                if silence is None:
+                    chunk = await content.readany()
+                else:
+                    chunk = await silence.read(content.readany)
+                    if chunk is None:  # the client heard nothing for `heartbeat` seconds
+                        yield HEARTBEAT
+                        silence.spoke()
+                        continue
             if not chunk:
                 break
             if decode is not None:  # the provider's own framing (Bedrock's event stream) to SSE bytes
@@ -147,6 +160,8 @@ async def relay_events(
             data, abort = out(parser.feed(chunk))
             if data:
                 yield data
+                if silence is not None:
+                    silence.spoke()
             if abort is not None:
                 yield stream_error(abort)
                 return
@@ -166,6 +181,8 @@ async def relay_events(
         if not meter.finished:  # a break after the last event loses nothing
             yield stream_error("The upstream connection broke off in the middle of the stream.")
     finally:
+        if silence is not None:
+            silence.close()
         # Closing (not releasing) drops the connection if the body was not read to the end.
         if meter.finished:
             response.release()
