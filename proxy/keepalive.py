@@ -28,49 +28,75 @@ class Silence:
     `read(fn)` awaits `fn()` and returns what it returns, or None when the interval passed during
     the read: the read is then abandoned, so it must be one that loses nothing when cancelled
     (aiohttp's `StreamReader.readany` keeps its bytes buffered for the next read). `spoke()` notes
-    that the client was just sent something; `close()` stops the timer."""
+    that the client was just sent something; `close()` stops the timer.
 
-    __slots__ = ("interval", "_loop", "_last", "_timer", "_reader", "_fired")
+    With `read_timeout` and `on_read_timeout`, the same timer calls `on_read_timeout()` once a read
+    has waited that long since the upstream's last byte, so the HTTP client need not re-arm a
+    timer of its own for every chunk."""
 
-    def __init__(self, interval: float) -> None:
+    __slots__ = ("interval", "read_timeout", "on_read_timeout", "_loop", "_last", "_heard", "_timer", "_task",
+                 "_reading", "_fired")  # fmt: skip
+
+    def __init__(
+        self, interval: float, read_timeout: float | None = None, on_read_timeout: Callable[[], None] | None = None
+    ) -> None:
         self.interval = interval
+        self.read_timeout = read_timeout if on_read_timeout is not None else None
+        self.on_read_timeout = on_read_timeout
         self._loop = asyncio.get_running_loop()
-        self._last = self._loop.time()
-        self._reader: asyncio.Task | None = None  # the task waiting in `read`, if one is
-        self._fired = False
-        self._timer: asyncio.TimerHandle | None = self._loop.call_at(self._last + interval, self._tick)
+        self._last = self._heard = self._loop.time()
+        self._task: asyncio.Task | None = None  # the task reading (the one driving the relay)
+        self._reading = False
+        self._fired = False  # a read is being interrupted for a heartbeat
+        self._timer: asyncio.TimerHandle | None = self._loop.call_at(self._due(), self._tick)
 
     def spoke(self) -> None:
         self._last = self._loop.time()
 
+    def _due(self) -> float:
+        due = self._last + self.interval
+        if self.read_timeout is not None:
+            due = min(due, self._heard + self.read_timeout)
+        return due
+
     def _tick(self) -> None:
-        silent = self._loop.time() - self._last
-        if silent < self.interval * 0.999 or self._reader is None:
-            # Spoken since, or not waiting for the upstream (e.g. writing to a slow client): look again
-            # when the interval since the last word ends.
-            self._timer = self._loop.call_at(self._last + self.interval, self._tick)
+        self._timer = None
+        now = self._loop.time()
+        if self._reading and self._task is not None:
+            if self.read_timeout is not None and now - self._heard >= self.read_timeout * 0.999:
+                self.on_read_timeout()  # type: ignore[misc]  # the read fails with it; nothing to re-arm
+                return
+            if now - self._last >= self.interval * 0.999:
+                self._fired = True
+                self._task.cancel()  # re-armed once the interrupted read is over
+                return
+            self._timer = self._loop.call_at(self._due(), self._tick)
             return
-        self._fired = True
-        self._reader.cancel()
-        self._timer = None  # re-armed by `read` once the heartbeat went out (`spoke`)
+        # Not waiting for the upstream (e.g. writing to a slow client): look again when the next
+        # interval ends, or in a while if it already has.
+        self._timer = self._loop.call_at(max(self._due(), now + self.interval / 4), self._tick)
 
     async def read(self, fn: Callable[[], Awaitable[bytes]]) -> bytes | None:
-        task = asyncio.current_task()
-        assert task is not None
+        task = self._task
+        if task is None:
+            task = self._task = asyncio.current_task()
+            assert task is not None
         cancelling = task.cancelling()
-        self._reader = task
+        self._reading = True
         try:
-            return await fn()
+            data = await fn()
         except asyncio.CancelledError:
             # Ours (taken back), unless the task was also cancelled for real meanwhile.
             if self._fired and task.uncancel() <= cancelling:
                 return None
             raise
         finally:
-            self._reader = None
+            self._reading = False
             if self._fired:
                 self._fired = False
                 self._timer = self._loop.call_at(self._loop.time() + self.interval, self._tick)
+        self._heard = self._loop.time()
+        return data
 
     def close(self) -> None:
         if self._timer is not None:

@@ -135,7 +135,15 @@ async def relay_events(
         return b"".join(parts), None
 
     content = response.content
-    silence = Silence(heartbeat) if heartbeat > 0 else None
+    silence = None
+    if heartbeat > 0:
+        # The heartbeat's timer also watches the upstream's silence (sock_read), so aiohttp does
+        # not cancel and re-arm a timer of its own for every chunk.
+        protocol = response.connection.protocol if response.connection is not None else None
+        read_timeout = getattr(protocol, "read_timeout", None)
+        if read_timeout:
+            protocol.read_timeout = None  # type: ignore[union-attr]  # the pending timer stays armed
+        silence = Silence(heartbeat, read_timeout, lambda: content.set_exception(ReadTimeout()))
     try:
         while True:
             # Bytes that arrived before a break first (see `buffered_before_break`), then the error.
@@ -253,6 +261,13 @@ def redacted_event(event: Event, redact: Redactor) -> Event:
     if not changed:
         return event
     return Event(redact(event.event), data, ("\n".join(lines) + "\n\n").encode())
+
+
+class ReadTimeout(aiohttp.ServerTimeoutError):
+    """The upstream sent nothing for UPSTREAM_READ_TIMEOUT seconds in the middle of a stream."""
+
+    def __init__(self) -> None:
+        super().__init__("Timeout on reading data from socket")
 
 
 class RedirectNotFollowed(aiohttp.ClientError):

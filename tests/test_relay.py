@@ -60,11 +60,14 @@ async def scripted_upstream(script: list[bytes | float]) -> tuple[web.AppRunner,
     return runner, f"http://127.0.0.1:{port}/stream"
 
 
-async def relayed(script: list[bytes | float], heartbeat: float, redact: Redactor | None = None) -> list[bytes]:
+async def relayed(
+    script: list[bytes | float], heartbeat: float, redact: Redactor | None = None, read_timeout: float | None = None
+) -> list[bytes]:
     """Every chunk the relay hands to the client for an upstream playing `script`."""
     runner, url = await scripted_upstream(script)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=read_timeout)
     try:
-        async with aiohttp.ClientSession() as session, session.post(url) as response:
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.post(url) as response:
             meter = OpenAIStreamMeter(client_wants_usage=True)
             chunks = relay_events(
                 response, meter, None, lambda message: encode({"error": message}),
@@ -167,3 +170,17 @@ async def test_a_key_echoed_in_an_event_cut_across_upstream_chunks_is_scrubbed()
     assert KEY.encode() not in body and KEY[:12].encode() not in body
     assert MARK in json.loads(body.split(b"\n\n")[0].removeprefix(b"data: "))["choices"][0]["delta"]["content"]
 
+
+
+@pytest.mark.parametrize("heartbeat", [0.0, 10.0], ids=["aiohttp's timer", "the heartbeat's timer"])
+async def test_an_upstream_silent_past_the_read_timeout_ends_the_stream_with_an_error_after_all_it_sent(
+    heartbeat: float,
+) -> None:
+    first, second = chunk_event("one"), chunk_event("two")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    chunks = await relayed([first, 0.1, second, 3.0, b"data: [DONE]\n\n"], heartbeat, read_timeout=0.3)
+    assert loop.time() - started < 1.5
+    assert events_of(chunks).startswith(first + second)
+    error = json.loads(chunks[-1].removeprefix(b"data: "))["error"]
+    assert error == "The upstream stopped sending data (read timeout)."
