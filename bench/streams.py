@@ -3,6 +3,8 @@ the proxy and, side by side, by an nginx hop (`proxy_buffering off`).
 
     python bench/streams.py                       # 1,000 streams, 20 s, about 2 minutes
     python bench/streams.py --streams 200 --seconds 5
+    python bench/streams.py --rows proxy --profile /tmp/relay.txt   # py-spy on the proxy meanwhile
+    python bench/streams.py --repo /tmp/other-tree                  # the proxy of another tree
 
 The upstream (an aiohttp server in its own process) writes, in every chunk, the wall-clock time it
 sent it; the client (aiohttp, its own process, all streams on one event loop) notes when each
@@ -19,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -111,8 +114,11 @@ def rss_kb(pids: list[int]) -> int:
     return total
 
 
-def run_row(name: str, url: str, token: str | None, pids: list[int], args: argparse.Namespace, work: Path) -> dict:
-    out = work / f"{name}.json"
+def run_row(
+    name: str, url: str, token: str | None, pids: list[int], args: argparse.Namespace, work: Path,
+    profile: Path | None = None,
+) -> dict:  # fmt: skip
+    out = work / f"{name.split()[0]}.json"
     peak = [0]
     stop = threading.Event()
 
@@ -123,13 +129,26 @@ def run_row(name: str, url: str, token: str | None, pids: list[int], args: argpa
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    spy = None
+    if profile is not None:  # sampled without pausing the proxy, so the delays stay comparable
+        spy = subprocess.Popen(
+            ["py-spy", "record", "--pid", str(pids[0]), "--duration", str(int(args.seconds)), "--rate", "100",
+             "--nonblocking", "--format", "raw", "-o", str(profile)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
     cpu0 = harness.cpu_ns(pids)
+    busy0, ours0 = harness.busy_jiffies(), harness.cpu_jiffies(harness_pids()) + harness.children_jiffies()
     code = (
         f"import asyncio, sys; sys.path.insert(0, {str(harness.BENCH)!r}); import streams; "
         f"asyncio.run(streams.drive({url!r}, {args.streams}, {token!r}, __import__('pathlib').Path({str(out)!r})))"
     )
+    started = time.monotonic()
     subprocess_run([sys.executable, "-c", code], timeout=args.seconds + 120)
+    if spy is not None:
+        spy.wait(timeout=60)
     cpu = harness.cpu_ns(pids) - cpu0
+    elapsed_jiffies = harness.busy_jiffies() - busy0
+    ours = harness.cpu_jiffies(harness_pids()) + harness.children_jiffies() - ours0
     stop.set()
     sampler.join()
     data = json.loads(out.read_text())
@@ -138,12 +157,19 @@ def run_row(name: str, url: str, token: str | None, pids: list[int], args: argpa
         "row": name, "streams": args.streams, "complete": data["complete"], "chunks": len(delays),
         "p50_ms": percentile(delays, 0.5), "p99_ms": percentile(delays, 0.99), "max_ms": max(delays, default=0),
         "cpu_us_per_chunk": cpu / 1000 / max(len(delays), 1), "rss_mb": peak[0] / 1024,
+        "background_cores": max(elapsed_jiffies - ours, 0) / harness.HZ / max(time.monotonic() - started, 1e-9),
     }  # fmt: skip
 
 
-def subprocess_run(argv: list[str], timeout: float) -> None:
-    import subprocess
+_PROCS: list[harness.Procs] = []
 
+
+def harness_pids() -> list[int]:
+    """This benchmark and everything it started (to tell background load from our own)."""
+    return [os.getpid(), *(pid for procs in _PROCS for pid in procs.descendants())]
+
+
+def subprocess_run(argv: list[str], timeout: float) -> None:
     done = subprocess.run(argv, timeout=timeout, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-1500:])
@@ -154,6 +180,9 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--interval", type=float, default=0.1)
+    parser.add_argument("--rows", default="nginx,proxy", help="which rows to run: nginx, proxy or both")
+    parser.add_argument("--repo", type=Path, default=harness.REPO, help="the tree whose app.py is measured")
+    parser.add_argument("--profile", type=Path, help="py-spy the proxy during its row; raw stacks go here")
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream:
@@ -167,6 +196,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="proxy-streams-") as tmp:
         work = Path(tmp)
         procs = harness.Procs(work)
+        _PROCS.append(procs)
         try:
             up = harness.free_port()
             procs.start("upstream", [sys.executable, __file__, "--serve-upstream", str(up),
@@ -180,22 +210,30 @@ def main() -> int:
                    "PORT": str(port), "OPENAI_KEY": KEY, "OPENAI_BASE_URL": f"http://127.0.0.1:{up}/v1",
                    "PROXY_KEY": PROXY_KEY, "CHECK_KEYS": "false", "LOG_LEVEL": "warning",
                    "DATA_DIR": str(work / "data")}  # fmt: skip
-            proxy = procs.start("proxy", [sys.executable, str(harness.REPO / "app.py")], env=env)
+            proxy = procs.start("proxy", [sys.executable, str(args.repo / "app.py")], env=env)
             harness.wait_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=proxy)
             time.sleep(0.5)
-            rows = [
-                run_row("nginx hop (proxy_buffering off)", f"http://127.0.0.1:{hop}/v1/chat/completions", None,
-                        procs.descendants("nginx-hop"), args, work),
-                run_row("proxy (python app.py)", f"http://127.0.0.1:{port}/proxy/openai/v1/chat/completions",
-                        PROXY_KEY, procs.descendants("proxy"), args, work),
-            ]  # fmt: skip
+            rows = []
+            if "nginx" in args.rows:
+                rows.append(run_row("nginx hop (proxy_buffering off)", f"http://127.0.0.1:{hop}/v1/chat/completions",
+                                    None, procs.descendants("nginx-hop"), args, work))  # fmt: skip
+            if "proxy" in args.rows:
+                rows.append(run_row("proxy (python app.py)", f"http://127.0.0.1:{port}/proxy/openai/v1/chat/completions",
+                                    PROXY_KEY, procs.descendants("proxy"), args, work, args.profile))  # fmt: skip
         finally:
             procs.close()
-    print("| row | streams complete | chunks | delay p50 (ms) | p99 (ms) | max (ms) | CPU/chunk (µs) | peak RSS (MB) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| row | streams complete | chunks | delay p50 (ms) | p99 (ms) | max (ms) | CPU/chunk (µs) | peak RSS (MB) "
+          "| background load (cores) |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['row']} | {r['complete']}/{r['streams']} | {r['chunks']:,} | {r['p50_ms']:.2f} | "
-              f"{r['p99_ms']:.2f} | {r['max_ms']:.1f} | {r['cpu_us_per_chunk']:.1f} | {r['rss_mb']:.0f} |")  # fmt: skip
+              f"{r['p99_ms']:.2f} | {r['max_ms']:.1f} | {r['cpu_us_per_chunk']:.1f} | {r['rss_mb']:.0f} "
+              f"| {r['background_cores']:.2f} |")  # fmt: skip
+    if args.profile is not None and args.profile.exists():
+        import profile_proxy
+
+        print()
+        print(profile_proxy.report(profile_proxy.parse_raw(args.profile), 30))
     return 0
 
 

@@ -21,7 +21,6 @@ from proxy.body import read_json
 from proxy.client import ClientGone, unless_client_leaves
 from proxy.errors import SHAPES, Kind, ProxyError, Redactor
 from proxy.families import family_of, is_allowed
-from proxy.keepalive import keep_alive
 from proxy.keys.pool import Key, KeyPool, Outcome, Verdict
 from proxy.limits import RequestLimits, check_model
 from proxy.logs import log_safe
@@ -575,11 +574,13 @@ class Pipeline:
         delivered = False
         if metrics is not None:
             metrics.stream_started(ctx.service)
+        events = None
         try:
             events = upstream.relay_events(
-            reply.response, meter, render, stream_error, redact=self.redact, decode=dialect.stream_decoder()
-        )
-            async for chunk in keep_alive(events, self.heartbeat):
+                reply.response, meter, render, stream_error, redact=self.redact, decode=dialect.stream_decoder(),
+                heartbeat=self.heartbeat,
+            )  # fmt: skip
+            async for chunk in events:
                 if ctx.first_byte_s is None:
                     ctx.first_byte_s = time.perf_counter() - ctx.started
                 yield chunk
@@ -591,6 +592,8 @@ class Pipeline:
         except BaseException:
             # The client went away; if the whole answer had reached it, it was served all the same.
             status = 200 if meter.finished else 499
+            if events is not None:
+                await events.aclose()  # closes the upstream connection now, not when collected
             raise
         finally:
             usage = meter.usage

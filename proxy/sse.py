@@ -89,6 +89,9 @@ class SSEParser:
 
 def parse_block(block: bytes) -> Event | None:
     """Parse one event block (lines ending in a blank line). Comment-only blocks yield None."""
+    if block.startswith(b"data: ") and block.find(b"\n") == len(block) - 2:
+        # Nearly every event: one `data: ` line. What the general parse below gives, faster.
+        return Event("", block[6:-2].decode("utf-8", errors="replace"), block)
     name = ""
     data_lines: list[str] = []
     for line in block.decode("utf-8", errors="replace").split("\n"):

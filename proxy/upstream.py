@@ -10,6 +10,7 @@ import aiohttp
 from proxy import jsonx
 from proxy.config import Settings
 from proxy.errors import Redactor
+from proxy.keepalive import HEARTBEAT, Silence
 from proxy.providers.base import StreamMeter
 from proxy.sse import Event, EventTooLarge, SSEParser
 
@@ -88,6 +89,7 @@ async def relay_events(
     stream_error: Callable[[str], bytes],
     redact: Redactor = _KEY_SHAPED,
     decode: Callable[[bytes], bytes] | None = None,
+    heartbeat: float = 0.0,
 ) -> AsyncIterator[bytes]:
     """Relay an SSE reply event by event as it arrives.
 
@@ -98,7 +100,8 @@ async def relay_events(
     streams) turns accepted events into the client's format. An error event from the upstream is
     the stream's last word. A drop mid-stream ends with one error event in the client's format.
     Cancellation (the client went away) closes the upstream connection at once. `decode` (the
-    dialect's `stream_decoder`) first turns a provider's own framing into SSE bytes.
+    dialect's `stream_decoder`) first turns a provider's own framing into SSE bytes. With
+    `heartbeat` (seconds), an SSE comment goes out whenever the client heard nothing for that long.
     """
     parser = SSEParser()
     upstream_failed = False
@@ -132,10 +135,28 @@ async def relay_events(
         return b"".join(parts), None
 
     content = response.content
+    silence = None
+    if heartbeat > 0:
+        # The heartbeat's timer also watches the upstream's silence (sock_read), so aiohttp does
+        # not cancel and re-arm a timer of its own for every chunk.
+        protocol = response.connection.protocol if response.connection is not None else None
+        read_timeout = getattr(protocol, "read_timeout", None)
+        if read_timeout:
+            protocol.read_timeout = None  # type: ignore[union-attr]  # the pending timer stays armed
+        silence = Silence(heartbeat, read_timeout, lambda: content.set_exception(ReadTimeout()))
     try:
         while True:
             # Bytes that arrived before a break first (see `buffered_before_break`), then the error.
-            chunk = buffered_before_break(content) or await content.readany()
+            chunk = buffered_before_break(content)
+            if not chunk:
+                if silence is None:
+                    chunk = await content.readany()
+                else:
+                    chunk = await silence.read(content.readany)
+                    if chunk is None:  # the client heard nothing for `heartbeat` seconds
+                        yield HEARTBEAT
+                        silence.spoke()
+                        continue
             if not chunk:
                 break
             if decode is not None:  # the provider's own framing (Bedrock's event stream) to SSE bytes
@@ -147,6 +168,8 @@ async def relay_events(
             data, abort = out(parser.feed(chunk))
             if data:
                 yield data
+                if silence is not None:
+                    silence.spoke()
             if abort is not None:
                 yield stream_error(abort)
                 return
@@ -166,6 +189,8 @@ async def relay_events(
         if not meter.finished:  # a break after the last event loses nothing
             yield stream_error("The upstream connection broke off in the middle of the stream.")
     finally:
+        if silence is not None:
+            silence.close()
         # Closing (not releasing) drops the connection if the body was not read to the end.
         if meter.finished:
             response.release()
@@ -236,6 +261,13 @@ def redacted_event(event: Event, redact: Redactor) -> Event:
     if not changed:
         return event
     return Event(redact(event.event), data, ("\n".join(lines) + "\n\n").encode())
+
+
+class ReadTimeout(aiohttp.ServerTimeoutError):
+    """The upstream sent nothing for UPSTREAM_READ_TIMEOUT seconds in the middle of a stream."""
+
+    def __init__(self) -> None:
+        super().__init__("Timeout on reading data from socket")
 
 
 class RedirectNotFollowed(aiohttp.ClientError):

@@ -1,0 +1,186 @@
+"""The stream relay itself, on real sockets: heartbeats between whole events, no byte lost, a client
+that leaves still cancels the upstream, however the upstream's bytes are cut."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.errors import MARK, Redactor
+from proxy.keepalive import HEARTBEAT, Silence
+from proxy.providers.openai.dialect import OpenAIStreamMeter
+from proxy.sse import encode
+from proxy.upstream import relay_events
+
+KEY = "sk-relay-test-0123456789abcdefghij"
+CLOSED = web.AppKey("closed", asyncio.Event)  # set when the proxy hung up on the upstream
+
+
+def chunk_event(text: str) -> bytes:
+    return encode({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": text}}]})
+
+
+USAGE = encode(
+    {"object": "chat.completion.chunk", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+)
+
+
+async def scripted_upstream(script: list[bytes | float]) -> tuple[web.AppRunner, str]:
+    """A loopback SSE upstream that writes the bytes of `script` and sleeps for its floats."""
+    closed = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        loop = asyncio.get_running_loop()
+        for step in script:
+            if isinstance(step, float):
+                until = loop.time() + step
+                while loop.time() < until:  # silent, watching for the proxy to hang up
+                    if request.transport is None or request.transport.is_closing():
+                        closed.set()
+                        return response
+                    await asyncio.sleep(0.01)
+            else:
+                await response.write(step)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/stream", handler)
+    app[CLOSED] = closed
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}/stream"
+
+
+async def relayed(
+    script: list[bytes | float], heartbeat: float, redact: Redactor | None = None, read_timeout: float | None = None
+) -> list[bytes]:
+    """Every chunk the relay hands to the client for an upstream playing `script`."""
+    runner, url = await scripted_upstream(script)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=read_timeout)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.post(url) as response:
+            meter = OpenAIStreamMeter(client_wants_usage=True)
+            chunks = relay_events(
+                response, meter, None, lambda message: encode({"error": message}),
+                redact=redact or Redactor([KEY]), heartbeat=heartbeat,
+            )  # fmt: skip
+            return [chunk async for chunk in chunks]
+    finally:
+        await runner.cleanup()
+
+
+def events_of(chunks: list[bytes]) -> bytes:
+    return b"".join(chunk for chunk in chunks if chunk != HEARTBEAT)
+
+
+async def test_a_silent_upstream_gets_heartbeats_between_whole_events_and_loses_no_byte() -> None:
+    first, second = chunk_event("one"), chunk_event("two")
+    half = len(second) // 2
+    # Silent after a whole event, then silent again with half an event sent: the comment must
+    # wait for neither, and must never land inside the half-sent event.
+    script: list[bytes | float] = [first, 0.35, second[:half], 0.35, second[half:], USAGE, b"data: [DONE]\n\n"]
+    chunks = await relayed(script, heartbeat=0.1)
+    assert events_of(chunks) == first + second + USAGE + b"data: [DONE]\n\n"
+    assert chunks.count(HEARTBEAT) >= 4
+    for chunk in chunks:  # each chunk is a heartbeat or whole events: a comment never splits one
+        assert chunk == HEARTBEAT or chunk.endswith(b"\n\n") and chunk.startswith(b"data: ")
+    beat_at = [i for i, chunk in enumerate(chunks) if chunk == HEARTBEAT]
+    came = next(i for i, chunk in enumerate(chunks) if chunk.startswith(second))
+    assert came > beat_at[-1]  # the half event came whole, after the silence
+
+
+async def test_no_heartbeat_while_the_upstream_keeps_talking() -> None:
+    script: list[bytes | float] = []
+    for i in range(20):
+        script += [chunk_event(f"t{i}"), 0.02]
+    chunks = await relayed([*script, USAGE, b"data: [DONE]\n\n"], heartbeat=0.15)
+    assert HEARTBEAT not in chunks
+    assert events_of(chunks).count(b"chat.completion.chunk") == 21
+
+
+async def test_a_client_that_leaves_while_the_upstream_is_silent_closes_the_upstream_at_once() -> None:
+    runner, url = await scripted_upstream([chunk_event("one"), 30.0, b"data: [DONE]\n\n"])
+    try:
+        async with aiohttp.ClientSession() as session:
+            response = await session.post(url)
+            chunks = relay_events(
+                response, OpenAIStreamMeter(True), None, lambda m: b"", redact=Redactor([KEY]), heartbeat=0.05
+            )
+
+            async def client() -> None:
+                async for _ in chunks:
+                    pass
+
+            task = asyncio.ensure_future(client())
+            await asyncio.sleep(0.3)  # several heartbeats' worth of silence: the relay waits in a read
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert response.closed
+            await asyncio.wait_for(runner.app[CLOSED].wait(), 2)
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_real_cancellation_at_the_moment_a_heartbeat_is_due_is_not_swallowed() -> None:
+    never: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    silence = Silence(60)
+
+    async def reader() -> bytes | None:
+        return await silence.read(lambda: never)
+
+    task = asyncio.ensure_future(reader())
+    await asyncio.sleep(0)  # waiting in the read
+    task.cancel()  # the client left...
+    silence._last -= 120  # ...in the same turn of the loop as the heartbeat's timer fires
+    silence._tick()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    silence.close()
+
+
+async def test_a_heartbeat_read_gives_up_nothing_the_upstream_sent_meanwhile() -> None:
+    """The data arrives in the very turn the heartbeat interrupts the read: it is read next time."""
+    reader = asyncio.StreamReader()
+    silence = Silence(60)
+    task = asyncio.ensure_future(silence.read(lambda: reader.read(100)))
+    await asyncio.sleep(0)
+    reader.feed_data(b"data: x\n\n")  # wakes the read...
+    silence._last -= 120
+    silence._tick()  # ...and the heartbeat interrupts it before it ran
+    assert await task is None
+    assert await asyncio.wait_for(silence.read(lambda: reader.read(100)), 1) == b"data: x\n\n"
+    silence.close()
+
+
+async def test_a_key_echoed_in_an_event_cut_across_upstream_chunks_is_scrubbed() -> None:
+    echoed = encode({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": f"key {KEY}"}}]})
+    cut = echoed.index(KEY.encode()) + 8
+    chunks = await relayed([echoed[:cut], 0.05, echoed[cut:], USAGE, b"data: [DONE]\n\n"], heartbeat=10)
+    body = events_of(chunks)
+    assert KEY.encode() not in body and KEY[:12].encode() not in body
+    assert MARK in json.loads(body.split(b"\n\n")[0].removeprefix(b"data: "))["choices"][0]["delta"]["content"]
+
+
+
+@pytest.mark.parametrize("heartbeat", [0.0, 10.0], ids=["aiohttp's timer", "the heartbeat's timer"])
+async def test_an_upstream_silent_past_the_read_timeout_ends_the_stream_with_an_error_after_all_it_sent(
+    heartbeat: float,
+) -> None:
+    first, second = chunk_event("one"), chunk_event("two")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    chunks = await relayed([first, 0.1, second, 3.0, b"data: [DONE]\n\n"], heartbeat, read_timeout=0.3)
+    assert loop.time() - started < 1.5
+    assert events_of(chunks).startswith(first + second)
+    error = json.loads(chunks[-1].removeprefix(b"data: "))["error"]
+    assert error == "The upstream stopped sending data (read timeout)."
