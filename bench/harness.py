@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -193,6 +194,19 @@ def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = N
     time.sleep(0.1)
     if proc is not None and proc.poll() is not None:  # something else answered on its port
         raise RuntimeError(f"{url}: the server exited with {proc.returncode}")
+
+
+def wait_ok(url: str, timeout: float) -> None:
+    """Wait until `url` answers 200 (the page: 503 while it is being built)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.HTTPError, OSError):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not answer 200 in {timeout:.0f} s") from None
+            time.sleep(0.05)
 
 
 def post(url: str, body: dict, token: str | None = None) -> tuple[int, bytes]:

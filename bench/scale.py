@@ -85,25 +85,9 @@ def start_app(procs: harness.Procs, name: str, env: dict[str, str]) -> tuple[int
     proc = procs.start(name, [*harness.pin(None), sys.executable, str(harness.REPO / "app.py")], env=full)
     harness.wait_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=proc)
     ready = time.monotonic() - started
-    wait_ok(f"http://127.0.0.1:{port}/", timeout=120)  # the measured rows serve the page too
+    harness.wait_ok(f"http://127.0.0.1:{port}/", timeout=120)  # the measured rows serve the page too
     print(f"{name}: serving after {ready:.2f} s, page after {time.monotonic() - started:.2f} s", file=sys.stderr)
     return port, ready
-
-
-def wait_ok(url: str, timeout: float) -> None:
-    """Wait until `url` answers 200 (the page: 503 while it is being built)."""
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except (urllib.error.HTTPError, OSError):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not answer 200 in {timeout:.0f} s") from None
-            time.sleep(0.05)
 
 
 def state_pids(pg: object, redis: object) -> list[int]:

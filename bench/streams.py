@@ -212,6 +212,7 @@ def main() -> int:
                    "DATA_DIR": str(work / "data")}  # fmt: skip
             proxy = procs.start("proxy", [sys.executable, str(args.repo / "app.py")], env=env)
             harness.wait_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=proxy)
+            harness.wait_ok(f"http://127.0.0.1:{port}/", timeout=120)  # the page, built after start
             time.sleep(0.5)
             rows = []
             if "nginx" in args.rows:
