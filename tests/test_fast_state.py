@@ -204,3 +204,44 @@ async def test_a_count_seeded_from_a_stale_copy_is_raised_to_the_durable_count_n
     assert not again.seeded and again.left == 300
     await state.finish(ticket)
     await state.aclose()
+
+
+async def test_requests_of_one_loop_turn_share_a_round_trip_and_each_gets_its_own_answer(redis: Any) -> None:
+    state = RedisFastState(redis.url)
+    await state.start()
+    try:
+        sent: list[int] = []
+        pipeline = state._pipeline
+
+        async def counting(batch: list) -> list:
+            sent.append(len(batch))
+            return await pipeline(batch)
+
+        state._pipeline = counting  # type: ignore[method-assign]
+        who = user()
+        limits = Limits(rate_key=who, rate_limit=5, window_s=60, slot_key=who, slot_limit=50)
+        entries = await asyncio.gather(*(state.enter(limits) for _ in range(20)))
+        assert sum(entry.refused is None for entry, _ in entries) == 5  # in order: exactly the limit
+        assert sorted(entry.rate_count for entry, _ in entries if entry.refused is None) == [1, 2, 3, 4, 5]
+        assert sent == [20]  # one round trip for the twenty
+        await asyncio.gather(*(state.finish(ticket) for _, ticket in entries))
+        assert sent == [20, 5]  # the five admitted give their slots back, together
+    finally:
+        await state.aclose()
+
+
+async def test_scripts_flushed_from_redis_are_loaded_again_and_nothing_counts_twice(redis: Any) -> None:
+    state = RedisFastState(redis.url)
+    await state.start()
+    try:
+        who = user()
+        limits = Limits(rate_key=who, rate_limit=10, window_s=60)
+        await state.enter(limits)
+        await state.redis.script_flush()  # as after a Redis restart
+        other = Limits(rate_key=user(), rate_limit=10, window_s=60)
+        entries = await asyncio.gather(state.enter(limits), state.enter(other), state.enter(limits))
+        assert [entry.refused for entry, _ in entries] == [None, None, None]
+        assert sorted(entry.rate_count for entry, _ in entries) == [1, 2, 3]  # who: 2 and 3; the other: 1
+        assert await state.redis.zcard(f"oaip:r:{who}") == 3  # each counted once
+    finally:
+        await state.aclose()

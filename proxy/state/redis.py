@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from proxy.state.fast import Background, Entry, FastStateError, Limits, RateLimited, Ticket, new_instance_id
 
@@ -171,6 +171,7 @@ class RedisFastState:
         self._raise = self.redis.register_script(_RAISE)
         self._ids = itertools.count()
         self._problem: str | None = None
+        self._batch: list[tuple[Any, list, list, asyncio.Future]] = []
         self._task: asyncio.Task | None = None
         self._background = Background()
 
@@ -184,6 +185,8 @@ class RedisFastState:
         self._background.bind()
         self._task = asyncio.create_task(self._heartbeat(), name="redis-heartbeat")
         await self._call(self._beat())
+        for script in (self._enter, self._hold, self._finish):  # the request path's, loaded once
+            await self._call(self.redis.script_load(script.script))
 
     async def aclose(self) -> None:
         if self._background.tasks:  # slots and holds being given back: let them land
@@ -223,6 +226,49 @@ class RedisFastState:
             self._problem = None
         return result
 
+    # The request path's scripts, a loop turn's at a time -----------------------------------------
+    async def _run(self, script: Any, keys: list, args: list) -> Any:
+        """Run `script` in the pipeline of this loop turn: the requests that reach Redis in one
+        turn share one round trip (redis-py's CPU per call: ~70 µs alone, ~20 µs pipelined)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._batch.append((script, keys, args, future))
+        if len(self._batch) == 1:
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        self.spawn(self._send(batch))
+
+    async def _send(self, batch: list[tuple[Any, list, list, asyncio.Future]]) -> None:
+        try:
+            results = await self._pipeline(batch)
+            again = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if again:  # the first use, or Redis restarted: load the scripts, run only those again
+                for script in {id(batch[i][0]): batch[i][0] for i in again}.values():
+                    await self.redis.script_load(script.script)
+                for i, result in zip(again, await self._pipeline([batch[i] for i in again]), strict=True):
+                    results[i] = result
+        except (RedisError, OSError) as exc:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (*_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _pipeline(self, batch: list[tuple[Any, list, list, asyncio.Future]]) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for script, keys, args, _ in batch:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        return await pipe.execute(raise_on_error=False)
+
     # FastState ------------------------------------------------------------------------------
     async def enter(self, limits: Limits, now: float | None = None) -> tuple[Entry, Ticket]:
         now_ms = int((self._clock() if now is None else now) * 1000)
@@ -241,7 +287,7 @@ class RedisFastState:
             limits.quota_limit if quota else 0, limits.used, ticket.request_id, int(limits.period_s * 1000),
             f"{PREFIX}hb:", 1 if limits.defer_rate else 0,
         ]  # fmt: skip
-        refused, has_quota, left, used, held, count, reset_ms = await self._call(self._enter(keys=keys, args=args))
+        refused, has_quota, left, used, held, count, reset_ms = await self._call(self._run(self._enter, keys, args))
         reset_s = max(math.ceil(int(reset_ms) / 1000), 1)
         entry = Entry(
             (None, "rate", "quota", "slots")[int(refused)],  # type: ignore[arg-type]
@@ -266,7 +312,7 @@ class RedisFastState:
         keys = [f"{PREFIX}q:{ticket.quota_key}", f"{PREFIX}qh:{ticket.quota_key}", rate_key]
         now_ms = int(self._clock() * 1000)
         args = [amount, limit, ticket.request_id, f"{PREFIX}hb:", used, now_ms, rate_limit, int(window_s * 1000)]
-        result = await self._call(self._hold(keys=keys, args=args))
+        result = await self._call(self._run(self._hold, keys, args))
         if int(result[0]) == 1:
             ticket.held += amount
             if ticket.rate is not None:
@@ -287,7 +333,7 @@ class RedisFastState:
         ticket.slot_key = ticket.quota_key = None
         ticket.held = 0
         if any(keys):
-            await self._call(self._finish(keys=keys, args=[ticket.request_id, max(int(used), 0)]))
+            await self._call(self._run(self._finish, keys, [ticket.request_id, max(int(used), 0)]))
 
     async def raise_used(self, quota_key: str, used: int) -> None:
         """Raise a quota's used count to at least `used` (the durable count), never lower it."""
