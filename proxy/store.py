@@ -60,6 +60,19 @@ ON CONFLICT (scope, label) DO UPDATE SET
     tokens_out = tokens_out + excluded.tokens_out
 """
 
+# A batch of requests' usage, summed by label first (proxy/groupcommit.py).
+_ADD_USAGE_SUMMED = """
+INSERT INTO usage_totals (scope, label, requests, tokens_in, tokens_out) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (scope, label) DO UPDATE SET
+    requests = requests + excluded.requests,
+    tokens_in = tokens_in + excluded.tokens_in,
+    tokens_out = tokens_out + excluded.tokens_out
+"""
+
+# Updated in place: INSERT OR REPLACE deletes the row and inserts it again under a new rowid, which
+# rewrites index pages too and cost 2x-4x as much per save in a table of 10,000 users.
+_SAVE_USER = "INSERT INTO users (token, data) VALUES (?, ?) ON CONFLICT (token) DO UPDATE SET data = excluded.data"
+
 _SET_USAGE = """
 INSERT OR REPLACE INTO usage_totals (scope, label, requests, tokens_in, tokens_out) VALUES (?, ?, ?, ?, ?)
 """
@@ -160,12 +173,12 @@ class SQLiteStore:
     def save_user(self, record: dict) -> None:
         data = json.dumps(record, separators=(",", ":"))
         with self._lock:
-            self._conn.execute("INSERT OR REPLACE INTO users (token, data) VALUES (?, ?)", (record["token"], data))
+            self._conn.execute(_SAVE_USER, (record["token"], data))
 
     def save_users(self, records: Iterable[dict]) -> None:
         rows = [(r["token"], json.dumps(r, separators=(",", ":"))) for r in records]
         with self._lock, self._transaction():
-            self._conn.executemany("INSERT OR REPLACE INTO users (token, data) VALUES (?, ?)", rows)
+            self._conn.executemany(_SAVE_USER, rows)
 
     def delete_user(self, token: str) -> None:
         with self._lock:
@@ -179,6 +192,14 @@ class SQLiteStore:
             self._conn.execute(_ADD_USAGE, ("family", event.family, event.tokens_in, event.tokens_out))
             if event.key_id:
                 self._conn.execute(_ADD_USAGE, ("key", event.key_id, event.tokens_in, event.tokens_out))
+
+    def write_batch(self, usage: Iterable[tuple[str, str, int, int, int]], users: Iterable[dict]) -> None:
+        """Usage added up by label, (scope, label, requests, tokens_in, tokens_out), and whole user
+        records, in one transaction: what a turn of the event loop's requests wrote."""
+        rows = [(r["token"], json.dumps(r, separators=(",", ":"))) for r in users]
+        with self._lock, self._transaction():
+            self._conn.executemany(_ADD_USAGE_SUMMED, usage)
+            self._conn.executemany(_SAVE_USER, rows)
 
     def usage_totals(self) -> tuple[Counts, Counts]:
         """(by_family, by_key), each {label: {"requests", "tokens_in", "tokens_out"}}."""
