@@ -296,12 +296,21 @@ def _losing(access: Access, pool: KeyPool):
     return lost
 
 
+def _durable(access: Access) -> Callable[[], Awaitable[None]] | None:
+    """What the pipeline awaits before answering: the request's writes committed."""
+    if access.commits is not None:  # SQLite: this turn's batch (proxy/groupcommit.py)
+        return access.commits.committed
+    return None if isinstance(access.store, SQLiteStore) else access.store.committed
+
+
 def _persisting(access: Access):
     """The ledger's sink: usage goes to the store before the reply is finished."""
 
+    add = access.commits.add_usage if access.commits is not None else access.store.add_usage
+
     def sink(event: UsageEvent) -> None:
         try:
-            access.store.add_usage(event)
+            add(event)
         except Exception:  # a full or failing disk must not fail the request that was served
             log.exception("could not save usage to the store")
 
@@ -335,7 +344,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         queue=runtime.queue,
         heartbeat=settings.heartbeat_interval,
         owner=runtime.owner,
-        durable=None if isinstance(runtime.access.store, SQLiteStore) else runtime.access.store.committed,
+        durable=_durable(runtime.access),
         unavailable=runtime.dependencies.problem if runtime.dependencies else None,
         metrics=runtime.metrics,
     )

@@ -15,10 +15,11 @@ from proxy.access.gatekeeper import Gatekeeper
 from proxy.access.users import UserService
 from proxy.config import Settings
 from proxy.state import open_store
-from proxy.store import Store
+from proxy.store import SQLiteStore, Store
 
 if TYPE_CHECKING:
     from proxy.backup import Backup
+    from proxy.groupcommit import GroupCommit
 
 
 @dataclass
@@ -29,6 +30,8 @@ class Access:
     users: UserService
     gatekeeper: Gatekeeper
     backup: Backup | None = None
+    # SQLite: the request path's writes, one transaction per turn of the event loop (see build_access)
+    commits: GroupCommit | None = None
     _stop: asyncio.Event | None = field(default=None, init=False, repr=False)
     _task: asyncio.Task | None = field(default=None, init=False, repr=False)
 
@@ -45,6 +48,8 @@ class Access:
             with contextlib.suppress(TimeoutError):  # an upload stuck in its thread: give up on it
                 await asyncio.wait_for(self._task, self.backup.final_timeout + 5)
             self._task = None
+        if self.commits is not None:
+            self.commits.close()
         self.store.close()
 
 
@@ -67,4 +72,10 @@ def build_access(
         store, clock=clock, refresh_period=settings.quota_refresh_period, default_limits=settings.token_quota
     )
     gatekeeper = Gatekeeper(settings, users=users, clock=clock)
-    return Access(store=store, users=users, gatekeeper=gatekeeper, backup=backup)
+    commits = None
+    if isinstance(store, SQLiteStore):
+        from proxy.groupcommit import GroupCommit
+
+        commits = GroupCommit(store, users)
+        users.deferred = commits.save_user
+    return Access(store=store, users=users, gatekeeper=gatekeeper, backup=backup, commits=commits)

@@ -134,6 +134,11 @@ class UserService:
     def get(self, token: str) -> User | None:
         return self.find(token)
 
+    def current(self, token: str) -> User | None:
+        """The user of a token `find` already accepted for this request (a `Caller`'s), or None if
+        deleted since: a plain lookup, with no hash to compute (it is not a guess)."""
+        return self._users.get(token)
+
     def all(self) -> list[User]:
         with self._lock:
             users = list(self._users.values())
@@ -283,6 +288,16 @@ class UserService:
 
     # Several instances (proxy/state/sync.py): each keeps its own copy of the users.
     shared: SharedUsers | None = None
+    # Writes on the request path (`strict=False`) handed to a group commit instead of written at
+    # once (proxy/groupcommit.py): it calls `write_through` with them by the end of the loop's turn.
+    # It answers False for a write it cannot defer (off the event loop): written at once then.
+    deferred: Callable[[User], bool] | None = None
+
+    def write_through(self, users: Iterable[User], write: Callable[[list[dict]], None]) -> None:
+        """`write` the records of those of `users` that still exist, under the lock: a user
+        deleted (or replaced by an import) meanwhile is not written back."""
+        with self._lock:
+            write([user.record() for user in users if self._users.get(user.token) is user])
 
     def _fetch(self, token: str) -> User | None:
         """A user another instance created: read from the shared database on a miss."""
@@ -322,6 +337,8 @@ class UserService:
         """Write `user` through. On the request path (`strict=False`) a failed write is logged and
         the request goes on: the counts in memory stay right and are written with the next change."""
         if self._store is None:
+            return
+        if not strict and self.deferred is not None and self.shared is None and self.deferred(user):
             return
         try:
             if self.shared is not None:

@@ -1,0 +1,130 @@
+"""The request path's writes to SQLite, committed together once per turn of the event loop.
+
+Each finished request used to cost its own transactions: one for the usage totals and, under
+GATEKEEPER=user_token, one more rewriting its user's whole row (two commits, the record encoded
+each time). Here those writes are collected in memory (usage summed by label, users as a set)
+and written at the end of the event loop's current turn, in one transaction for all the requests
+that finished in it. The pipeline answers a request only once that transaction has committed
+(`committed`, its `durable` hook), so, as before, nothing acknowledged is lost across a crash.
+
+Writes made off the event loop that armed the batch (an admin's thread, a test without a loop)
+are written at once, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+
+from proxy.access.users import User, UserService
+from proxy.store import SQLiteStore
+from proxy.usage import UsageEvent
+
+log = logging.getLogger(__name__)
+
+
+class GroupCommit:
+    """Usage and users' counts of the requests of one loop turn, in one SQLite transaction."""
+
+    def __init__(self, store: SQLiteStore, users: UserService | None = None) -> None:
+        self.store = store
+        self.users = users
+        self._usage: dict[tuple[str, str], list[int]] = {}  # (scope, label) -> [requests, in, out]
+        self._users: dict[int, User] = {}  # by id(): User is a mutable dataclass, unhashable
+        self._done: asyncio.Future[None] | None = None  # resolved when the pending writes commit
+        self._lock = threading.Lock()  # the pending writes, against a flush at close from another thread
+        self.batches = 0  # transactions written (for tests and the benchmark's curiosity)
+        self.writes = 0  # writes they carried
+
+    # What the request path hands over --------------------------------------------------------
+    def add_usage(self, event: UsageEvent) -> None:
+        """The ledger's sink: like `SQLiteStore.add_usage` (only successful requests count)."""
+        if not 200 <= event.status < 300:
+            return
+        with self._lock:
+            if self._arm():
+                self._add(("family", event.family), event)
+                if event.key_id:
+                    self._add(("key", event.key_id), event)
+                self.writes += 1
+                return
+        self.store.add_usage(event)
+
+    def save_user(self, user: User) -> bool:
+        """`UserService.deferred`: the user's record is written with this turn's batch (built
+        then, so it holds every change made meanwhile). False off the loop: write it yourself."""
+        with self._lock:
+            if not self._arm():
+                return False
+            self._users[id(user)] = user
+            self.writes += 1
+            return True
+
+    async def committed(self) -> None:
+        """Wait until every write handed over so far is committed (or failed: logged, retried
+        with the next batch, as a failed write was before). Never raises for a failed write."""
+        done = self._done
+        if done is not None and done.get_loop() is asyncio.get_running_loop():
+            await asyncio.shield(done)  # a request cancelled meanwhile must not cancel it for others
+
+    # The batch -------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write what is pending, in one transaction. Called at the end of the turn, and at close."""
+        with self._lock:
+            done, self._done = self._done, None
+            usage, self._usage = self._usage, {}
+            users, self._users = self._users, {}
+        try:
+            if usage or users:
+                rows = [(scope, label, *counts) for (scope, label), counts in usage.items()]
+                if self.users is not None:
+                    self.users.write_through(users.values(), lambda records: self.store.write_batch(rows, records))
+                else:
+                    self.store.write_batch(rows, [user.record() for user in users.values()])
+                self.batches += 1
+        except Exception:  # a full or failing disk must not fail the requests that were served
+            log.exception("could not save usage and users' counts to the store; retried with the next write")
+            with self._lock:
+                self._keep(usage, users)
+        finally:
+            if done is not None and not done.done():
+                with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits any more
+                    done.set_result(None)
+
+    def _keep(self, usage: dict[tuple[str, str], list[int]], users: dict[int, User]) -> None:
+        """Writes that failed, kept for the next batch (added to what came meanwhile)."""
+        for key, counts in usage.items():
+            mine = self._usage.setdefault(key, [0, 0, 0])
+            for i, n in enumerate(counts):
+                mine[i] += n
+        for key, user in users.items():
+            self._users.setdefault(key, user)
+
+    def close(self) -> None:
+        """Write what is still pending (before the store closes)."""
+        self.flush()
+
+    def _add(self, key: tuple[str, str], event: UsageEvent) -> None:
+        counts = self._usage.get(key)
+        if counts is None:
+            self._usage[key] = [1, event.tokens_in, event.tokens_out]
+        else:
+            counts[0] += 1
+            counts[1] += event.tokens_in
+            counts[2] += event.tokens_out
+
+    def _arm(self) -> bool:
+        """Make sure a flush runs at the end of this turn; False off the loop that will run it.
+        The caller holds `_lock`."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        done = self._done
+        if done is None:
+            self._done = loop.create_future()
+            loop.call_soon(self.flush)
+            return True
+        return done.get_loop() is loop

@@ -1,0 +1,206 @@
+"""The request path's SQLite writes, one transaction per turn of the event loop (issue 14): what
+a request wrote is committed before it is answered, however many finish together."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from proxy.access.users import UserService
+from proxy.groupcommit import GroupCommit
+from proxy.store import SQLiteStore
+from proxy.usage import UsageEvent
+from tests.conftest import PAID
+from tests.fakes import FakeOpenAI
+
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN = "admin-key-for-tests-0001"
+
+
+def event(key_id: str = "oai-1", status: int = 200, tin: int = 10, tout: int = 5) -> UsageEvent:
+    return UsageEvent(1.0, "openai", "gpt-4o", "gpt-4o", False, tin, tout, 12.0, status, key_id=key_id)
+
+
+def reopened(path: Path) -> SQLiteStore:
+    return SQLiteStore.open(path)
+
+
+def grouped(path: Path) -> tuple[SQLiteStore, UserService, GroupCommit]:
+    store = SQLiteStore.open(path)
+    users = UserService(store)
+    commits = GroupCommit(store, users)
+    users.deferred = commits.save_user
+    return store, users, commits
+
+
+async def test_requests_finishing_in_one_turn_are_committed_together_before_they_are_answered(
+    tmp_path: Path,
+) -> None:
+    store, users, commits = grouped(tmp_path)
+    alice, bob = users.create(nickname="alice"), users.create(nickname="bob")
+    for i in range(30):  # thirty requests of two users, on ten keys, finishing in the same turn
+        users.charge(alice if i % 3 else bob, "gpt-4o", 15)
+        commits.add_usage(event(key_id=f"oai-{i % 10}"))
+    commits.add_usage(event(status=429))  # refused requests are counted elsewhere, never here
+    await commits.committed()
+    assert commits.batches == 1
+    store.close()
+
+    store = reopened(tmp_path)
+    by_family, by_key = store.usage_totals()
+    assert by_family["gpt-4o"] == {"requests": 30, "tokens_in": 300, "tokens_out": 150}
+    assert by_key["oai-3"] == {"requests": 3, "tokens_in": 30, "tokens_out": 15}
+    saved = {r["nickname"]: r for r in store.load_users()}
+    assert saved["alice"]["prompt_count"] == 20 and saved["alice"]["token_counts"] == {"gpt-4o": 300}
+    assert saved["bob"]["prompt_count"] == 10 and saved["bob"]["lifetime_token_counts"] == {"gpt-4o": 150}
+    store.close()
+
+
+async def test_a_user_deleted_while_its_counts_wait_for_the_batch_is_not_written_back(tmp_path: Path) -> None:
+    store, users, commits = grouped(tmp_path)
+    alice = users.create(nickname="alice")
+    users.charge(alice, "gpt-4o", 15)
+    assert users.delete(alice.token)
+    await commits.committed()
+    assert store.load_users() == []
+    store.close()
+
+
+async def test_a_batch_that_fails_to_write_is_written_with_the_next_one(tmp_path: Path) -> None:
+    store, users, commits = grouped(tmp_path)
+    alice = users.create(nickname="alice")
+    real = store.write_batch
+    calls = []
+
+    def failing_once(rows, records):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("disk full")
+        real(rows, records)
+
+    store.write_batch = failing_once  # type: ignore[method-assign]
+    users.charge(alice, "gpt-4o", 15)
+    commits.add_usage(event())
+    await commits.committed()  # the failure is logged; the request that was served is not failed
+    assert store.usage_totals() == ({}, {})
+    users.charge(alice, "gpt-4o", 15)
+    commits.add_usage(event())
+    await commits.committed()
+    assert store.usage_totals()[0]["gpt-4o"]["requests"] == 2
+    assert store.load_users()[0]["prompt_count"] == 2
+    store.close()
+
+
+async def test_a_request_cancelled_while_waiting_for_the_commit_does_not_cancel_it_for_others(
+    tmp_path: Path,
+) -> None:
+    store, users, commits = grouped(tmp_path)
+    commits.add_usage(event())
+    waiting = [asyncio.ensure_future(commits.committed()) for _ in range(2)]
+    await asyncio.sleep(0)
+    waiting[0].cancel()
+    await waiting[1]
+    assert store.usage_totals()[0]["gpt-4o"]["requests"] == 1
+    store.close()
+
+
+def test_writes_off_the_event_loop_are_written_at_once(tmp_path: Path) -> None:
+    store, users, commits = grouped(tmp_path)
+    alice = users.create(nickname="alice")
+    users.charge(alice, "gpt-4o", 15)
+    commits.add_usage(event())
+    assert store.load_users()[0]["prompt_count"] == 1
+    assert store.usage_totals()[0]["gpt-4o"]["requests"] == 1
+    assert commits.batches == 0
+    store.close()
+
+
+def test_writes_still_pending_at_shutdown_are_written_before_the_store_closes(tmp_path: Path) -> None:
+    store, users, commits = grouped(tmp_path)
+    alice = users.create(nickname="alice")
+
+    async def requests_then_the_loop_stops() -> None:
+        users.charge(alice, "gpt-4o", 15)
+        commits.add_usage(event())
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(requests_then_the_loop_stops())
+    loop.close()  # the turn's flush never ran
+    commits.close()
+    store.close()
+    store = reopened(tmp_path)
+    assert store.load_users()[0]["prompt_count"] == 1
+    assert store.usage_totals()[0]["gpt-4o"]["requests"] == 1
+    store.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_app(env: dict[str, str], port: int) -> subprocess.Popen:
+    full = {"PATH": "/usr/bin:/bin", "HOST": "127.0.0.1", "PORT": str(port), "CHECK_KEYS": "false", **env}
+    process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=full)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("app.py did not start within 60 s")
+
+
+async def test_concurrent_requests_acknowledged_before_a_sigkill_are_all_counted(
+    tmp_path: Path, fake_openai: FakeOpenAI
+) -> None:
+    env = {
+        "OPENAI_KEY": PAID, "OPENAI_BASE_URL": fake_openai.base_url, "GATEKEEPER": "user_token",
+        "ADMIN_KEY": ADMIN, "DATA_DIR": str(tmp_path / "data"),
+    }  # fmt: skip
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = _start_app(env, port)
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            admin = {"authorization": f"Bearer {ADMIN}"}
+            tokens = [
+                (await client.post("/admin/api/users", json={"nickname": f"f{i}"}, headers=admin)).json()["token"]
+                for i in range(3)
+            ]
+            body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello there"}]}
+
+            async def one(token: str) -> int:
+                reply = await client.post(
+                    "/proxy/openai/v1/chat/completions", json=body, headers={"authorization": f"Bearer {token}"}
+                )
+                assert reply.status_code == 200
+                return reply.json()["usage"]["total_tokens"]
+
+            used = await asyncio.gather(*(one(tokens[i % 3]) for i in range(60)))
+        process.send_signal(signal.SIGKILL)  # at once after the last answer
+        process.wait(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    store = SQLiteStore.open(tmp_path / "data")
+    try:
+        users = {u["token"]: u for u in store.load_users()}
+        for i, token in enumerate(tokens):
+            assert users[token]["prompt_count"] == 20
+            assert users[token]["token_counts"]["gpt-4o"] == sum(used[i::3])
+        assert store.usage_totals()[0]["gpt-4o"]["requests"] == 60
+    finally:
+        store.close()
