@@ -739,7 +739,7 @@ class Pipeline:
     def _observe(self, ctx: _Ctx, status: int) -> None:
         usage = ctx.usage
         if ctx.user_token is not None:
-            user = self.gatekeeper.users.find(ctx.user_token) if self.gatekeeper.users is not None else None
+            user = self.gatekeeper.users.current(ctx.user_token) if self.gatekeeper.users is not None else None
             user_type = user.type if user is not None else "unknown"
         else:
             user_type = {"anon": "anonymous", "proxy-key": "proxy_key"}.get(ctx.user or "", "none")
