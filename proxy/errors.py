@@ -231,7 +231,11 @@ class Redactor:
         quick = generic + [re.escape(s) for s in own]
         self._quick = tuple(re.compile(p).search for p in quick)
         self._quick_bytes = tuple(re.compile(p.encode()).search for p in quick)
-        hint = "|".join(filter(None, [_trie_regex(spellings) if spellings else "", _KEY_SHAPED_HINT, escape]))
+        # A spelling holding a key-shaped token is found by _KEY_SHAPED_HINT already: the hint
+        # needs only the others (it was the whole trie, compiled twice more: 0.4 s at 1,000 keys).
+        shaped = re.compile(_KEY_SHAPED_HINT)
+        unshaped = [s for s in spellings if shaped.search(s) is None]
+        hint = "|".join(filter(None, [_trie_regex(unshaped) if unshaped else "", _KEY_SHAPED_HINT, escape]))
         secrets = _trie_regex(spellings) if spellings else None
         self._hint = re.compile(hint)
         self._hint_bytes = re.compile(hint.encode())
