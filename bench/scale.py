@@ -4,6 +4,7 @@ and what 1,000 keys and 10,000 users cost per request and at start.
     python bench/scale.py                    # both parts, about 3 minutes
     python bench/scale.py --part throughput  # WORKERS=1 (SQLite) vs WORKERS=2 (Redis + Postgres)
     python bench/scale.py --part cost        # 1 key / proxy key vs 1,000 keys / 10,000 users
+    python bench/scale.py --part cost --baseline /tmp/old   # and an older checkout's rows, same run
 
 Every proxy is `python app.py` as an owner runs it (the whole app, Gradio page mounted), started
 with the settings of its row; the fake upstream is nginx answering a fixed chat completion; the
@@ -73,16 +74,17 @@ def make_users(data_dir: Path, n: int) -> str:
     return records[0]["token"]
 
 
-def start_app(procs: harness.Procs, name: str, env: dict[str, str]) -> tuple[int, float]:
-    """`python app.py` with `env`; its port and how long it took to serve (answer /health). The
-    page follows later (app.LatePage): how long it took is printed, and the run waits for it."""
+def start_app(procs: harness.Procs, name: str, env: dict[str, str], repo: Path | None = None) -> tuple[int, float]:
+    """`python app.py` (of `repo`; this tree by default) with `env`; its port and how long it took
+    to serve (answer /health). The page follows later (app.LatePage): how long it took is printed,
+    and the run waits for it."""
     port = harness.free_port()
     full = {
         "PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "HOST": "127.0.0.1",
         "PORT": str(port), "CHECK_KEYS": "false", "LOG_LEVEL": "warning", **env,
     }  # fmt: skip
     started = time.monotonic()
-    proc = procs.start(name, [*harness.pin(None), sys.executable, str(harness.REPO / "app.py")], env=full)
+    proc = procs.start(name, [*harness.pin(None), sys.executable, str((repo or harness.REPO) / "app.py")], env=full)
     harness.wait_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=proc)
     ready = time.monotonic() - started
     harness.wait_ok(f"http://127.0.0.1:{port}/", timeout=120)  # the measured rows serve the page too
@@ -144,11 +146,14 @@ def build_rows(args: argparse.Namespace, procs: harness.Procs, workdir: Path, se
             ("1,000 keys, user_token, 10,000 users",
              {**one, "OPENAI_KEY": keys(1000), "GATEKEEPER": "user_token", "ADMIN_KEY": ADMIN_KEY}, 10_000),
         ]  # fmt: skip
-        for i, (label, env, users) in enumerate(cases):
-            data = workdir / f"cost{i}"
-            token = make_users(data, users) if users else PROXY_KEY
-            port, ready = start_app(procs, f"cost{i}", {**env, "DATA_DIR": str(data)})
-            rows.append(Row(label, f"http://127.0.0.1:{port}{PROXIED}", token, f"cost{i}", ready_s=ready))
+        trees = [("", None)] + ([(" (baseline)", args.baseline)] if args.baseline else [])
+        for suffix, repo in trees:  # the baseline's rows after this tree's, measured round-robin with them
+            for i, (label, env, users) in enumerate(cases):
+                name = f"cost{i}{'b' if repo else ''}"
+                data = workdir / name
+                token = make_users(data, users) if users else PROXY_KEY
+                port, ready = start_app(procs, name, {**env, "DATA_DIR": str(data)}, repo)
+                rows.append(Row(label + suffix, f"http://127.0.0.1:{port}{PROXIED}", token, name, ready_s=ready))
     for row in rows:
         status, body = harness.post(row.url, harness.REQUEST, row.token)
         if status != 200 or b"chat.completion" not in body:
@@ -207,6 +212,10 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--duration", type=float, default=5)
     parser.add_argument("--latency-duration", type=float, default=3)
+    parser.add_argument(
+        "--baseline", type=Path, help="--part cost: also the rows of another checkout (say an older commit, "
+        "`git archive`d and unpacked there), measured in the same run"
+    )
     parser.add_argument("--rate-limit", type=int, default=0, help="TEXT_MODEL_RATE_LIMIT of every proxy row")
     args = parser.parse_args()
     harness.need("wrk")
