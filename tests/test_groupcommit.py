@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -18,8 +15,8 @@ from proxy.store import SQLiteStore
 from proxy.usage import UsageEvent
 from tests.conftest import PAID
 from tests.fakes import FakeOpenAI
+from tests.instances import start_instance
 
-ROOT = Path(__file__).resolve().parents[1]
 ADMIN = "admin-key-for-tests-0001"
 
 
@@ -140,28 +137,6 @@ def test_writes_still_pending_at_shutdown_are_written_before_the_store_closes(tm
     store.close()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_app(env: dict[str, str], port: int) -> subprocess.Popen:
-    full = {"PATH": "/usr/bin:/bin", "HOST": "127.0.0.1", "PORT": str(port), "CHECK_KEYS": "false", **env}
-    process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=full)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("app.py did not start within 60 s")
-
-
 async def test_concurrent_requests_acknowledged_before_a_sigkill_are_all_counted(
     tmp_path: Path, fake_openai: FakeOpenAI
 ) -> None:
@@ -169,11 +144,10 @@ async def test_concurrent_requests_acknowledged_before_a_sigkill_are_all_counted
         "OPENAI_KEY": PAID, "OPENAI_BASE_URL": fake_openai.base_url, "GATEKEEPER": "user_token",
         "ADMIN_KEY": ADMIN, "DATA_DIR": str(tmp_path / "data"),
     }  # fmt: skip
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = _start_app(env, port)
+    instance = start_instance(env, tmp_path)
+    process = instance.process
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        async with httpx.AsyncClient(base_url=instance.url, timeout=30) as client:
             admin = {"authorization": f"Bearer {ADMIN}"}
             tokens = [
                 (await client.post("/admin/api/users", json={"nickname": f"f{i}"}, headers=admin)).json()["token"]
