@@ -22,7 +22,9 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
 
-def build_app(settings: Settings, self_url: str | None = None, *, page_later: bool = False) -> FastAPI:
+def build_app(
+    settings: Settings, self_url: str | None = None, *, page_later: bool = False, redactor: Any = None
+) -> FastAPI:
     """The whole app. `self_url` is how the page's test chat reaches this server over HTTP.
 
     `page_later`: the proxy serves as soon as the server starts, and the Gradio page follows
@@ -30,7 +32,7 @@ def build_app(settings: Settings, self_url: str | None = None, *, page_later: bo
     not keep clients waiting for a page they do not use). Until then "/" says it is starting."""
     from proxy.server import build_runtime, create_app
 
-    runtime = build_runtime(settings)
+    runtime = build_runtime(settings, redactor)
     app = create_app(settings, runtime)  # proxy routes first: a mount at "/" shadows later routes
     if self_url is None:
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
@@ -209,7 +211,7 @@ def _ready(settings: Settings) -> FastAPI:
     redactor = Redactor(settings.secrets)
     configure_logging(settings.log_level, redactor)
     redact_std_streams(redactor)  # Gradio prints tracebacks to stderr itself, past logging
-    app = build_app(settings, page_later=True)
+    app = build_app(settings, page_later=True, redactor=redactor)
     # Gradio's large, long-lived heap made every garbage collection walk it: freezing it took
     # ~30% off the proxy's CPU per request (bench/README.md). The page's heap is frozen once
     # it is built (LatePage).
