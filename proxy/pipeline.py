@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -14,22 +13,25 @@ import aiohttp
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from proxy import error_chat, jsonx, upstream
+from proxy import jsonx, upstream
 from proxy.access.gatekeeper import Admission, Gatekeeper, GuessRefused, credential_from, hashed
 from proxy.access.queue import QueueFull, QueueTimeout, RequestQueue, Ticket
 from proxy.body import read_json
 from proxy.client import ClientGone, unless_client_leaves
-from proxy.errors import SHAPES, Kind, ProxyError, Redactor
+from proxy.errors import Kind, ProxyError, Redactor
 from proxy.families import family_of, is_allowed
 from proxy.keys.pool import Key, KeyPool, Outcome, Verdict
 from proxy.limits import RequestLimits, check_model
 from proxy.logs import log_safe
 from proxy.metrics import Metrics
+from proxy.model_routes import ModelRoutes
+from proxy.outcomes import STREAM_HEADERS, Outcomes, _dependency_down
 from proxy.providers.anthropic.door import Door
 from proxy.providers.base import Call, Dialect, Endpoint
 from proxy.routing import Router
-from proxy.store import StoreError
-from proxy.usage import Usage, UsageEvent, UsageLedger, estimate_tokens
+from proxy.upstream import UpstreamReply
+from proxy.usage import Usage, UsageLedger, estimate_tokens
+from proxy.waiting import WaitingStreams
 
 log = logging.getLogger("proxy.access")
 
@@ -39,7 +41,6 @@ MAX_UNREACHABLE = 3
 MAX_REVISIONS = 3
 # Bodies this large are walked, translated and encoded in a worker thread, off the event loop.
 OFFLOAD_BYTES = 256 * 1024
-STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 # Browser clients (RisuAI, web front-ends) call the proxy directly. Credentials travel in
 # headers, never cookies, so any origin may call.
 CORS_PREFLIGHT = {
@@ -76,15 +77,11 @@ class Upstream:
     waited_s: float = 0.0  # for the response headers
 
 
-class UpstreamReply(Exception):
-    """An upstream error reply to pass on to the client (redacted, in the client's shape)."""
+class Pipeline(WaitingStreams, ModelRoutes, Outcomes):
+    """The request path. Its parts by job: here, routing to forwarding and relaying; the wait of a
+    streamed request (proxy/waiting.py), the model lists (proxy/model_routes.py), and how each
+    request ends: accounted, counted, answered and logged (proxy/outcomes.py)."""
 
-    def __init__(self, status: int, body: Any, raw: bytes) -> None:
-        super().__init__(status)
-        self.status, self.body, self.raw = status, body, raw
-
-
-class Pipeline:
     def __init__(
         self,
         services: dict[str, Service],
@@ -276,103 +273,6 @@ class Pipeline:
             raise
         response.headers.update(admission.headers)
         return response
-
-    # Waiting in line, seen by a streaming client -------------------------------------------------
-    async def _stream_or_wait(
-        self, request: Request, work: Any, service: Service, endpoint: Endpoint, state: dict,
-        admission: Admission, ctx: _Ctx, payload: dict,
-    ) -> Response:  # fmt: skip
-        """A streamed request answered as usual when its upstream answers soon; when it has to wait
-        in line (or the upstream is silent for HEARTBEAT_INTERVAL), the SSE headers go out at once,
-        then comments until the reply comes: `: queued, position 3, about 40 s`."""
-        ticket = ctx.ticket
-        assert ticket is not None
-        queued = asyncio.get_running_loop().create_future()
-        ticket.on_queued = lambda: queued.done() or queued.set_result(None)
-        task = asyncio.ensure_future(unless_client_leaves(request, work))
-        try:
-            await asyncio.wait((task, queued), timeout=self.heartbeat, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            task.cancel()
-            raise
-        finally:
-            ticket.on_queued = None
-        if task.done():
-            reply, response = task.result()
-            if response is None:
-                response = self._stream(service, endpoint, reply, state, admission, ctx, payload)
-            return response
-        body = self._waiting_body(task, service, endpoint, state, admission, ctx, payload)
-        return StreamingResponse(body, 200, headers=dict(STREAM_HEADERS), media_type="text/event-stream")
-
-    def _wait_comment(self, ticket: Ticket) -> bytes:
-        if not ticket.waiting:
-            return b": waiting for the upstream\n\n"
-        position, wait = self.queue.wait_of(ticket)
-        return f": queued, position {position}, about {wait} s\n\n".encode()
-
-    async def _waiting_body(
-        self, task: asyncio.Future, service: Service, endpoint: Endpoint, state: dict, admission: Admission,
-        ctx: _Ctx, payload: dict,
-    ):  # fmt: skip
-        """Comments while the request waits; then the relayed stream, or one error event in the
-        client's dialect (the status line is already sent)."""
-        ticket = ctx.ticket
-        assert ticket is not None
-        status, relayed = 499, False
-        refused: ProxyError | UpstreamReply | None = None  # counted as in `handle`: refused (why) or failed
-        try:
-            yield self._wait_comment(ticket)
-            while not (await asyncio.wait((task,), timeout=self.heartbeat))[0]:
-                yield self._wait_comment(ticket)
-            try:
-                reply, response = task.result()
-            except ProxyError as exc:
-                status, refused = exc.status, exc
-                if self.errors_as_chat and error_chat.applies(exc, endpoint.kind):  # as without the wait
-                    model = ctx.model or ""
-                    yield error_chat.stream_events(endpoint.kind, model[:200], self.redact(error_chat.error_text(exc)))
-                    return
-                yield self._error_event(endpoint.shape, self.error_response(endpoint.shape, exc))
-                return
-            except UpstreamReply as exc:
-                status, refused = exc.status, exc
-                yield self._error_event(endpoint.shape, self._pass_error(endpoint.shape, exc))
-                return
-            except ClientGone:
-                return
-            except Exception:
-                log.exception("unexpected error on %s %s", ctx.method, log_safe(ctx.path))
-                status = 500
-                error = ProxyError(500, "The proxy failed to handle this request; it has been logged.", Kind.UPSTREAM)
-                yield self._error_event(endpoint.shape, self.error_response(endpoint.shape, error))
-                return
-            relayed = True  # accounted by _complete or _relay from here on
-            if response is not None:  # the upstream answered a stream request with one JSON reply
-                yield self._error_event(endpoint.shape, response)
-                return
-            ctx.streamed = True
-            async for chunk in self._relay(service, endpoint, reply, state, admission, ctx, payload):
-                yield chunk
-        finally:
-            if not task.done():
-                task.cancel()
-            if not relayed:
-                self.gatekeeper.release(admission)
-                if refused is None:
-                    self._account(ctx, admission, Usage(), status)
-                else:
-                    self.queue.done(ticket)
-                    ctx.usage = Usage()
-                    self._count_refusal(ctx, refused if isinstance(refused, ProxyError) else None, status)
-                self._log(ctx, status)
-
-    @staticmethod
-    def _error_event(shape: str, response: Response) -> bytes:
-        """An error reply's body as the stream's last event: OpenAI `data: {"error": ...}`,
-        Anthropic `event: error`."""
-        body = bytes(response.body).decode("utf-8", errors="replace").replace("\n", " ")
-        return f"event: error\ndata: {body}\n\n".encode() if shape == "anthropic" else f"data: {body}\n\n".encode()
 
     def _upstream_body(self, service: Service, endpoint: Endpoint, payload: dict) -> tuple[dict, dict, bytes]:
         """The upstream's request (translated for the door), the dialect's stream state, and the
@@ -613,194 +513,6 @@ class Pipeline:
                     metrics.stream_ended(ctx.service)
                 self._log(ctx, status)
 
-    async def _models(self, service: Service, ctx: _Ctx) -> Response:
-        """Answered from the models the live keys can use; before any check, asked upstream once."""
-        allowed = await self._served_models(service)
-        return Response(json.dumps(service.dialect.model_list(allowed)), 200, media_type="application/json")
-
-    async def _model(self, service: Service, model: str) -> Response:
-        """One model's card (`models.retrieve`), if a live key serves it; 404 in the provider's shape."""
-        dialect = service.dialect
-        if model not in await self._served_models(service):
-            raise ProxyError(
-                404, f"The model '{model[:200]}' does not exist or is not served by this proxy.",
-                Kind.NOT_FOUND, code="model_not_found",
-            )  # fmt: skip
-        card = dialect.model_list([model])["data"][0]
-        return Response(json.dumps(card), 200, media_type="application/json")
-
-    async def _served_models(self, service: Service) -> set[str]:
-        dialect = service.dialect
-        models = service.pool.models()
-        if models is None:
-            async with service.models_lock:  # many first requests at once: one upstream call
-                if service.cached_models is None and service.pool:
-                    service.cached_models = await self._fetch_models(service)
-            models = service.cached_models or set()
-        return {m for m in models if is_allowed(family_of(m, dialect.name), service.family_filter)}
-
-    async def _fetch_models(self, service: Service) -> set[str]:
-        endpoint = next(e for e in service.dialect.endpoints if e.kind == "models")
-        reply = await self._forward(service, endpoint, {}, None, None)
-        try:
-            body = await reply.response.json(content_type=None)
-        except (TimeoutError, ValueError, *upstream.NETWORK_ERRORS):
-            raise ProxyError(502, "The upstream's model list could not be read.", Kind.UPSTREAM) from None
-        finally:
-            reply.response.release()
-        return service.dialect.model_ids(body)
-
-    # Helpers -----------------------------------------------------------------------------------
-    async def _committed(self) -> None:
-        """Wait until the usage just accounted is durable (a no-op where writes commit at once)."""
-        if self.durable is None:
-            return
-        try:
-            await self.durable()
-        except StoreError:
-            raise _dependency_down() from None
-
-    def _account(self, ctx: _Ctx, admission: Admission, usage: Usage, status: int, *, charge: bool = False) -> None:
-        ctx.usage = usage
-        queue_ms = ctx.queue_ms
-        if ctx.ticket is not None:
-            self.queue.done(ctx.ticket)  # the key is free for the next in line
-        if 200 <= status < 300 or status == 499 or charge:
-            self.gatekeeper.settle(admission, usage)
-        else:
-            self.gatekeeper.release(admission)
-        self.ledger.record(
-            UsageEvent(
-                time=time.time(),
-                service=ctx.service,
-                model=ctx.model or "",
-                family=ctx.family or "",
-                streamed=ctx.streamed,
-                tokens_in=usage.tokens_in,
-                tokens_out=usage.tokens_out,
-                latency_ms=round((time.perf_counter() - ctx.started) * 1000, 1),
-                status=status,
-                key_id=ctx.key_id,
-                user=ctx.user if ctx.user not in (None, "anon", "proxy-key") else None,
-                cached_in=usage.cached,
-                reasoning_out=usage.reasoning,
-                queue_ms=queue_ms,
-            )
-        )
-
-    def _count_refusal(
-        self, ctx: _Ctx, error: ProxyError | None, status: int = 0, *, outcome: str | None = None
-    ) -> None:
-        """Every request that ends here is counted: refused by the proxy (and why), failed
-        upstream, or cancelled (the client left first). Model lists and paths off the allow-list
-        are not requests for work."""
-        if ctx.endpoint is None or ctx.endpoint.kind in ("models", "model"):
-            return
-        if outcome is None:
-            outcome = refusal_reason(error, identified=ctx.user is not None) if error is not None else "failed"
-        self.ledger.record(
-            UsageEvent(
-                time=time.time(),
-                service=ctx.service,
-                model=ctx.model or "",
-                family=ctx.family or "",
-                streamed=ctx.streamed,
-                tokens_in=0,
-                tokens_out=0,
-                latency_ms=round((time.perf_counter() - ctx.started) * 1000, 1),
-                status=error.status if error is not None else status,
-                user=ctx.user if ctx.user not in (None, "anon", "proxy-key") else None,
-                outcome=outcome,
-                queue_ms=ctx.queue_ms,
-            )
-        )
-
-    async def _refusal_response(self, request: Request, ctx: _Ctx, shape: str, error: ProxyError) -> Response:
-        """The error in the client's shape; with ERRORS_AS_CHAT, a refusal of a chat request is a
-        normal 200 reply (streamed if asked) whose text is the error, marked by a header."""
-        kind = ctx.endpoint.kind if ctx.endpoint is not None else None
-        if not (self.errors_as_chat and error_chat.applies(error, kind)):
-            return self.error_response(shape, error)
-        payload = ctx.payload
-        if payload is None:  # refused before the body was read (a wrong key): read it, bounded
-            try:
-                payload, _ = await read_json(request, self.max_body_bytes)
-            except (ProxyError, ClientGone):
-                payload = {}
-        model = payload.get("model") if isinstance(payload.get("model"), str) else ""
-        text = self.redact(error_chat.error_text(error))
-        headers = error_chat.headers_for(error)
-        if payload.get("stream") is True:
-            events = error_chat.stream_events(kind or "chat", model[:200], text)
-            return Response(events, 200, headers={**headers, **STREAM_HEADERS}, media_type="text/event-stream")
-        body = json.dumps(error_chat.completion(kind or "chat", model[:200], text))
-        return Response(body, 200, headers=headers, media_type="application/json")
-
-    def _observe(self, ctx: _Ctx, status: int) -> None:
-        usage = ctx.usage
-        if ctx.user_token is not None:
-            user = self.gatekeeper.users.current(ctx.user_token) if self.gatekeeper.users is not None else None
-            user_type = user.type if user is not None else "unknown"
-        else:
-            user_type = {"anon": "anonymous", "proxy-key": "proxy_key"}.get(ctx.user or "", "none")
-        served = ctx.key_id is not None
-        assert self.metrics is not None
-        self.metrics.observe(
-            service=ctx.service,
-            family=ctx.family or "",
-            status=status,
-            user_type=user_type,
-            streamed=ctx.streamed,
-            tokens_in=usage.tokens_in if usage and 200 <= status < 300 else 0,
-            tokens_out=usage.tokens_out if usage and 200 <= status < 300 else 0,
-            total_s=time.perf_counter() - ctx.started,
-            upstream_s=ctx.upstream_s if served else None,
-            added_s=ctx.proxy_s if served else None,
-            first_byte_s=ctx.first_byte_s,
-            queued_s=ctx.ticket.waited_s if ctx.ticket is not None and served else None,
-        )
-
-    def error_response(self, shape: str, error: ProxyError) -> Response:
-        body = SHAPES[shape](self.redact(error.message), error.kind, error.code)
-        return Response(json.dumps(body), error.status, headers=error.headers, media_type="application/json")
-
-    def _pass_error(self, shape: str, reply: UpstreamReply) -> Response:
-        """An upstream error, redacted, in the client's shape (translated if the shapes differ)."""
-        body = reply.body
-        if isinstance(body, dict):
-            is_anthropic = body.get("type") == "error"
-            if shape == "openai" and is_anthropic:
-                body = self.door.error(reply.status, body)
-            body = self.redact.scrub(body)
-            return Response(json.dumps(body), reply.status, media_type="application/json")
-        # Redacted before it is cut: a secret across the cut must not leave its first part behind.
-        text = self.redact(reply.raw.decode("utf-8", errors="replace"))[:500].strip()
-        message = f"The upstream answered {reply.status}" + (f": {text}" if text else ".")
-        status = reply.status if reply.status >= 400 else 502
-        return self.error_response(shape, ProxyError(status, message, Kind.UPSTREAM))
-
-    def _log(self, ctx: _Ctx, status: int) -> None:
-        if self.owner is not None:
-            self.owner.finished(ctx, status)
-        usage = ctx.usage
-        if self.metrics is not None and ctx.service:
-            self._observe(ctx, status)
-        log.info(
-            "%s %s model=%s status=%d %.0fms key=%s user=%s stream=%s tokens=%s/%s queue=%.0fms",
-            ctx.method,
-            log_safe(ctx.path),
-            log_safe(ctx.model) if ctx.model else "-",
-            status,
-            (time.perf_counter() - ctx.started) * 1000,
-            ctx.key_id or "-",
-            ctx.user or "-",
-            "yes" if ctx.streamed else "no",
-            usage.tokens_in if usage else "-",
-            usage.tokens_out if usage else "-",
-            ctx.queue_ms,
-        )
-
-
 @dataclass
 class _Ctx:
     """What one request has learned so far, for accounting and the log line."""
@@ -833,35 +545,6 @@ class _Ctx:
         return round(self.ticket.waited_s * 1000, 1) if self.ticket is not None else 0.0
 
 
-def refusal_reason(error: ProxyError, *, identified: bool) -> str:
-    """The ledger's outcome for a request the proxy answered with an error."""
-    if not identified or error.kind is Kind.AUTHENTICATION or error.code in _ACCESS_CODES:
-        return "refused: wrong key"
-    if error.kind in (Kind.UPSTREAM, Kind.TIMEOUT):
-        return "failed"
-    if error.code in _OWNER_CODES:
-        return _OWNER_CODES[error.code]
-    return _REASONS.get(error.kind, "refused: other")
-
-
-_ACCESS_CODES = frozenset({"user_disabled", "user_expired", "too_many_ips"})
-# The owner's controls (proxy/owner.py) refuse by rule, not by model: "other" here; each rule's
-# own count is at /admin/api/controls.
-_OWNER_CODES = dict.fromkeys(
-    ("blocked_origin", "images_not_allowed", "rejected_phrase", "content_check_timeout", "context_length_exceeded"),
-    "refused: other",
-)
-_REASONS = {
-    Kind.NOT_FOUND: "refused: model",
-    Kind.PERMISSION: "refused: model",  # a family this proxy does not serve
-    Kind.QUOTA: "refused: quota",
-    Kind.RATE_LIMIT: "refused: rate limit",
-    Kind.UNAVAILABLE: "refused: no key free",
-    Kind.INVALID_REQUEST: "refused: bad request",
-    Kind.TOO_LARGE: "refused: bad request",
-}
-
-
 def _queue_timeout(service: str, model: str | None, family: str, exc: QueueTimeout) -> ProxyError:
     return ProxyError(
         429,
@@ -884,13 +567,5 @@ def _queue_full(family: str, exc: QueueFull) -> ProxyError:
         headers={"retry-after": str(wait)},
         code="queue_full",
     )
-def _dependency_down() -> ProxyError:
-    """Fail closed: nothing is served that could not be limited and accounted."""
-    return ProxyError(
-        503, "This proxy cannot check limits or record usage right now (its database or shared state is "
-        "unavailable); try again shortly.", Kind.UNAVAILABLE, headers={"Retry-After": "5"},
-    )  # fmt: skip
-
-
 _OK = Outcome(Verdict.OK)
 _RETRYABLE = Outcome(Verdict.RETRYABLE)
