@@ -53,24 +53,7 @@ class Outcomes:
             self.gatekeeper.settle(admission, usage)
         else:
             self.gatekeeper.release(admission)
-        self.ledger.record(
-            UsageEvent(
-                time=time.time(),
-                service=ctx.service,
-                model=ctx.model or "",
-                family=ctx.family or "",
-                streamed=ctx.streamed,
-                tokens_in=usage.tokens_in,
-                tokens_out=usage.tokens_out,
-                latency_ms=round((time.perf_counter() - ctx.started) * 1000, 1),
-                status=status,
-                key_id=ctx.key_id,
-                user=ctx.user if ctx.user not in (None, "anon", "proxy-key") else None,
-                cached_in=usage.cached,
-                reasoning_out=usage.reasoning,
-                queue_ms=queue_ms,
-            )
-        )
+        self.ledger.record(_event(ctx, status, usage, key_id=ctx.key_id, queue_ms=queue_ms))
 
     def _count_refusal(
         self, ctx: _Ctx, error: ProxyError | None, status: int = 0, *, outcome: str | None = None
@@ -82,22 +65,8 @@ class Outcomes:
             return
         if outcome is None:
             outcome = refusal_reason(error, identified=ctx.user is not None) if error is not None else "failed"
-        self.ledger.record(
-            UsageEvent(
-                time=time.time(),
-                service=ctx.service,
-                model=ctx.model or "",
-                family=ctx.family or "",
-                streamed=ctx.streamed,
-                tokens_in=0,
-                tokens_out=0,
-                latency_ms=round((time.perf_counter() - ctx.started) * 1000, 1),
-                status=error.status if error is not None else status,
-                user=ctx.user if ctx.user not in (None, "anon", "proxy-key") else None,
-                outcome=outcome,
-                queue_ms=ctx.queue_ms,
-            )
-        )
+        status = error.status if error is not None else status
+        self.ledger.record(_event(ctx, status, Usage(), outcome=outcome, queue_ms=ctx.queue_ms))
 
     async def _refusal_response(self, request: Request, ctx: _Ctx, shape: str, error: ProxyError) -> Response:
         """The error in the client's shape; with ERRORS_AS_CHAT, a refusal of a chat request is a
@@ -183,6 +152,29 @@ class Outcomes:
             usage.tokens_out if usage else "-",
             ctx.queue_ms,
         )
+
+
+def _event(
+    ctx: _Ctx, status: int, usage: Usage, *, key_id: str | None = None, outcome: str = "", queue_ms: float = 0.0
+) -> UsageEvent:
+    """The ledger's record of `ctx`'s request: never its prompt, never a credential."""
+    return UsageEvent(
+        time=time.time(),
+        service=ctx.service,
+        model=ctx.model or "",
+        family=ctx.family or "",
+        streamed=ctx.streamed,
+        tokens_in=usage.tokens_in,
+        tokens_out=usage.tokens_out,
+        latency_ms=round((time.perf_counter() - ctx.started) * 1000, 1),
+        status=status,
+        key_id=key_id,
+        user=ctx.user if ctx.user not in (None, "anon", "proxy-key") else None,
+        cached_in=usage.cached,
+        reasoning_out=usage.reasoning,
+        outcome=outcome,
+        queue_ms=queue_ms,
+    )
 
 
 def refusal_reason(error: ProxyError, *, identified: bool) -> str:

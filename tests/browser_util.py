@@ -64,6 +64,27 @@ def field(page: Any, elem_id: str) -> Any:
     return page.locator(f"#{elem_id} input, #{elem_id} textarea").first
 
 
+def unlock_admin(tab: Any, key: str) -> None:
+    """Type the admin key and unlock. Under a loaded suite the Admin tab's first render could
+    replace the box after the key was typed into it (the key was then lost and the server said
+    "Wrong admin key"): type it again until the box keeps it, and once more if the send raced."""
+    from playwright.sync_api import expect
+
+    box = field(tab, "admin-key")
+    for _attempt in range(3):
+        for _typing in range(5):
+            box.fill(key)
+            tab.wait_for_timeout(300)
+            if box.input_value() == key:
+                break
+        tab.locator("#admin-unlock").click()
+        expect(tab.locator("#admin-status")).not_to_be_empty()
+        status = tab.locator("#admin-status").inner_text()
+        if tab.locator("#admin-area").is_visible() or "Wrong admin key" not in status:
+            break
+    expect(tab.locator("#admin-area")).to_be_visible()
+
+
 def table_row(page: Any, elem_id: str, text: str) -> Any:
     """The visible row of a gr.Dataframe holding `text` (Gradio also renders hidden sizing rows)."""
     return page.locator(f"#{elem_id}").get_by_role("row").filter(has_text=text)

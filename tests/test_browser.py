@@ -21,6 +21,7 @@ from tests.browser_util import (
     send_chat,
     serve_whole_app,
     table_row,
+    unlock_admin,
 )
 from tests.conftest import PAID, PROXY_KEY, Served, make_settings
 from tests.fakes import FakeOpenAI, KeyBehaviour
@@ -260,8 +261,7 @@ def test_the_admin_creates_a_token_shown_once_that_then_chats(
 ) -> None:
     open_page(page, user_token_app)
     open_tab(page, "Admin")
-    field(page, "admin-key").fill(ADMIN_KEY)
-    page.locator("#admin-unlock").click()
+    unlock_admin(page, ADMIN_KEY)
     expect(page.locator("#admin-status")).to_contain_text("Unlocked")
     area = page.locator("#admin-area")
     expect(area).to_be_visible()

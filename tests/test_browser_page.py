@@ -18,6 +18,7 @@ from tests.browser_util import (
     open_tab,
     send_chat,
     serve_whole_app,
+    unlock_admin,
 )
 from tests.conftest import PAID, PROXY_KEY, Served, make_settings
 from tests.fakes import FakeAnthropic, FakeOpenAI, KeyBehaviour
@@ -265,32 +266,13 @@ def test_status_and_usage_need_the_password_and_count_every_outcome(
     shot(tab, width, "usage")
 
 
-def unlock_admin(tab: Page) -> None:
-    """Type the admin key and unlock. Under a loaded suite the Admin tab's first render could
-    replace the box after the key was typed into it (the key was then lost and the server said
-    "Wrong admin key"): type it again until the box keeps it, and once more if the send raced."""
-    key = field(tab, "admin-key")
-    for _attempt in range(3):
-        for _typing in range(5):
-            key.fill(ADMIN_KEY)
-            tab.wait_for_timeout(300)
-            if key.input_value() == ADMIN_KEY:
-                break
-        tab.locator("#admin-unlock").click()
-        expect(tab.locator("#admin-status")).not_to_be_empty()
-        status = tab.locator("#admin-status").inner_text()
-        if tab.locator("#admin-area").is_visible() or "Wrong admin key" not in status:
-            break
-    expect(tab.locator("#admin-area")).to_be_visible()
-
-
 def test_admin_form_accepts_its_placeholder_and_offers_the_families(page: tuple[str, Page], owner_app: Served) -> None:
     width, tab = page
     open_page(tab, owner_app)
     open_tab(tab, "My usage")
     expect(tab.locator("#me-token")).to_be_visible()
     open_tab(tab, "Admin")
-    unlock_admin(tab)
+    unlock_admin(tab, ADMIN_KEY)
     limits = field(tab, "admin-new-limits")
     limits.fill(limits.get_attribute("placeholder") or "")
     tab.locator("#admin-limit-family input").click()
