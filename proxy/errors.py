@@ -119,7 +119,8 @@ MARK = "[redacted]"
 # The digit is looked for in the matched token (`_mark_key`), not by a lookahead: a lookahead
 # from every "sk-" of a long digitless run ("sk-sk-sk-...") would scan the run once per "sk-".
 _BOUNDARY = r"(?:(?<![A-Za-z0-9])|(?<=\\[nrtbf]))"
-_OTHER_KEYS = r"hf_[A-Za-z0-9]{16,}|AIza[0-9A-Za-z_\-]{30,}"
+# Google OAuth access tokens (`ya29.`: the ones minted for Vertex from a service account) too.
+_OTHER_KEYS = r"hf_[A-Za-z0-9]{16,}|AIza[0-9A-Za-z_\-]{30,}|ya29\.[0-9A-Za-z_\-]{20,}"
 _KEY_SHAPED = _BOUNDARY + r"(?:sk-[A-Za-z0-9_\-]{8,}|" + _OTHER_KEYS + ")"
 _SECRET_PATTERN = re.compile(_KEY_SHAPED)
 _OTHER_PATTERN = re.compile(_BOUNDARY + "(?:" + _OTHER_KEYS + ")")
@@ -153,14 +154,14 @@ def _mark_key(match: re.Match[str]) -> str:
 
 
 # A superset of _KEY_SHAPED (no boundary: in raw JSON a key may follow an escape such as `\n`).
-_KEY_SHAPED_HINT = r"sk-[A-Za-z0-9_\-]{8}|hf_[A-Za-z0-9]{16}|AIza[0-9A-Za-z_\-]{30}"
+_KEY_SHAPED_HINT = r"sk-[A-Za-z0-9_\-]{8}|hf_[A-Za-z0-9]{16}|AIza[0-9A-Za-z_\-]{30}|ya29\.[0-9A-Za-z_\-]{20}"
 # The first, cheapest look: each a regex with a literal first character (the rarer one of its
 # anchor), which `re` scans for in a tight loop. A combined alternation is slower: it makes `re`
 # test a character set at every position.
-_QUICK_KEY_SHAPED = (r"k(?<=sk)-", r"_(?<=hf_)", r"z(?<=AIz)a")
+_QUICK_KEY_SHAPED = (r"k(?<=sk)-", r"_(?<=hf_)", r"z(?<=AIz)a", r"9(?<=ya29)\.")
 # Characters a key-shaped token is made of: a JSON `\uXXXX` escape of one of them (or of a
 # character of a configured secret) may hide a secret from a plain text search.
-_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.")
 
 
 def _trie_regex(words: Iterable[str]) -> str:

@@ -20,6 +20,7 @@ import binascii
 import hmac
 import json as jsonlib
 import re
+import secrets
 import struct
 import time
 from dataclasses import dataclass, field
@@ -298,6 +299,7 @@ class FakeVertex(FakeAnthropic):
         self.tokens: dict[str, tuple[str, float]] = {}  # token -> (client email, expiry)
         self.minted = 0
         self.token_lifetime = 3600
+        self.echo_token = False  # answer every prediction with an error that quotes the bearer token
 
     @property
     def token_url(self) -> str:
@@ -328,7 +330,8 @@ class FakeVertex(FakeAnthropic):
         if claims.get("scope") != "https://www.googleapis.com/auth/cloud-platform":
             return self._json({"error": "invalid_scope"}, 400)
         self.minted += 1
-        token = f"ya29.fake-token-{self.minted}-{claims['iss'].split('@')[0]}"
+        # Real ones are ~150 characters of base64url after "ya29."
+        token = f"ya29.fake-token-{self.minted}-{claims['iss'].split('@')[0]}-{secrets.token_urlsafe(48)}"
         self.tokens[token] = (str(claims["iss"]), time.time() + self.token_lifetime)
         return self._json({"access_token": token, "expires_in": self.token_lifetime, "token_type": "Bearer"})
 
@@ -359,6 +362,8 @@ class FakeVertex(FakeAnthropic):
             message = f"Publisher Model `projects/{account.project}/locations/{found.group('region')}/publishers/"
             message += f"anthropic/models/{vertex_model}` not found."
             return self._json(self._google(404, "NOT_FOUND", message), 404)
+        if self.echo_token:  # as upstreams that quote the credential they were sent
+            return self._json(self._google(400, "INVALID_ARGUMENT", f"Bad request with credential {token}."), 400)
         body = _parse_json(raw)
         if not isinstance(body, dict) or body.get("anthropic_version") != "vertex-2023-10-16" or "model" in body:
             return self._json(anthropic_error("invalid_request_error", "anthropic_version: vertex-2023-10-16"), 400)

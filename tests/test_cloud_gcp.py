@@ -244,3 +244,23 @@ def test_the_global_region_uses_vertexs_global_host_and_others_their_own() -> No
     assert vertex.host("global") == "https://aiplatform.googleapis.com"
     assert vertex.host("europe-west1") == "https://europe-west1-aiplatform.googleapis.com"
     assert Vertex("http://127.0.0.1:9", "http://127.0.0.1:9/token", "global").host("global") == "http://127.0.0.1:9"
+
+
+def test_a_minted_access_token_an_upstream_quotes_back_never_reaches_the_client(
+    served: Served, fake: FakeVertex, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.echo_token = True
+    try:
+        reply = httpx.post(
+            served.url + ROOT + "/v1/messages",
+            json={"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": HELLO},
+            headers={"x-api-key": PROXY_KEY, "anthropic-version": "2023-06-01"},
+            timeout=10,
+        )
+    finally:
+        fake.echo_token = False
+    token = fake.requests[-1].headers["authorization"].removeprefix("Bearer ")
+    assert token.startswith("ya29.") and len(token) > 25
+    assert reply.status_code == 400 and "credential" in reply.text
+    assert token not in reply.text and token[:20] not in reply.text and "[redacted]" in reply.text
+    assert all(token not in record.getMessage() for record in caplog.records)

@@ -320,6 +320,8 @@ def redact() -> Redactor:
         f"Bearer {STRANGER}",
         "hf_" + "a1B2c3D4e5F6g7H8i9",
         f"repr('refused:\\n{STRANGER}')",
+        "Bearer ya29." + "a0AfB_byC1x2Y3z4" * 8,
+        "ya29\\u002e" + "a0AfB_byC1x2Y3z4" * 8,
     ],
     ids=[
         "configured",
@@ -330,6 +332,8 @@ def redact() -> Redactor:
         "stranger",
         "hf-token",
         "stranger-after-escaped-newline",
+        "google-access-token",
+        "google-access-token-escaped-dot",
     ],
 )
 def test_text_is_redacted_whether_or_not_escaped(redact: Redactor, text: str) -> None:
