@@ -212,9 +212,14 @@ def _ready(settings: Settings) -> FastAPI:
     configure_logging(settings.log_level, redactor)
     redact_std_streams(redactor)  # Gradio prints tracebacks to stderr itself, past logging
     app = build_app(settings, page_later=True, redactor=redactor)
+    settle_heap()  # the page's heap is frozen once it is built (LatePage)
+    return app
+
+
+def settle_heap() -> None:
+    """Garbage collection for serving (bench/proxy_server.py does the same, to measure this)."""
     # Gradio's large, long-lived heap made every garbage collection walk it: freezing it took
-    # ~30% off the proxy's CPU per request (bench/README.md). The page's heap is frozen once
-    # it is built (LatePage).
+    # ~30% off the proxy's CPU per request (bench/README.md).
     gc.collect()
     gc.freeze()
     # Fewer, larger young collections and rarer full ones: with 1,000 streams in flight a full
@@ -222,7 +227,6 @@ def _ready(settings: Settings) -> FastAPI:
     # relayed went from ~80 to ~45 ms and the p99 from ~17 to ~11 ms (bench/README.md), at the
     # same CPU per request.
     gc.set_threshold(10_000, 50, 100)
-    return app
 
 
 def main() -> int:

@@ -36,7 +36,7 @@ def main() -> int:
         "--access-log", default="off", choices=["on", "off"], help="uvicorn's own access line (app.py: off)"
     )
     parser.add_argument(
-        "--gc-freeze", default="on", choices=["on", "off"], help="gc.freeze() once the app is built (app.py: on)"
+        "--gc-freeze", default="on", choices=["on", "off"], help="app.py's GC set-up (app.py: on)"
     )
     parser.add_argument("--data-dir", help="DATA_DIR (default: a new temporary directory)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="another setting")
@@ -109,11 +109,16 @@ def main() -> int:
         file=sys.stderr,
         flush=True,
     )
-    if args.gc_freeze == "on":
-        import gc
+    if args.gc_freeze == "on":  # as app.py: frozen heap and its collection thresholds
+        try:
+            from app import settle_heap
+        except ImportError:  # an older tree: the freeze alone
+            import gc
 
-        gc.collect()
-        gc.freeze()
+            gc.collect()
+            gc.freeze()
+        else:
+            settle_heap()
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 
