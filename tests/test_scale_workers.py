@@ -163,3 +163,27 @@ def test_killing_one_of_two_instances_during_traffic_loses_no_acknowledged_usage
         (recorded,) = conn.execute(sql).fetchone()
     assert acknowledged[0] > 20
     assert recorded >= acknowledged[0]  # every reply a client received in full was counted first
+
+
+def test_each_worker_gets_its_own_socket_on_the_one_port_and_a_taken_port_fails_the_start() -> None:
+    from proxy.workers import listening_sockets
+
+    sockets = listening_sockets("127.0.0.1", 0, 1)  # a free port, chosen by the kernel
+    port = sockets[0].getsockname()[1]
+    sockets[0].close()
+    sockets = listening_sockets("127.0.0.1", port, 3)
+    try:
+        assert len({s.fileno() for s in sockets}) == 3  # one per worker: the kernel balances between them
+        assert {s.getsockname()[1] for s in sockets} == {port}
+        assert all(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for s in sockets)
+        assert all(s.get_inheritable() for s in sockets)  # handed to the worker processes
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # served by one of them
+    finally:
+        for s in sockets:
+            s.close()
+    with socket.socket() as other:  # another program on the port, without SO_REUSEPORT
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        with pytest.raises(OSError):
+            listening_sockets("127.0.0.1", other.getsockname()[1], 2)
