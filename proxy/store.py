@@ -52,16 +52,8 @@ CREATE TABLE IF NOT EXISTS lost_models (  -- learnt since the key's state was la
 ) WITHOUT ROWID;
 """
 
+# Requests' usage added to a label's totals (one request, or a batch summed first: groupcommit.py).
 _ADD_USAGE = """
-INSERT INTO usage_totals (scope, label, requests, tokens_in, tokens_out) VALUES (?, ?, 1, ?, ?)
-ON CONFLICT (scope, label) DO UPDATE SET
-    requests = requests + 1,
-    tokens_in = tokens_in + excluded.tokens_in,
-    tokens_out = tokens_out + excluded.tokens_out
-"""
-
-# A batch of requests' usage, summed by label first (proxy/groupcommit.py).
-_ADD_USAGE_SUMMED = """
 INSERT INTO usage_totals (scope, label, requests, tokens_in, tokens_out) VALUES (?, ?, ?, ?, ?)
 ON CONFLICT (scope, label) DO UPDATE SET
     requests = requests + excluded.requests,
@@ -189,16 +181,16 @@ class SQLiteStore:
         if not 200 <= event.status < 300:
             return
         with self._lock, self._transaction():
-            self._conn.execute(_ADD_USAGE, ("family", event.family, event.tokens_in, event.tokens_out))
+            self._conn.execute(_ADD_USAGE, ("family", event.family, 1, event.tokens_in, event.tokens_out))
             if event.key_id:
-                self._conn.execute(_ADD_USAGE, ("key", event.key_id, event.tokens_in, event.tokens_out))
+                self._conn.execute(_ADD_USAGE, ("key", event.key_id, 1, event.tokens_in, event.tokens_out))
 
     def write_batch(self, usage: Iterable[tuple[str, str, int, int, int]], users: Iterable[dict]) -> None:
         """Usage added up by label, (scope, label, requests, tokens_in, tokens_out), and whole user
         records, in one transaction: what a turn of the event loop's requests wrote."""
         rows = [(r["token"], json.dumps(r, separators=(",", ":"))) for r in users]
         with self._lock, self._transaction():
-            self._conn.executemany(_ADD_USAGE_SUMMED, usage)
+            self._conn.executemany(_ADD_USAGE, usage)
             self._conn.executemany(_SAVE_USER, rows)
 
     def usage_totals(self) -> tuple[Counts, Counts]:

@@ -264,13 +264,13 @@ def redacted_event(event: Event, redact: Redactor) -> Event:
     return Event(redact(event.event), data, ("\n".join(lines) + "\n\n").encode())
 
 
-
 class UpstreamReply(Exception):
     """An upstream error reply to pass on to the client (redacted, in the client's shape)."""
 
     def __init__(self, status: int, body: Any, raw: bytes) -> None:
         super().__init__(status)
         self.status, self.body, self.raw = status, body, raw
+
 
 class ReadTimeout(aiohttp.ServerTimeoutError):
     """The upstream sent nothing for UPSTREAM_READ_TIMEOUT seconds in the middle of a stream."""
