@@ -209,7 +209,9 @@ def main() -> int:
             env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "HOST": "127.0.0.1",
                    "PORT": str(port), "OPENAI_KEY": KEY, "OPENAI_BASE_URL": f"http://127.0.0.1:{up}/v1",
                    "PROXY_KEY": PROXY_KEY, "CHECK_KEYS": "false", "LOG_LEVEL": "warning",
-                   "DATA_DIR": str(work / "data")}  # fmt: skip
+                   "DATA_DIR": str(work / "data"),
+                   # Every stream at once, as through the nginx hop (the default, 512, queues the rest).
+                   "UPSTREAM_MAX_CONNECTIONS": str(args.streams + 64)}  # fmt: skip
             proxy = procs.start("proxy", [sys.executable, str(args.repo / "app.py")], env=env)
             harness.wait_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=proxy)
             harness.wait_ok(f"http://127.0.0.1:{port}/", timeout=120)  # the page, built after start

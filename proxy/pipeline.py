@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -28,6 +29,7 @@ from proxy.model_routes import ModelRoutes
 from proxy.outcomes import STREAM_HEADERS, Outcomes, _dependency_down
 from proxy.providers.anthropic.door import Door
 from proxy.providers.base import Call, Dialect, Endpoint
+from proxy.relay import ClientStream, DirectRelay, RelayResponse
 from proxy.routing import Router
 from proxy.upstream import UpstreamReply
 from proxy.usage import Usage, UsageLedger, estimate_tokens
@@ -452,34 +454,37 @@ class Pipeline(WaitingStreams, ModelRoutes, Outcomes):
         payload: dict,
     ) -> StreamingResponse:
         ctx.streamed = True
-        body = self._relay(service, endpoint, reply, state, admission, ctx, payload)
+        run = (service, endpoint, reply, state, admission, ctx, payload)
+        direct = partial(self._relay_direct, *run) if DirectRelay.supports(reply.response) else None
         headers = self.redact.headers(upstream.pick_headers(reply.response.headers, service.dialect.response_headers))
         headers.update(STREAM_HEADERS)
-        return StreamingResponse(body, 200, headers=headers, media_type="text/event-stream")
+        return RelayResponse(self._relay(*run), direct, headers)
 
-    async def _relay(
-        self, service: Service, endpoint: Endpoint, reply: Upstream, state: dict, admission: Admission,
-        ctx: _Ctx, payload: dict,
-    ):  # fmt: skip
-        """The upstream's events, relayed; heartbeats while it is silent; accounted at the end."""
+    def _relay_open(self, service: Service, endpoint: Endpoint, state: dict, ctx: _Ctx, payload: dict):
+        """A stream's relay (meter, renderer, redaction) and prompt logging's copy of it."""
         dialect = service.dialect
         meter = dialect.meter(endpoint, state)
         render = None
         stream_error = getattr(meter, "stream_error", None) or dialect.stream_error
         if endpoint.translated:
             render, stream_error = self.door.stream(payload)
-        tap = self.owner.tap(ctx) if self.owner is not None else None  # prompt logging's copy
-        metrics = self.metrics
+        relay = upstream.EventRelay(meter, render, stream_error, redact=self.redact, decode=dialect.stream_decoder())
+        if self.metrics is not None:
+            self.metrics.stream_started(ctx.service)
+        return relay, (self.owner.tap(ctx) if self.owner is not None else None)
+
+    async def _relay(
+        self, service: Service, endpoint: Endpoint, reply: Upstream, state: dict, admission: Admission,
+        ctx: _Ctx, payload: dict,
+    ):  # fmt: skip
+        """The upstream's events, relayed as an async iteration (any ASGI server); heartbeats
+        while it is silent; accounted at the end."""
+        relay, tap = self._relay_open(service, endpoint, state, ctx, payload)
         status = 200
         delivered = False
-        if metrics is not None:
-            metrics.stream_started(ctx.service)
         events = None
         try:
-            events = upstream.relay_events(
-                reply.response, meter, render, stream_error, redact=self.redact, decode=dialect.stream_decoder(),
-                heartbeat=self.heartbeat,
-            )  # fmt: skip
+            events = upstream.relay_events(reply.response, relay, self.heartbeat)
             async for chunk in events:
                 if ctx.first_byte_s is None:
                     ctx.first_byte_s = time.perf_counter() - ctx.started
@@ -487,31 +492,57 @@ class Pipeline(WaitingStreams, ModelRoutes, Outcomes):
                 delivered = True
                 if tap is not None:
                     tap.feed(chunk)
-            if not meter.finished:
+            if not relay.meter.finished:
                 status = 502
         except BaseException:
             # The client went away; if the whole answer had reached it, it was served all the same.
-            status = 200 if meter.finished else 499
+            status = 200 if relay.meter.finished else 499
             if events is not None:
                 await events.aclose()  # closes the upstream connection now, not when collected
             raise
         finally:
-            usage = meter.usage
-            if not meter.seen_usage:
-                usage = Usage(
-                    max(usage.tokens_in, admission.prompt_tokens or estimate_tokens(ctx.body_len)),
-                    max(usage.tokens_out, estimate_tokens(meter.text_chars)),
-                    estimated=True,
-                )
-            # A stream cut short still charges what reached the client before the break.
-            self._account(ctx, admission, usage, status, charge=delivered and status == 502)
-            try:
-                if status != 499:
-                    await self._committed()
-            finally:
-                if metrics is not None:
-                    metrics.stream_ended(ctx.service)
-                self._log(ctx, status)
+            await self._relay_close(ctx, admission, relay.meter, status, delivered)
+
+    async def _relay_direct(
+        self, service: Service, endpoint: Endpoint, reply: Upstream, state: dict, admission: Admission,
+        ctx: _Ctx, payload: dict, client: ClientStream, receive,
+    ) -> None:  # fmt: skip
+        """The same relay by callbacks, straight to uvicorn's transport (proxy/relay.py)."""
+        relay, tap = self._relay_open(service, endpoint, state, ctx, payload)
+        status = 200
+        direct = DirectRelay(reply.response, relay, client, self.heartbeat, tap.feed if tap is not None else None)
+        try:
+            await direct.run(receive)
+            if not relay.meter.finished:
+                status = 502
+        except BaseException:
+            status = 200 if relay.meter.finished else 499
+            raise
+        finally:
+            if direct.first_write is not None:
+                ctx.first_byte_s = direct.first_write - ctx.started
+            await self._relay_close(ctx, admission, relay.meter, status, direct.delivered)
+
+    async def _relay_close(self, ctx: _Ctx, admission: Admission, meter, status: int, delivered: bool) -> None:
+        """A relayed stream's end: its usage charged (estimated when the upstream gave none),
+        committed, counted and logged."""
+        usage = meter.usage
+        if not meter.seen_usage:
+            usage = Usage(
+                max(usage.tokens_in, admission.prompt_tokens or estimate_tokens(ctx.body_len)),
+                max(usage.tokens_out, estimate_tokens(meter.text_chars)),
+                estimated=True,
+            )
+        # A stream cut short still charges what reached the client before the break.
+        self._account(ctx, admission, usage, status, charge=delivered and status == 502)
+        try:
+            if status != 499:
+                await self._committed()
+        finally:
+            if self.metrics is not None:
+                self.metrics.stream_ended(ctx.service)
+            self._log(ctx, status)
+
 
 @dataclass
 class _Ctx:

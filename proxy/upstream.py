@@ -83,16 +83,9 @@ def pick_headers(headers: Mapping[str, str], allowed: Iterable[str]) -> dict[str
     return {name: headers[name] for name in allowed if name in headers}
 
 
-async def relay_events(
-    response: aiohttp.ClientResponse,
-    meter: StreamMeter,
-    render: Callable[[list], list[bytes]] | None,
-    stream_error: Callable[[str], bytes],
-    redact: Redactor = _KEY_SHAPED,
-    decode: Callable[[bytes], bytes] | None = None,
-    heartbeat: float = 0.0,
-) -> AsyncIterator[bytes]:
-    """Relay an SSE reply event by event as it arrives.
+class EventRelay:
+    """What the client gets for what the upstream sent, one read at a time (no I/O of its own:
+    `relay_events` below and proxy/relay.py drive it).
 
     Every event passes `redact` (by default: anything shaped like a key) before the meter, the
     renderer or the client sees it: one cheap check of its bytes, and only an event that may hold
@@ -100,29 +93,75 @@ async def relay_events(
     redacted as text). `meter` reads usage and may hold events back; `render` (for translated
     streams) turns accepted events into the client's format. An error event from the upstream is
     the stream's last word. A drop mid-stream ends with one error event in the client's format.
-    Cancellation (the client went away) closes the upstream connection at once. `decode` (the
-    dialect's `stream_decoder`) first turns a provider's own framing into SSE bytes. With
-    `heartbeat` (seconds), an SSE comment goes out whenever the client heard nothing for that long.
+    `decode` (the dialect's `stream_decoder`) first turns a provider's own framing into SSE bytes.
     """
-    parser = SSEParser()
-    upstream_failed = False
 
-    def out(events: list[Event]) -> tuple[bytes, str | None]:
+    __slots__ = ("meter", "render", "stream_error", "redact", "decode", "parser", "upstream_failed")
+
+    def __init__(
+        self,
+        meter: StreamMeter,
+        render: Callable[[list], list[bytes]] | None,
+        stream_error: Callable[[str], bytes],
+        redact: Redactor = _KEY_SHAPED,
+        decode: Callable[[bytes], bytes] | None = None,
+    ) -> None:
+        self.meter, self.render, self.stream_error = meter, render, stream_error
+        self.redact, self.decode = redact, decode
+        self.parser = SSEParser()
+        self.upstream_failed = False
+
+    def feed(self, chunk: bytes) -> tuple[bytes, bool]:
+        """The client's bytes for `chunk` (maybe b"": no event ended in it), and whether the stream
+        ends with them (they then close with an error event)."""
+        if self.decode is not None:  # the provider's own framing (Bedrock's event stream) to SSE bytes
+            try:
+                chunk = self.decode(chunk)
+            except StreamAbort as exc:
+                return self.stream_error(self.redact(str(exc))), True
+        try:
+            events = self.parser.feed(chunk)
+        except EventTooLarge:
+            return self.stream_error("The upstream sent a stream event larger than this proxy relays."), True
+        data, abort = self._out(events)
+        if abort is not None:
+            return data + self.stream_error(abort), True
+        return data, False
+
+    def finish(self) -> bytes:
+        """The client's last bytes once the upstream ended the stream."""
+        data, abort = self._out(self.parser.flush())
+        if abort is not None:
+            return data + self.stream_error(abort)
+        if not self.meter.finished and not self.upstream_failed:
+            return data + self.stream_error("The upstream ended the stream before it was complete.")
+        return data
+
+    def broke(self, exc: BaseException) -> bytes:
+        """The client's last bytes when the upstream's connection failed (`exc`: a read timeout or
+        a network error): one error event, unless the whole answer had already come."""
+        if self.meter.finished:  # a break after the last event loses nothing
+            return b""
+        if isinstance(exc, TimeoutError):
+            return self.stream_error("The upstream stopped sending data (read timeout).")
+        return self.stream_error("The upstream connection broke off in the middle of the stream.")
+
+    def _out(self, events: list[Event]) -> tuple[bytes, str | None]:
         """The client's bytes for `events`, and why the stream must end (an error event from the
         upstream, or an event this proxy cannot read), if it must: then the bytes are those of
         every event before that one, which the client gets first."""
-        nonlocal upstream_failed
+        if not events:
+            return b"", None
+        redact, meter, render = self.redact, self.meter, self.render
         parts: list[bytes] = []
         # One look at all the events that arrived together; each on its own only if needed.
-        dirty = bool(events) and redact.suspicious(
-            events[0].raw if len(events) == 1 else b"".join(event.raw for event in events)
-        )
+        dirty = redact.suspicious(events[0].raw if len(events) == 1 else b"".join(event.raw for event in events))
         for event in events:
             try:
                 if dirty and redact.suspicious(event.raw):
                     event = redacted_event(event, redact)
                 if _is_error(event):
-                    upstream_failed = True
+                    self.upstream_failed = True
                 if meter.accept(event):
                     if render is None:
                         parts.append(event.raw)
@@ -133,18 +172,30 @@ async def relay_events(
             except Exception as exc:  # an event of an unexpected shape: say so, never end silently
                 log.warning("the upstream sent a malformed stream event (%s)", type(exc).__name__)
                 return b"".join(parts), "The upstream sent a stream event this proxy could not read."
-        return b"".join(parts), None
+        return parts[0] if len(parts) == 1 else b"".join(parts), None
 
+
+def take_read_timeout(response: aiohttp.ClientResponse) -> float | None:
+    """The upstream read timeout (sock_read) of `response`'s connection, taken from aiohttp so the
+    relay's own timer keeps it: aiohttp would otherwise cancel and re-arm a timer per chunk. A
+    timer aiohttp already armed stays so (it fails the read as the relay's would)."""
+    protocol = response.connection.protocol if response.connection is not None else None
+    read_timeout = getattr(protocol, "read_timeout", None)
+    if read_timeout:
+        protocol.read_timeout = None  # type: ignore[union-attr]
+    return read_timeout
+
+
+async def relay_events(response: aiohttp.ClientResponse, relay: EventRelay, heartbeat: float = 0.0) -> AsyncIterator[bytes]:
+    """Relay an SSE reply event by event as it arrives, through `relay`, as an async iteration
+    (any ASGI server; proxy/relay.py is the faster way under uvicorn). Cancellation (the client
+    went away) closes the upstream connection at once. With `heartbeat` (seconds), an SSE comment
+    goes out whenever the client heard nothing for that long."""
     content = response.content
     silence = None
     if heartbeat > 0:
-        # The heartbeat's timer also watches the upstream's silence (sock_read), so aiohttp does
-        # not cancel and re-arm a timer of its own for every chunk.
-        protocol = response.connection.protocol if response.connection is not None else None
-        read_timeout = getattr(protocol, "read_timeout", None)
-        if read_timeout:
-            protocol.read_timeout = None  # type: ignore[union-attr]  # the pending timer stays armed
-        silence = Silence(heartbeat, read_timeout, lambda: content.set_exception(ReadTimeout()))
+        # The heartbeat's timer also watches the upstream's silence (sock_read).
+        silence = Silence(heartbeat, take_read_timeout(response), lambda: content.set_exception(ReadTimeout()))
     try:
         while True:
             # Bytes that arrived before a break first (see `buffered_before_break`), then the error.
@@ -160,40 +211,25 @@ async def relay_events(
                         continue
             if not chunk:
                 break
-            if decode is not None:  # the provider's own framing (Bedrock's event stream) to SSE bytes
-                try:
-                    chunk = decode(chunk)
-                except StreamAbort as exc:
-                    yield stream_error(redact(str(exc)))
-                    return
-            data, abort = out(parser.feed(chunk))
+            data, ended = relay.feed(chunk)
             if data:
                 yield data
                 if silence is not None:
                     silence.spoke()
-            if abort is not None:
-                yield stream_error(abort)
+            if ended:
                 return
-        data, abort = out(parser.flush())
+        data = relay.finish()
         if data:
             yield data
-        if abort is not None:
-            yield stream_error(abort)
-        elif not meter.finished and not upstream_failed:
-            yield stream_error("The upstream ended the stream before it was complete.")
-    except TimeoutError:
-        if not meter.finished:
-            yield stream_error("The upstream stopped sending data (read timeout).")
-    except EventTooLarge:
-        yield stream_error("The upstream sent a stream event larger than this proxy relays.")
-    except NETWORK_ERRORS:
-        if not meter.finished:  # a break after the last event loses nothing
-            yield stream_error("The upstream connection broke off in the middle of the stream.")
+    except (TimeoutError, *NETWORK_ERRORS) as exc:
+        data = relay.broke(exc)
+        if data:
+            yield data
     finally:
         if silence is not None:
             silence.close()
         # Closing (not releasing) drops the connection if the body was not read to the end.
-        if meter.finished:
+        if relay.meter.finished:
             response.release()
         else:
             response.close()

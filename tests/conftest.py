@@ -39,12 +39,13 @@ class Served:
 
 
 @contextmanager
-def serve(app: Any, settings: Settings, guarded: bool = False) -> Iterator[Served]:
+def serve(app: Any, settings: Settings, guarded: bool = False, http: str = "auto") -> Iterator[Served]:
     """Serve an ASGI app on 127.0.0.1 (OS-assigned port) until the block ends.
 
     `app` may also be a builder taking the server's own URL (the whole app needs it: the page's
     test chat and admin tab call the server over HTTP), called once the socket is bound.
-    `guarded`: with the connection guard, as `python app.py` serves (proxy/guard.py)."""
+    `guarded`: with the connection guard, as `python app.py` serves (proxy/guard.py). `http`:
+    uvicorn's HTTP protocol otherwise ("h11": the proxy's streams take their async path)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -57,7 +58,7 @@ def serve(app: Any, settings: Settings, guarded: bool = False) -> Iterator[Serve
 
         config = server_config(app, settings, log_config=uvicorn.config.LOGGING_CONFIG, **options)
     else:
-        config = uvicorn.Config(app, **options)
+        config = uvicorn.Config(app, http=http, **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -134,13 +135,20 @@ def shared(
     """One fake OpenAI and one proxy per test module, for tests that need no special settings.
 
     A module may set `SHARED_ENV` (default: a PROXY_KEY) to add settings."""
+    yield from shared_proxy(request, tmp_path_factory)
+
+
+def shared_proxy(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, http: str = "auto"
+) -> Iterator[tuple[FakeOpenAI, Served]]:
+    """The `shared` fixture's fake and proxy, served with uvicorn's `http` protocol."""
     from proxy.server import create_app
 
     extra = getattr(request.module, "SHARED_ENV", {"PROXY_KEY": PROXY_KEY})
     with FakeOpenAI({PAID: KeyBehaviour()}) as fake:
         env = {"OPENAI_KEY": PAID, "OPENAI_BASE_URL": fake.base_url, **extra}
         settings = make_settings(env, tmp_path_factory.mktemp("proxy"))
-        with serve(create_app(settings), settings) as served:
+        with serve(create_app(settings), settings, http=http) as served:
             yield fake, served
 
 

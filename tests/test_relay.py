@@ -10,11 +10,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.client import ClientGone
 from proxy.errors import MARK, Redactor
 from proxy.keepalive import HEARTBEAT, Silence
 from proxy.providers.openai.dialect import OpenAIStreamMeter
 from proxy.sse import encode
-from proxy.upstream import relay_events
+from proxy.relay import DirectRelay
+from proxy.upstream import EventRelay, relay_events
 
 KEY = "sk-relay-test-0123456789abcdefghij"
 CLOSED = web.AppKey("closed", asyncio.Event)  # set when the proxy hung up on the upstream
@@ -60,20 +62,66 @@ async def scripted_upstream(script: list[bytes | float]) -> tuple[web.AppRunner,
     return runner, f"http://127.0.0.1:{port}/stream"
 
 
+class RecordingClient:
+    """The client's side of DirectRelay (proxy/relay.py's ClientStream): what it is sent, one
+    entry per write, as a client reads the relay's chunks; `paused` as a full socket."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.gone = False
+        self.paused = False
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    def write(self, data: bytes) -> None:
+        assert not self.gone
+        self.chunks.append(data)
+
+    async def drain(self) -> None:
+        await self.writable.wait()
+
+
+class Hangup:
+    """The ASGI `receive` of a relayed stream: http.disconnect once `leave()` is called."""
+
+    def __init__(self) -> None:
+        self.left = asyncio.Event()
+
+    def leave(self) -> None:
+        self.left.set()
+
+    async def __call__(self) -> dict:
+        await self.left.wait()
+        return {"type": "http.disconnect"}
+
+
+@pytest.fixture(params=["async", "direct"])
+def driver(request: pytest.FixtureRequest) -> str:
+    """Both relays: the async iteration (any ASGI server) and the callbacks (under uvicorn)."""
+    return request.param
+
+
+async def relay_with(driver: str, response: aiohttp.ClientResponse, relay: EventRelay, heartbeat: float) -> list[bytes]:
+    if driver == "async":
+        return [chunk async for chunk in relay_events(response, relay, heartbeat=heartbeat)]
+    assert DirectRelay.supports(response)
+    client = RecordingClient()
+    await DirectRelay(response, relay, client, heartbeat).run(Hangup())  # type: ignore[arg-type]
+    return client.chunks
+
+
 async def relayed(
-    script: list[bytes | float], heartbeat: float, redact: Redactor | None = None, read_timeout: float | None = None
-) -> list[bytes]:
+    script: list[bytes | float], heartbeat: float, redact: Redactor | None = None, read_timeout: float | None = None,
+    driver: str = "async",
+) -> list[bytes]:  # fmt: skip
     """Every chunk the relay hands to the client for an upstream playing `script`."""
     runner, url = await scripted_upstream(script)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=read_timeout)
     try:
         async with aiohttp.ClientSession(timeout=timeout) as session, session.post(url) as response:
             meter = OpenAIStreamMeter(client_wants_usage=True)
-            chunks = relay_events(
-                response, meter, None, lambda message: encode({"error": message}),
-                redact=redact or Redactor([KEY]), heartbeat=heartbeat,
-            )  # fmt: skip
-            return [chunk async for chunk in chunks]
+            relay = EventRelay(meter, None, lambda message: encode({"error": message}), redact=redact or Redactor([KEY]))
+            return await relay_with(driver, response, relay, heartbeat)
     finally:
         await runner.cleanup()
 
@@ -82,13 +130,13 @@ def events_of(chunks: list[bytes]) -> bytes:
     return b"".join(chunk for chunk in chunks if chunk != HEARTBEAT)
 
 
-async def test_a_silent_upstream_gets_heartbeats_between_whole_events_and_loses_no_byte() -> None:
+async def test_a_silent_upstream_gets_heartbeats_between_whole_events_and_loses_no_byte(driver: str) -> None:
     first, second = chunk_event("one"), chunk_event("two")
     half = len(second) // 2
     # Silent after a whole event, then silent again with half an event sent: the comment must
     # wait for neither, and must never land inside the half-sent event.
     script: list[bytes | float] = [first, 0.35, second[:half], 0.35, second[half:], USAGE, b"data: [DONE]\n\n"]
-    chunks = await relayed(script, heartbeat=0.1)
+    chunks = await relayed(script, heartbeat=0.1, driver=driver)
     assert events_of(chunks) == first + second + USAGE + b"data: [DONE]\n\n"
     assert chunks.count(HEARTBEAT) >= 4
     for chunk in chunks:  # each chunk is a heartbeat or whole events: a comment never splits one
@@ -98,11 +146,11 @@ async def test_a_silent_upstream_gets_heartbeats_between_whole_events_and_loses_
     assert came > beat_at[-1]  # the half event came whole, after the silence
 
 
-async def test_no_heartbeat_while_the_upstream_keeps_talking() -> None:
+async def test_no_heartbeat_while_the_upstream_keeps_talking(driver: str) -> None:
     script: list[bytes | float] = []
     for i in range(20):
         script += [chunk_event(f"t{i}"), 0.02]
-    chunks = await relayed([*script, USAGE, b"data: [DONE]\n\n"], heartbeat=0.15)
+    chunks = await relayed([*script, USAGE, b"data: [DONE]\n\n"], heartbeat=0.15, driver=driver)
     assert HEARTBEAT not in chunks
     assert events_of(chunks).count(b"chat.completion.chunk") == 21
 
@@ -112,9 +160,8 @@ async def test_a_client_that_leaves_while_the_upstream_is_silent_closes_the_upst
     try:
         async with aiohttp.ClientSession() as session:
             response = await session.post(url)
-            chunks = relay_events(
-                response, OpenAIStreamMeter(True), None, lambda m: b"", redact=Redactor([KEY]), heartbeat=0.05
-            )
+            relay = EventRelay(OpenAIStreamMeter(True), None, lambda m: b"", redact=Redactor([KEY]))
+            chunks = relay_events(response, relay, heartbeat=0.05)
 
             async def client() -> None:
                 async for _ in chunks:
@@ -162,10 +209,10 @@ async def test_a_heartbeat_read_gives_up_nothing_the_upstream_sent_meanwhile() -
     silence.close()
 
 
-async def test_a_key_echoed_in_an_event_cut_across_upstream_chunks_is_scrubbed() -> None:
+async def test_a_key_echoed_in_an_event_cut_across_upstream_chunks_is_scrubbed(driver: str) -> None:
     echoed = encode({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": f"key {KEY}"}}]})
     cut = echoed.index(KEY.encode()) + 8
-    chunks = await relayed([echoed[:cut], 0.05, echoed[cut:], USAGE, b"data: [DONE]\n\n"], heartbeat=10)
+    chunks = await relayed([echoed[:cut], 0.05, echoed[cut:], USAGE, b"data: [DONE]\n\n"], heartbeat=10, driver=driver)
     body = events_of(chunks)
     assert KEY.encode() not in body and KEY[:12].encode() not in body
     assert MARK in json.loads(body.split(b"\n\n")[0].removeprefix(b"data: "))["choices"][0]["delta"]["content"]
@@ -174,13 +221,99 @@ async def test_a_key_echoed_in_an_event_cut_across_upstream_chunks_is_scrubbed()
 
 @pytest.mark.parametrize("heartbeat", [0.0, 10.0], ids=["aiohttp's timer", "the heartbeat's timer"])
 async def test_an_upstream_silent_past_the_read_timeout_ends_the_stream_with_an_error_after_all_it_sent(
-    heartbeat: float,
+    heartbeat: float, driver: str
 ) -> None:
     first, second = chunk_event("one"), chunk_event("two")
     loop = asyncio.get_running_loop()
     started = loop.time()
-    chunks = await relayed([first, 0.1, second, 3.0, b"data: [DONE]\n\n"], heartbeat, read_timeout=0.3)
+    chunks = await relayed([first, 0.1, second, 3.0, b"data: [DONE]\n\n"], heartbeat, read_timeout=0.3, driver=driver)
     assert loop.time() - started < 1.5
     assert events_of(chunks).startswith(first + second)
     error = json.loads(chunks[-1].removeprefix(b"data: "))["error"]
     assert error == "The upstream stopped sending data (read timeout)."
+
+
+async def test_the_direct_relay_closes_the_upstream_at_once_when_the_client_leaves_a_silent_stream() -> None:
+    runner, url = await scripted_upstream([chunk_event("one"), 30.0, b"data: [DONE]\n\n"])
+    try:
+        async with aiohttp.ClientSession() as session:
+            response = await session.post(url)
+            relay = EventRelay(OpenAIStreamMeter(True), None, lambda m: b"", redact=Redactor([KEY]))
+            client, hangup = RecordingClient(), Hangup()
+            task = asyncio.ensure_future(DirectRelay(response, relay, client, 0.05).run(hangup))  # type: ignore[arg-type]
+            await asyncio.sleep(0.3)  # several heartbeats' worth of silence
+            assert client.chunks[0] == chunk_event("one") and HEARTBEAT in client.chunks
+            hangup.leave()
+            with pytest.raises(ClientGone):
+                await asyncio.wait_for(task, 2)
+            assert response.closed
+            await asyncio.wait_for(runner.app[CLOSED].wait(), 2)
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_direct_relay_stops_reading_while_the_client_is_slow_and_loses_nothing() -> None:
+    """A client that does not read: the relay stops taking the upstream's bytes (aiohttp's buffer
+    stays bounded and the upstream socket is no longer read), then relays everything once the
+    client drains."""
+    big = [chunk_event(f"{i:04d}" + "x" * 5000) for i in range(400)]  # ~2 MB
+    runner, url = await scripted_upstream([*big, USAGE, b"data: [DONE]\n\n"])
+    try:
+        async with aiohttp.ClientSession() as session:
+            response = await session.post(url)
+            relay = EventRelay(OpenAIStreamMeter(True), None, lambda m: b"", redact=Redactor([KEY]))
+            client = RecordingClient()
+            write = client.write
+
+            def fills_up(data: bytes) -> None:
+                write(data)
+                client.paused = True  # the client's socket is full after the first write
+                client.writable.clear()
+
+            client.write = fills_up  # type: ignore[method-assign]
+            task = asyncio.ensure_future(DirectRelay(response, relay, client).run(Hangup()))  # type: ignore[arg-type]
+            await asyncio.sleep(0.5)
+            assert len(client.chunks) == 1
+            assert response.content._size < 1024 * 1024  # bounded: aiohttp paused the upstream socket
+            assert response.connection is not None and response.connection.protocol._reading_paused
+            client.write = write  # type: ignore[method-assign]
+            client.paused = False
+            client.writable.set()
+            await asyncio.wait_for(task, 5)
+            assert b"".join(client.chunks) == b"".join(big) + USAGE + b"data: [DONE]\n\n"
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_direct_relay_relays_the_bytes_that_came_before_a_break_then_one_error() -> None:
+    first, second = chunk_event("one"), chunk_event("two")
+
+    async def cut(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(first + second)
+        assert request.transport is not None
+        request.transport.close()  # no last chunk: the body is cut
+        return response
+
+    app = web.Application()
+    app.router.add_post("/stream", cut)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession() as session:
+            response = await session.post(f"http://127.0.0.1:{port}/stream")
+            await asyncio.sleep(0.2)  # the bytes and the break both arrived before the relay starts
+            relay = EventRelay(OpenAIStreamMeter(True), None, lambda m: encode({"error": m}), redact=Redactor([KEY]))
+            client = RecordingClient()
+            await DirectRelay(response, relay, client, 10.0).run(Hangup())  # type: ignore[arg-type]
+            body = b"".join(client.chunks)
+            assert body.startswith(first + second)
+            error = json.loads(client.chunks[-1].removeprefix(b"data: "))["error"]
+            assert error == "The upstream connection broke off in the middle of the stream."
+            assert response.closed
+    finally:
+        await runner.cleanup()

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from proxy.sse import SSEParser
-from tests.conftest import PAID, Served
+from tests.conftest import PAID, Served, shared_proxy
 from tests.fakes import FakeOpenAI, KeyBehaviour, StreamEvent, sse_data
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello there"}], "stream": True}
@@ -27,6 +27,13 @@ ProxyApp = Callable[..., Served]
 
 
 SHARED_ENV: dict[str, str] = {}  # no proxy key for these
+
+
+@pytest.fixture(scope="module", params=["httptools", "h11"], ids=["direct relay", "async relay"])
+def shared(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeOpenAI, Served]]:
+    """Every test here through both relays: uvicorn's httptools protocol takes the direct one
+    (proxy/relay.py), any other server the async iteration."""
+    yield from shared_proxy(request, tmp_path_factory, http=request.param)
 
 
 @pytest.fixture
