@@ -6,8 +6,8 @@ the proxy and, side by side, by an nginx hop (`proxy_buffering off`).
     python bench/streams.py --rows proxy --profile /tmp/relay.txt   # py-spy on the proxy meanwhile
     python bench/streams.py --repo /tmp/other-tree                  # the proxy of another tree
 
-The upstream (an aiohttp server in its own process) writes, in every chunk, the wall-clock time it
-sent it; the client (aiohttp, its own process, all streams on one event loop) notes when each
+The upstream (an aiohttp server in its own process, on uvloop) writes, in every chunk, the wall-clock
+time it sent it; the client (aiohttp, its own process, all streams on one uvloop loop) notes when each
 chunk arrived. Per-chunk relay delay = arrival - sending, for every chunk of every stream; the
 nginx row shows what the client, the upstream and the machine themselves add. CPU per chunk = the
 relaying server's CPU time (all its threads) over the chunks it relayed. RSS = the server's peak
@@ -36,6 +36,16 @@ PROXY_KEY = "pk-bench-streams"
 KEY = "sk-bench-streams-0123456789abcdef"
 
 
+def _fast_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop for the bench's own client and upstream (as uvicorn gives the proxy):
+    the lighter they are, the less of the 2 cores and of the delays is theirs."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - installed with uvicorn[standard]
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def serve_upstream(port: int, interval: float, seconds: float) -> None:
     """A fake OpenAI streaming `seconds / interval` chunks, each stamped with its sending time."""
     from aiohttp import web
@@ -59,7 +69,7 @@ def serve_upstream(port: int, interval: float, seconds: float) -> None:
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, backlog=4096)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, backlog=4096, loop=_fast_loop())
 
 
 async def drive(url: str, streams: int, token: str | None, out: Path) -> None:
@@ -140,7 +150,8 @@ def run_row(
     busy0, ours0 = harness.busy_jiffies(), harness.cpu_jiffies(harness_pids()) + harness.children_jiffies()
     code = (
         f"import asyncio, sys; sys.path.insert(0, {str(harness.BENCH)!r}); import streams; "
-        f"asyncio.run(streams.drive({url!r}, {args.streams}, {token!r}, __import__('pathlib').Path({str(out)!r})))"
+        f"streams._fast_loop().run_until_complete(streams.drive({url!r}, {args.streams}, {token!r}, "
+        f"__import__('pathlib').Path({str(out)!r})))"
     )
     started = time.monotonic()
     subprocess_run([sys.executable, "-c", code], timeout=args.seconds + 120)

@@ -11,9 +11,9 @@ cost per chunk").
 How:
 - aiohttp's `StreamReader` wakes its reader through the future it keeps in `_waiter`; `feed_data`,
   `end_http_chunk_receiving`, `feed_eof` and `set_exception` complete it. `_Tap` stands in for that
-  future and schedules the relay for the loop's next turn: a callback, not a task, and outside
-  aiohttp's parser (aiohttp has no public callback for arriving data; the version is pinned and
-  tests/test_relay.py covers the behaviour through both paths).
+  future and relays at once, or in the loop's next turn when reading would feed aiohttp's parser
+  again from within its own callback (aiohttp has no public callback for arriving data; the
+  version is pinned and tests/test_relay.py covers the behaviour through both paths).
 - uvicorn's httptools protocol: the `send` it hands to the app is a method of its
   `RequestResponseCycle`; the chunks go to that cycle's transport in HTTP/1.1 chunked framing, as
   its `send` writes them. The response's start and end go through `send` as usual.
@@ -89,15 +89,17 @@ class ClientStream:
 
 
 class _Tap:
-    """Stands in for the future aiohttp's StreamReader completes when something arrives: the relay
-    runs in the next turn of the loop, never inside aiohttp's parser (reading the reader from
-    there would feed the parser again from within its own callback). aiohttp drops the tap before
-    calling it, so one arrival schedules one run."""
+    """Stands in for the future aiohttp's StreamReader completes when something arrives (aiohttp
+    drops it before calling it). A read aiohttp would not resume the socket after (`_take`) is
+    relayed at once, within aiohttp's callback; anything else (the end, a break, a paused socket)
+    in the loop's next turn, since reading the reader then feeds aiohttp's parser again, which
+    must not happen from within its own callback."""
 
-    __slots__ = ("_loop", "_pump")
+    __slots__ = ("_loop", "_content", "_pump")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, pump: Callable[[], None]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, content: aiohttp.StreamReader, pump: Callable[[], None]) -> None:
         self._loop = loop
+        self._content = content
         self._pump = pump
 
     def done(self) -> bool:
@@ -107,7 +109,15 @@ class _Tap:
         return False
 
     def set_result(self, _result: object) -> None:
-        self._loop.call_soon(self._pump)
+        content = self._content
+        if content._eof or content._exception is not None:
+            self._loop.call_soon(self._pump)
+        elif not content._buffer:  # the end of an HTTP chunk already relayed: nothing new
+            content._waiter = self
+        elif _takes_at_once(content):
+            self._pump()
+        else:
+            self._loop.call_soon(self._pump)
 
     def set_exception(self, _exc: BaseException) -> None:
         self._loop.call_soon(self._pump)
@@ -134,7 +144,7 @@ class DirectRelay:
         self._relay = relay
         self._client = client
         self._loop = asyncio.get_running_loop()
-        self._tap = _Tap(self._loop, self._pump)
+        self._tap = _Tap(self._loop, self._content, self._pump)
         self._wake: asyncio.Future | None = None
         self._ended = False  # the stream's end was written, or the client is gone
         self._stalled = False  # the client's socket is full: waiting for it to drain
@@ -278,14 +288,17 @@ class DirectRelay:
             self._timer = self._loop.call_at(self._due(now), self._tick)
 
 
+def _takes_at_once(content: aiohttp.StreamReader) -> bool:
+    return len(content._buffer) == 1 and not content._buffer_offset and not content._protocol._reading_paused
+
+
 def _take(content: aiohttp.StreamReader) -> bytes:
     """Everything `content` holds: its `_read_nowait(-1)`, without the `resume_reading()` aiohttp
     calls after every read however it stands (which feeds its parser an empty read each time);
     when the upstream's socket was paused, aiohttp's own way, which resumes it."""
-    buffer = content._buffer
-    if content._protocol._reading_paused or content._buffer_offset or len(buffer) != 1:
+    if not _takes_at_once(content):
         return content._read_nowait(-1)
-    data = buffer.popleft()
+    data = content._buffer.popleft()
     content._size -= len(data)
     content._cursor += len(data)
     splits = content._http_chunk_splits
