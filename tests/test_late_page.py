@@ -70,3 +70,31 @@ def test_a_page_that_cannot_be_built_leaves_the_proxy_serving(
         reply = httpx.post(f"{served.proxy()}/chat/completions", json=CHAT, headers=AUTH, timeout=10)
         assert reply.status_code == 200
     assert any("the page could not be built" in r.getMessage() for r in caplog.records)
+
+
+def test_the_page_queue_does_not_wake_the_event_loop_every_millisecond_while_idle(
+    tmp_path: Path, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gradio's queue looks for work in a loop that sleeps 1 ms when there is none: ~1,000 turns a
+    second in the loop that relays every stream. The page's queue sleeps PAGE_QUEUE_POLL_S."""
+    from gradio import queueing
+
+    turns = [0]
+    real_len = queueing.Queue.__len__
+
+    def counted(self: queueing.Queue) -> int:  # start_processing asks it once per turn
+        turns[0] += 1
+        return real_len(self)
+
+    monkeypatch.setattr(queueing.Queue, "__len__", counted)
+    settings = make_settings(env(fake_openai), tmp_path)
+    with serve(lambda url: app_module.build_app(settings, self_url=url, page_later=True), settings) as served:
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{served.url}/", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "the page never appeared"
+            time.sleep(0.2)
+        time.sleep(0.5)
+        before = turns[0]
+        time.sleep(2.0)
+        per_second = (turns[0] - before) / 2.0
+    assert 0 < per_second <= 2 / app_module.PAGE_QUEUE_POLL_S, per_second  # 1 ms sleeps: ~1,000 a second
