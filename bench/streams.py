@@ -10,7 +10,9 @@ The upstream (an aiohttp server in its own process, on uvloop) writes, in every 
 time it sent it; the client (aiohttp, its own process, all streams on one uvloop loop) notes when each
 chunk arrived. Per-chunk relay delay = arrival - sending, for every chunk of every stream; the
 nginx row shows what the client, the upstream and the machine themselves add. CPU per chunk = the
-relaying server's CPU time (all its threads) over the chunks it relayed. RSS = the server's peak
+relaying server's CPU time (all its threads) over the chunks it relayed; "once all open" = the same
+from the moment every stream had its first chunk to the end (the streams' ends included, their
+starts not). RSS = the server's peak
 resident memory during the run. Everything listens on 127.0.0.1; every process is stopped at the
 end. Method and figures: bench/README.md.
 """
@@ -77,16 +79,21 @@ async def drive(url: str, streams: int, token: str | None, out: Path) -> None:
     import aiohttp
 
     delays: list[float] = []
-    complete = 0
+    complete = opened = 0
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     headers = {"authorization": f"Bearer {token}"} if token else {}
 
     async def one(session: aiohttp.ClientSession, i: int) -> None:
-        nonlocal complete
+        nonlocal complete, opened
         await asyncio.sleep(i / streams)
         async with session.post(url, json=body, headers=headers) as response:
             buffer = b""
+            first = True
             async for data in response.content.iter_any():
+                if first:
+                    first, opened = False, opened + 1
+                    if opened == streams:  # every stream is open: the bench notes the CPU so far
+                        print(f"open {len(delays)}", flush=True)
                 now = time.time()
                 buffer += data
                 *events, buffer = buffer.split(b"\n\n")
@@ -154,10 +161,16 @@ def run_row(
         f"__import__('pathlib').Path({str(out)!r})))"
     )
     started = time.monotonic()
-    subprocess_run([sys.executable, "-c", code], timeout=args.seconds + 120)
+    client = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = client.stdout.readline() if client.stdout is not None else ""  # "open N": every stream is open
+    cpu_open, chunks_open = harness.cpu_ns(pids), int(line.split()[1]) if line.startswith("open ") else None
+    _, err = client.communicate(timeout=args.seconds + 120)
+    if client.returncode != 0:
+        raise RuntimeError(err[-1500:])
     if spy is not None:
         spy.wait(timeout=60)
-    cpu = harness.cpu_ns(pids) - cpu0
+    cpu_end = harness.cpu_ns(pids)
+    cpu = cpu_end - cpu0
     elapsed_jiffies = harness.busy_jiffies() - busy0
     ours = harness.cpu_jiffies(harness_pids()) + harness.children_jiffies() - ours0
     stop.set()
@@ -168,6 +181,8 @@ def run_row(
         "row": name, "streams": args.streams, "complete": data["complete"], "chunks": len(delays),
         "p50_ms": percentile(delays, 0.5), "p99_ms": percentile(delays, 0.99), "max_ms": max(delays, default=0),
         "cpu_us_per_chunk": cpu / 1000 / max(len(delays), 1), "rss_mb": peak[0] / 1024,
+        "cpu_us_per_chunk_open": (cpu_end - cpu_open) / 1000 / max(len(delays) - chunks_open, 1)
+        if chunks_open is not None else float("nan"),
         "background_cores": max(elapsed_jiffies - ours, 0) / harness.HZ / max(time.monotonic() - started, 1e-9),
     }  # fmt: skip
 
@@ -178,12 +193,6 @@ _PROCS: list[harness.Procs] = []
 def harness_pids() -> list[int]:
     """This benchmark and everything it started (to tell background load from our own)."""
     return [os.getpid(), *(pid for procs in _PROCS for pid in procs.descendants())]
-
-
-def subprocess_run(argv: list[str], timeout: float) -> None:
-    done = subprocess.run(argv, timeout=timeout, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-1500:])
 
 
 def main() -> int:
@@ -236,13 +245,13 @@ def main() -> int:
                                     PROXY_KEY, procs.descendants("proxy"), args, work, args.profile))  # fmt: skip
         finally:
             procs.close()
-    print("| row | streams complete | chunks | delay p50 (ms) | p99 (ms) | max (ms) | CPU/chunk (µs) | peak RSS (MB) "
-          "| background load (cores) |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| row | streams complete | chunks | delay p50 (ms) | p99 (ms) | max (ms) | CPU/chunk (µs) "
+          "| once all open (µs) | peak RSS (MB) | background load (cores) |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['row']} | {r['complete']}/{r['streams']} | {r['chunks']:,} | {r['p50_ms']:.2f} | "
-              f"{r['p99_ms']:.2f} | {r['max_ms']:.1f} | {r['cpu_us_per_chunk']:.1f} | {r['rss_mb']:.0f} "
-              f"| {r['background_cores']:.2f} |")  # fmt: skip
+              f"{r['p99_ms']:.2f} | {r['max_ms']:.1f} | {r['cpu_us_per_chunk']:.1f} | "
+              f"{r['cpu_us_per_chunk_open']:.1f} | {r['rss_mb']:.0f} | {r['background_cores']:.2f} |")  # fmt: skip
     if args.profile is not None and args.profile.exists():
         import profile_proxy
 
