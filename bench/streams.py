@@ -12,7 +12,7 @@ chunk arrived. Per-chunk relay delay = arrival - sending, for every chunk of eve
 nginx row shows what the client, the upstream and the machine themselves add. CPU per chunk = the
 relaying server's CPU time (all its threads) over the chunks it relayed; "once all open" = the same
 from the moment every stream had its first chunk to the end (the streams' ends included, their
-starts not). RSS = the server's peak
+starts not), and the p99 delay of the chunks relayed meanwhile. RSS = the server's peak
 resident memory during the run. Everything listens on 127.0.0.1; every process is stopped at the
 end. Method and figures: bench/README.md.
 """
@@ -183,6 +183,7 @@ def run_row(
         "cpu_us_per_chunk": cpu / 1000 / max(len(delays), 1), "rss_mb": peak[0] / 1024,
         "cpu_us_per_chunk_open": (cpu_end - cpu_open) / 1000 / max(len(delays) - chunks_open, 1)
         if chunks_open is not None else float("nan"),
+        "p99_open_ms": percentile(delays[chunks_open:], 0.99) if chunks_open is not None else float("nan"),
         "background_cores": max(elapsed_jiffies - ours, 0) / harness.HZ / max(time.monotonic() - started, 1e-9),
     }  # fmt: skip
 
@@ -246,12 +247,12 @@ def main() -> int:
         finally:
             procs.close()
     print("| row | streams complete | chunks | delay p50 (ms) | p99 (ms) | max (ms) | CPU/chunk (µs) "
-          "| once all open (µs) | peak RSS (MB) | background load (cores) |")  # fmt: skip
+          "| once all open: CPU/chunk (µs), p99 (ms) | peak RSS (MB) | background load (cores) |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['row']} | {r['complete']}/{r['streams']} | {r['chunks']:,} | {r['p50_ms']:.2f} | "
               f"{r['p99_ms']:.2f} | {r['max_ms']:.1f} | {r['cpu_us_per_chunk']:.1f} | "
-              f"{r['cpu_us_per_chunk_open']:.1f} | {r['rss_mb']:.0f} | {r['background_cores']:.2f} |")  # fmt: skip
+              f"{r['cpu_us_per_chunk_open']:.1f}, {r['p99_open_ms']:.2f} | {r['rss_mb']:.0f} | {r['background_cores']:.2f} |")  # fmt: skip
     if args.profile is not None and args.profile.exists():
         import profile_proxy
 
