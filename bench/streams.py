@@ -5,6 +5,7 @@ the proxy and, side by side, by an nginx hop (`proxy_buffering off`).
     python bench/streams.py --streams 200 --seconds 5
     python bench/streams.py --rows proxy --profile /tmp/relay.txt   # py-spy on the proxy meanwhile
     python bench/streams.py --repo /tmp/other-tree                  # the proxy of another tree
+    python bench/streams.py --rows bare-readany,bare-callback       # the floor: bench/bare_relay.py
 
 The upstream (an aiohttp server in its own process, on uvloop) writes, in every chunk, the wall-clock
 time it sent it; the client (aiohttp, its own process, all streams on one uvloop loop) notes when each
@@ -201,7 +202,10 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--interval", type=float, default=0.1)
-    parser.add_argument("--rows", default="nginx,proxy", help="which rows to run: nginx, proxy or both")
+    parser.add_argument(
+        "--rows", default="nginx,proxy",
+        help="which rows to run, comma-separated: nginx, proxy, bare-readany, bare-callback (bench/bare_relay.py)",
+    )  # fmt: skip
     parser.add_argument("--repo", type=Path, default=harness.REPO, help="the tree whose app.py is measured")
     parser.add_argument("--profile", type=Path, help="py-spy the proxy during its row; raw stacks go here")
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
@@ -238,12 +242,21 @@ def main() -> int:
             harness.wait_ok(f"http://127.0.0.1:{port}/", timeout=120)  # the page, built after start
             time.sleep(0.5)
             rows = []
-            if "nginx" in args.rows:
+            if "nginx" in args.rows.split(","):
                 rows.append(run_row("nginx hop (proxy_buffering off)", f"http://127.0.0.1:{hop}/v1/chat/completions",
                                     None, procs.descendants("nginx-hop"), args, work))  # fmt: skip
-            if "proxy" in args.rows:
+            if "proxy" in args.rows.split(","):
                 rows.append(run_row("proxy (python app.py)", f"http://127.0.0.1:{port}/proxy/openai/v1/chat/completions",
                                     PROXY_KEY, procs.descendants("proxy"), args, work, args.profile))  # fmt: skip
+            for mode in ("readany", "callback"):  # the floor: bench/bare_relay.py
+                if f"bare-{mode}" in args.rows.split(","):
+                    bare = harness.free_port()
+                    procs.start(f"bare-{mode}", [sys.executable, str(harness.BENCH / "bare_relay.py"), mode],
+                                env={**env, "PORT": str(bare)})  # fmt: skip
+                    harness.wait_http(f"http://127.0.0.1:{bare}/health", timeout=60)
+                    rows.append(run_row(f"bare relay, {mode} (bench/bare_relay.py)",
+                                        f"http://127.0.0.1:{bare}/proxy/openai/v1/chat/completions", None,
+                                        procs.descendants(f"bare-{mode}"), args, work))  # fmt: skip
         finally:
             procs.close()
     print("| row | streams complete | chunks | delay p50 (ms) | p99 (ms) | max (ms) | CPU/chunk (µs) "
