@@ -265,7 +265,8 @@ def main() -> int:
     for r in rows:
         print(f"| {r['row']} | {r['complete']}/{r['streams']} | {r['chunks']:,} | {r['p50_ms']:.2f} | "
               f"{r['p99_ms']:.2f} | {r['max_ms']:.1f} | {r['cpu_us_per_chunk']:.1f} | "
-              f"{r['cpu_us_per_chunk_open']:.1f}, {r['p99_open_ms']:.2f} | {r['rss_mb']:.0f} | {r['background_cores']:.2f} |")  # fmt: skip
+              f"{r['cpu_us_per_chunk_open']:.1f}, {r['p99_open_ms']:.2f} | {r['rss_mb']:.0f} "
+              f"| {r['background_cores']:.2f} |")  # fmt: skip
     if args.profile is not None and args.profile.exists():
         import profile_proxy
 

@@ -230,9 +230,7 @@ class Pipeline(WaitingStreams, ModelRoutes, Outcomes):
             if ctx.body_len < OFFLOAD_BYTES:
                 upstream_payload, state, body = self._upstream_body(service, endpoint, payload)
             else:  # Python code in a thread yields the GIL every few ms: /health stays fast meanwhile
-                upstream_payload, state, body = await asyncio.to_thread(
-                    self._upstream_body, service, endpoint, payload
-                )
+                upstream_payload, state, body = await asyncio.to_thread(self._upstream_body, service, endpoint, payload)
         except BaseException:
             self.gatekeeper.release(admission)
             raise
@@ -354,7 +352,8 @@ class Pipeline(WaitingStreams, ModelRoutes, Outcomes):
                 if ticket is not None:
                     queue.release(ticket)
                 raise ProxyError(
-                    502, f"The {dialect.name} upstream answered with a redirect, which this proxy never follows.",
+                    502,
+                    f"The {dialect.name} upstream answered with a redirect, which this proxy never follows.",
                     Kind.UPSTREAM,
                 ) from None
             except upstream.NETWORK_ERRORS as exc:
@@ -598,5 +597,7 @@ def _queue_full(family: str, exc: QueueFull) -> ProxyError:
         headers={"retry-after": str(wait)},
         code="queue_full",
     )
+
+
 _OK = Outcome(Verdict.OK)
 _RETRYABLE = Outcome(Verdict.RETRYABLE)

@@ -64,7 +64,9 @@ class ClientStream:
         cycle = getattr(send, "__self__", None)
         if _Cycle is None or type(cycle) is not _Cycle or cycle.response_started or cycle.chunked_encoding is not None:
             return None
-        if scope.get("method") == "HEAD" or any(name in (b"content-length", b"transfer-encoding") for name, _ in headers):
+        if scope.get("method") == "HEAD" or any(
+            name in (b"content-length", b"transfer-encoding") for name, _ in headers
+        ):
             return None
         return cls(cycle)
 
@@ -97,7 +99,9 @@ class _Tap:
 
     __slots__ = ("_loop", "_content", "_pump")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, content: aiohttp.StreamReader, pump: Callable[[], None]) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, content: aiohttp.StreamReader, pump: Callable[[], None]
+    ) -> None:
         self._loop = loop
         self._content = content
         self._pump = pump

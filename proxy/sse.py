@@ -44,10 +44,15 @@ class SSEParser:
         self.max_event = max_event
 
     def feed(self, chunk: bytes) -> list[Event]:
-        if not self._parts and not self._cr and chunk.find(b"\n") == len(chunk) - 2 and chunk.endswith(b"\n\n"):
-            # Nearly every read of a live stream: one whole `data: ` event, nothing pending.
-            if chunk.startswith(b"data: ") and b"\r" not in chunk:
-                return [Event("", chunk[6:-2].decode("utf-8", errors="replace"), chunk)]
+        if (
+            not self._parts
+            and not self._cr
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk.endswith(b"\n\n")
+            and chunk.startswith(b"data: ")
+            and b"\r" not in chunk
+        ):  # nearly every read of a live stream: one whole `data: ` event, nothing pending
+            return [Event("", chunk[6:-2].decode("utf-8", errors="replace"), chunk)]
         if self._cr:
             chunk = b"\r" + chunk
             self._cr = False

@@ -186,7 +186,9 @@ def take_read_timeout(response: aiohttp.ClientResponse) -> float | None:
     return read_timeout
 
 
-async def relay_events(response: aiohttp.ClientResponse, relay: EventRelay, heartbeat: float = 0.0) -> AsyncIterator[bytes]:
+async def relay_events(
+    response: aiohttp.ClientResponse, relay: EventRelay, heartbeat: float = 0.0
+) -> AsyncIterator[bytes]:
     """Relay an SSE reply event by event as it arrives, through `relay`, as an async iteration
     (any ASGI server; proxy/relay.py is the faster way under uvicorn). Cancellation (the client
     went away) closes the upstream connection at once. With `heartbeat` (seconds), an SSE comment

@@ -14,8 +14,8 @@ from proxy.client import ClientGone
 from proxy.errors import MARK, Redactor
 from proxy.keepalive import HEARTBEAT, Silence
 from proxy.providers.openai.dialect import OpenAIStreamMeter
-from proxy.sse import encode
 from proxy.relay import DirectRelay
+from proxy.sse import encode
 from proxy.upstream import EventRelay, relay_events
 
 KEY = "sk-relay-test-0123456789abcdefghij"
@@ -120,7 +120,9 @@ async def relayed(
     try:
         async with aiohttp.ClientSession(timeout=timeout) as session, session.post(url) as response:
             meter = OpenAIStreamMeter(client_wants_usage=True)
-            relay = EventRelay(meter, None, lambda message: encode({"error": message}), redact=redact or Redactor([KEY]))
+            relay = EventRelay(
+                meter, None, lambda message: encode({"error": message}), redact=redact or Redactor([KEY])
+            )
             return await relay_with(driver, response, relay, heartbeat)
     finally:
         await runner.cleanup()
@@ -224,7 +226,6 @@ async def test_a_key_echoed_in_an_event_cut_across_upstream_chunks_is_scrubbed(d
     body = events_of(chunks)
     assert KEY.encode() not in body and KEY[:12].encode() not in body
     assert MARK in json.loads(body.split(b"\n\n")[0].removeprefix(b"data: "))["choices"][0]["delta"]["content"]
-
 
 
 @pytest.mark.parametrize("heartbeat", [0.0, 10.0], ids=["aiohttp's timer", "the heartbeat's timer"])

@@ -24,13 +24,13 @@ COMPLETION = {"model": "gpt-4o", "prompt": "Say hello", "stream": True}
 ProxyApp = Callable[..., Served]
 
 
-
-
 SHARED_ENV: dict[str, str] = {}  # no proxy key for these
 
 
 @pytest.fixture(scope="module", params=["httptools", "h11"], ids=["direct relay", "async relay"])
-def shared(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeOpenAI, Served]]:
+def shared(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[FakeOpenAI, Served]]:
     """Every test here through both relays: uvicorn's httptools protocol takes the direct one
     (proxy/relay.py), any other server the async iteration."""
     yield from shared_proxy(request, tmp_path_factory, http=request.param)
