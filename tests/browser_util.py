@@ -64,19 +64,24 @@ def field(page: Any, elem_id: str) -> Any:
     return page.locator(f"#{elem_id} input, #{elem_id} textarea").first
 
 
+def type_kept(tab: Any, elem_id: str, text: str) -> None:
+    """Type `text` into the box `elem_id` until the box keeps it. Under a loaded suite a tab's first
+    render could replace the box after the text was typed into it (the text was then lost)."""
+    box = field(tab, elem_id)
+    for _typing in range(5):
+        box.fill(text)
+        tab.wait_for_timeout(300)
+        if box.input_value() == text:
+            return
+
+
 def unlock_admin(tab: Any, key: str) -> None:
-    """Type the admin key and unlock. Under a loaded suite the Admin tab's first render could
-    replace the box after the key was typed into it (the key was then lost and the server said
-    "Wrong admin key"): type it again until the box keeps it, and once more if the send raced."""
+    """Type the admin key and unlock: typed until the box keeps it (`type_kept`; the server said
+    "Wrong admin key" when the first render dropped it), and once more if the send raced."""
     from playwright.sync_api import expect
 
-    box = field(tab, "admin-key")
     for _attempt in range(3):
-        for _typing in range(5):
-            box.fill(key)
-            tab.wait_for_timeout(300)
-            if box.input_value() == key:
-                break
+        type_kept(tab, "admin-key", key)
         tab.locator("#admin-unlock").click()
         expect(tab.locator("#admin-status")).not_to_be_empty()
         status = tab.locator("#admin-status").inner_text()

@@ -21,6 +21,7 @@ from tests.browser_util import (
     send_chat,
     serve_whole_app,
     table_row,
+    type_kept,
     unlock_admin,
 )
 from tests.conftest import PAID, PROXY_KEY, Served, make_settings
@@ -110,7 +111,7 @@ def open_page(page: Page, app: Served) -> None:
 
 def load_models(page: Page, credential: str) -> None:
     open_tab(page, "Test chat")
-    field(page, "chat-credential").fill(credential)
+    type_kept(page, "chat-credential", credential)  # the tab's first render may drop what was typed
     page.locator("#chat-refresh-models").click()
 
 

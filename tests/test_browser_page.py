@@ -18,6 +18,7 @@ from tests.browser_util import (
     open_tab,
     send_chat,
     serve_whole_app,
+    type_kept,
     unlock_admin,
 )
 from tests.conftest import PAID, PROXY_KEY, Served, make_settings
@@ -180,7 +181,7 @@ def test_test_chat_loads_models_on_entry_drops_unanswered_turns_and_names_the_mo
     placeholder = tab.locator("#chat-input textarea").get_attribute("placeholder")
     assert placeholder
 
-    field(tab, "chat-credential").fill(token)  # no button: the list loads once the token is in
+    type_kept(tab, "chat-credential", token)  # no button: the list loads once the token is in
     expect(tab.locator("#chat-note")).to_contain_text("models available")
     tab.locator("#chat-model input").click()
     options = tab.get_by_role("option")
