@@ -5,8 +5,9 @@ Why: relayed as an async iteration (`upstream.relay_events` under Starlette's St
 every chunk completes a future, takes a turn of the event loop, resumes a task through the relay's
 coroutines and passes Starlette's and uvicorn's `send`. A relay's CPU grows with chunks, not
 requests (1,000 streams at 10 chunks a second are 10,000 chunks a second): with this path the
-proxy's CPU per relayed chunk went from 47–53 to 33 µs (bench/streams.py; the bare relays of
-bench/bare_relay.py show the same difference; bench/README.md, "The relay's fast path").
+proxy's CPU per relayed chunk went from 47–53 to 33 µs (bench/streams.py; of that, the async
+iteration itself is what separates the two bare relays of bench/bare_relay.py, 34 against 26 µs in
+one run; bench/README.md, "The relay's fast path").
 
 How:
 - aiohttp's `StreamReader` wakes its reader through the future it keeps in `_waiter`; `feed_data`,
