@@ -220,3 +220,20 @@ def test_a_request_is_not_acknowledged_when_its_commit_hangs_past_the_wait(pg_ur
         assert store.usage_totals()[0]["gpt-4o"]["requests"] == 1
     finally:
         store.close()
+
+
+def test_a_request_whose_write_the_database_refuses_is_not_acknowledged_and_the_next_ones_are(pg_url: str) -> None:
+    store = PostgresStore(pg_url)
+    try:
+
+        async def requests() -> None:
+            store.add_usage(event(tin=2**70))  # past BIGINT: Postgres refuses the row
+            with pytest.raises(StoreError):
+                await store.committed()
+            store.add_usage(event())
+            await asyncio.wait_for(store.committed(), 5)  # the writer goes on with the next ones
+
+        asyncio.run(requests())
+        assert store.usage_totals()[0]["gpt-4o"]["requests"] == 1
+    finally:
+        store.close()

@@ -272,9 +272,13 @@ class PostgresStore:
                     for item in batch:
                         conn = self._commit(conn, [item])
                     return conn
-                _fail_waiters(batch, StoreError("The database refused a write."), everything=True)
+                refused = StoreError("The database refused a write.")
+                _fail_waiters(batch, refused, everything=True)
                 log.exception("postgres: a write failed")
-                self._committed_through(batch[-1].seq)  # not kept: nothing more will come of it
+                # Not kept (nothing more will come of it), and not acknowledged: the requests
+                # waiting for it are failed, as the threads are; the next writes go on.
+                self._done = batch[-1].seq
+                self._fail_loop_waiters(batch[-1].seq, refused)
                 return conn
             self.healthy = True
             _resolve(batch, results)
