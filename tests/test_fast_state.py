@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from proxy.state.fast import Limits, MemoryFastState
+from proxy.state.fast import FastStateError, Limits, MemoryFastState
 from proxy.state.redis import HEARTBEAT_TTL_MS, RedisFastState
 
 _users = itertools.count()
@@ -243,5 +243,25 @@ async def test_scripts_flushed_from_redis_are_loaded_again_and_nothing_counts_tw
         assert [entry.refused for entry, _ in entries] == [None, None, None]
         assert sorted(entry.rate_count for entry, _ in entries) == [1, 2, 3]  # who: 2 and 3; the other: 1
         assert await state.redis.zcard(f"oaip:r:{who}") == 3  # each counted once
+    finally:
+        await state.aclose()
+
+
+async def test_a_pipeline_that_fails_unexpectedly_fails_its_requests_closed_instead_of_leaving_them_waiting(
+    redis: Any,
+) -> None:
+    state = RedisFastState(redis.url)
+    await state.start()
+    try:
+
+        async def broken(batch: list) -> list:
+            raise ValueError("a reply redis-py could not parse")
+
+        state._pipeline = broken  # type: ignore[method-assign]
+        limits = Limits(rate_key=user(), rate_limit=5, window_s=60)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(state.enter(limits) for _ in range(3)), return_exceptions=True), 5
+        )
+        assert all(isinstance(result, FastStateError) for result in results), results
     finally:
         await state.aclose()

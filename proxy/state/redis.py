@@ -250,10 +250,17 @@ class RedisFastState:
                     await self.redis.script_load(script.script)
                 for i, result in zip(again, await self._pipeline([batch[i] for i in again]), strict=True):
                     results[i] = result
-        except (RedisError, OSError) as exc:
+        except BaseException as exc:
+            # Every request of the batch is told (Redis away: a 503); none waits for ever, whatever
+            # failed (an error of redis-py's own, or this task cancelled at shutdown).
+            failure = exc if isinstance(exc, RedisError | OSError) else RedisError(f"pipeline failed: {exc!r}")
             for *_, future in batch:
                 if not future.done():
-                    future.set_exception(exc)
+                    future.set_exception(failure)
+            if not isinstance(exc, Exception):
+                raise
+            if failure is not exc:
+                log.exception("redis: the pipeline failed")
             return
         for (*_, future), result in zip(batch, results, strict=True):
             if future.done():
