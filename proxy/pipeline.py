@@ -493,9 +493,10 @@ class Pipeline(WaitingStreams, ModelRoutes, Outcomes):
                     tap.feed(chunk)
             if not relay.meter.finished:
                 status = 502
-        except BaseException:
+        except BaseException as exc:
             # The client went away; if the whole answer had reached it, it was served all the same.
-            status = 200 if relay.meter.finished else 499
+            # Anything else is a failure of the proxy's own (its traceback is uvicorn's to log).
+            status = _relay_failed(exc, relay.meter.finished)
             if events is not None:
                 await events.aclose()  # closes the upstream connection now, not when collected
             raise
@@ -514,8 +515,8 @@ class Pipeline(WaitingStreams, ModelRoutes, Outcomes):
             await direct.run(receive)
             if not relay.meter.finished:
                 status = 502
-        except BaseException:
-            status = 200 if relay.meter.finished else 499
+        except BaseException as exc:
+            status = _relay_failed(exc, relay.meter.finished)
             raise
         finally:
             if direct.first_write is not None:
@@ -541,6 +542,15 @@ class Pipeline(WaitingStreams, ModelRoutes, Outcomes):
             if self.metrics is not None:
                 self.metrics.stream_ended(ctx.service)
             self._log(ctx, status)
+
+
+def _relay_failed(exc: BaseException, finished: bool) -> int:
+    """The status a relayed stream ends with when `exc` ended it: the client leaving (cancelled,
+    closed, ClientGone) is 499, or 200 if the whole answer had reached it; an error of the proxy's
+    own is 500."""
+    if isinstance(exc, Exception) and not isinstance(exc, ClientGone):
+        return 500
+    return 200 if finished else 499
 
 
 @dataclass

@@ -95,3 +95,31 @@ def test_with_several_workers_a_scrape_of_any_one_counts_them_all(tmp_path: Path
     found = samples(text)
     assert value(found, "proxy_requests_total", service="openai", status="200", user_type="normal") == 6
     assert value(found, "proxy_tokens_total", direction="in") == 60
+
+
+def test_a_stream_the_proxy_fails_to_relay_counts_as_a_500_on_both_relays(
+    tmp_path: Path, fake_openai: Any, monkeypatch: Any
+) -> None:
+    """A failure of the proxy's own in the middle of a relay is not a client that left (499)."""
+    from proxy.server import create_app
+    from proxy.upstream import EventRelay
+    from tests.conftest import make_settings, serve
+
+    def broken(self: EventRelay, chunk: bytes) -> tuple[bytes, bool]:
+        raise RuntimeError("a bug in the relay")
+
+    monkeypatch.setattr(EventRelay, "feed", broken)
+    for http in ("httptools", "h11"):  # the direct relay (proxy/relay.py), the async one
+        env = {"OPENAI_KEY": PAID, "OPENAI_BASE_URL": fake_openai.base_url, "PROXY_KEY": PROXY_KEY}
+        settings = make_settings(env, tmp_path)
+        with serve(create_app(settings), settings, http=http) as served:
+            auth = {"Authorization": f"Bearer {PROXY_KEY}"}
+            try:
+                with httpx.stream("POST", f"{served.proxy()}/chat/completions", json={**CHAT, "stream": True},
+                                  headers=auth, timeout=10) as streamed:  # fmt: skip
+                    streamed.read()
+            except httpx.HTTPError:
+                pass  # the connection is cut short: the relay failed
+            found = samples(httpx.get(f"{served.url}/metrics").text)
+        assert value(found, "proxy_requests_total", service="openai", status="500") == 1, http
+        assert value(found, "proxy_requests_total", service="openai", status="499") == 0, http
