@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import aiohttp
 import pytest
@@ -307,3 +308,36 @@ async def test_the_direct_relay_relays_the_bytes_that_came_before_a_break_then_o
             assert response.closed
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("http", "guarded", "direct"), [("httptools", True, 1), ("httptools", False, 1), ("h11", False, 0)]
+)
+def test_uvicorn_as_app_py_serves_takes_the_direct_relay_and_other_servers_the_async_one(
+    http: str, guarded: bool, direct: int, tmp_path: Any, fake_openai: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast path hangs on uvicorn's internals (proxy/relay.py): if an upgrade moved them,
+    every stream would quietly take the async path and the other tests would not notice."""
+    import httpx
+
+    from proxy.server import create_app
+    from tests.conftest import PAID, PROXY_KEY, make_settings, serve
+
+    runs: list[DirectRelay] = []
+    real_run = DirectRelay.run
+
+    async def counted(self: DirectRelay, receive: Any) -> None:
+        runs.append(self)
+        await real_run(self, receive)
+
+    monkeypatch.setattr(DirectRelay, "run", counted)
+    settings = make_settings(
+        {"OPENAI_KEY": PAID, "OPENAI_BASE_URL": fake_openai.base_url, "PROXY_KEY": PROXY_KEY}, tmp_path
+    )
+    with serve(create_app(settings), settings, guarded=guarded, http=http) as served:
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        auth = {"Authorization": f"Bearer {PROXY_KEY}"}
+        with httpx.stream("POST", f"{served.proxy()}/chat/completions", json=body, headers=auth, timeout=10) as reply:
+            text = reply.read().decode()
+    assert reply.status_code == 200 and text.rstrip().endswith("data: [DONE]")
+    assert len(runs) == direct
