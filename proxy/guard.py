@@ -17,6 +17,9 @@ header of any size. This protocol adds, per connection:
   Space and with TRUSTED_PROXIES set, and 127.0.0.1 and ::1, this machine, are not capped),
   answered with 429 and a close.
 
+Each refusal is counted for the owner (`on_refused`: the ledger's outcomes on the page and in
+/status, and Prometheus's `proxy_refused_connections`), as every other refusal is.
+
 Everything else is uvicorn's (httptools parser, flow control, pipelining), so the proxy's
 throughput is unchanged (bench/README.md).
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,6 +36,11 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("proxy.guard")
+
+# Why the guard refused a connection: the reasons `on_refused` is told.
+SLOW_CLIENT = "slow_client"  # headers or body too slow (408, or a close once the reply began)
+HEADERS_TOO_LARGE = "headers_too_large"  # 431
+TOO_MANY_CONNECTIONS = "too_many_connections"  # 429
 
 # This machine: the page's own calls to the proxy, or a front proxy running beside it.
 UNCAPPED = frozenset({"127.0.0.1", "::1"})
@@ -70,6 +79,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     limits: ClassVar[ConnectionLimits] = ConnectionLimits()
     open_by_ip: ClassVar[dict[str, int]] = {}
+    on_refused: ClassVar[Callable[[str], None] | None] = None  # told each refusal's reason
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -86,7 +96,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             held = self.open_by_ip.get(self._ip, 0)
             if held >= cap:
                 log.warning("refused a connection: %d already open from one address", held)
-                self._refuse(429, "Too Many Requests", f"Too many connections from your address (limit {cap}).")
+                self._refuse(
+                    429, "Too Many Requests", f"Too many connections from your address (limit {cap}).",
+                    TOO_MANY_CONNECTIONS,
+                )  # fmt: skip
                 return
             self.open_by_ip[self._ip] = held + 1
             self._counted = True
@@ -111,7 +124,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 end = data.find(b"\r\n\r\n")
                 size = self._header_bytes if end < 0 else self._header_bytes - len(data) + end + 4
                 if size > limit:
-                    self._refuse(431, "Request Header Fields Too Large", f"Request headers over {limit} bytes.")
+                    self._refuse(
+                        431, "Request Header Fields Too Large", f"Request headers over {limit} bytes.",
+                        HEADERS_TOO_LARGE,
+                    )  # fmt: skip
                     return
         elif self._body_timer is not None:
             self._body_bytes += len(data)
@@ -162,7 +178,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._arm_header_timer()  # a pipelined request waits for the current reply: not the client's fault
             return
         if self._header_bytes:
-            self._refuse(408, "Request Timeout", "The request headers took too long to arrive.")
+            self._refuse(408, "Request Timeout", "The request headers took too long to arrive.", SLOW_CLIENT)
         else:
             self.transport.close()  # an idle connection: close it quietly
 
@@ -181,14 +197,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.cycle.message_event.set()
         if self.cycle.response_started:
             self.transport.close()
+            self._count(SLOW_CLIENT)
         else:
-            self._refuse(408, "Request Timeout", "The request body arrived too slowly.")
+            self._refuse(408, "Request Timeout", "The request body arrived too slowly.", SLOW_CLIENT)
 
-    def _refuse(self, status: int, reason: str, message: str) -> None:
+    def _refuse(self, status: int, reason: str, message: str, why: str) -> None:
         self._cancel_header_timer()
         self._cancel_body_timer()
         self.transport.write(_reply(status, reason, message))
         self.transport.close()
+        self._count(why)
+
+    def _count(self, why: str) -> None:
+        if self.on_refused is not None:
+            try:
+                self.on_refused(why)
+            except Exception:  # counting must never break the connection handling
+                log.exception("could not count a refused connection")
 
     def _release(self) -> None:
         self._cancel_header_timer()
@@ -202,21 +227,28 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self.open_by_ip.pop(self._ip, None)
 
 
-def guarded_protocol(limits: ConnectionLimits) -> type[GuardedHttpToolsProtocol]:
-    """A protocol class with these limits and its own per-address counts (one per server)."""
-    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"limits": limits, "open_by_ip": {}})
+def guarded_protocol(
+    limits: ConnectionLimits, on_refused: Callable[[str], None] | None = None
+) -> type[GuardedHttpToolsProtocol]:
+    """A protocol class with these limits and its own per-address counts (one per server);
+    `on_refused` is told the reason of each refusal."""
+    attributes = {"limits": limits, "open_by_ip": {}, "on_refused": staticmethod(on_refused) if on_refused else None}
+    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), attributes)
 
 
 def server_config(app: Any, settings: Any, **kwargs: Any) -> uvicorn.Config:
     """The uvicorn configuration `python app.py` serves with: the guarded protocol, and
-    uvicorn's own options as app.py sets them (overridable by `kwargs`)."""
+    uvicorn's own options as app.py sets them (overridable by `kwargs`). The guard's refusals are
+    counted by the proxy's runtime when `app` has one (`app.state.runtime`)."""
+    runtime = getattr(getattr(app, "state", None), "runtime", None)
+    on_refused = getattr(runtime, "connection_refused", None)
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
         "log_config": None,
         "proxy_headers": False,  # whose forwarded-for to believe is decided in Runtime.client_ip
         "access_log": False,  # the pipeline logs one line per proxy request itself
-        "http": guarded_protocol(ConnectionLimits.from_settings(settings)),
+        "http": guarded_protocol(ConnectionLimits.from_settings(settings), on_refused),
     }
     options.update(kwargs)
     return uvicorn.Config(app, **options)

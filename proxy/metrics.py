@@ -68,6 +68,10 @@ class Metrics:
             "proxy_queue_wait_seconds", "Time requests waited in the queue.", ["service"],
             buckets=LATENCY_BUCKETS, registry=target,
         )  # fmt: skip
+        self.refused_connections = Counter(
+            "proxy_refused_connections", "Connections the guard refused before a request was read, by reason.",
+            ["reason"], registry=target,
+        )  # fmt: skip
         self._children: dict[tuple, Any] = {}
         self._scrape = CollectorRegistry() if multiprocess else self.registry
         if multiprocess:
@@ -115,6 +119,9 @@ class Metrics:
             self._child(self.added, service).observe(max(added_s, 0.0))
         if first_byte_s is not None:
             self._child(self.first_byte, service).observe(first_byte_s)
+
+    def connection_refused(self, reason: str) -> None:
+        self._child(self.refused_connections, reason).inc()
 
     def stream_started(self, service: str) -> None:
         self._child(self.streams, service).inc()

@@ -84,6 +84,13 @@ class Runtime:
         if self.trusted_proxies is None:
             self.trusted_proxies = TrustedProxies.parse(self.settings.trusted_proxies, on_space=self.settings.on_space)
 
+    def connection_refused(self, why: str) -> None:
+        """The connection guard refused a client (proxy/guard.py: too slow, headers too large, too
+        many connections): counted with every other outcome, and in Prometheus."""
+        self.ledger.count("refused: " + why.replace("_", " "))
+        if self.metrics is not None:
+            self.metrics.connection_refused(why)
+
     def client_ip(self, request: Any) -> str:
         """The caller's IP, for per-IP limits and lockouts.
 

@@ -120,16 +120,26 @@ class UsageLedger:
             self.by_family.setdefault(event.family, Totals()).add(event.tokens_in, event.tokens_out)
             if event.key_id:
                 self.by_key.setdefault(event.key_id, Totals()).add(event.tokens_in, event.tokens_out)
-        bucket = event.time - event.time % self.bucket_s
+        self._plot(event.time, event.outcome, event.tokens_in, event.tokens_out)
+        if self.sink is not None:
+            self.sink(event)
+
+    def count(self, outcome: str) -> None:
+        """An outcome with no request behind it to record (the connection guard's refusals, before
+        any request was read): in the counts since this start and in the series."""
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        self._plot(self.clock(), outcome, 0, 0)
+
+    def _plot(self, when: float, outcome: str, tokens_in: int, tokens_out: int) -> None:
+        """One request (of any outcome) in the series' bucket of `when`."""
+        bucket = when - when % self.bucket_s
         if not self._series or self._series[-1][0] != bucket:
             self._series.append([bucket, 0, 0, 0, {}])
         point = self._series[-1]
         point[1] += 1
-        point[2] += event.tokens_in
-        point[3] += event.tokens_out
-        point[4][event.outcome] = point[4].get(event.outcome, 0) + 1
-        if self.sink is not None:
-            self.sink(event)
+        point[2] += tokens_in
+        point[3] += tokens_out
+        point[4][outcome] = point[4].get(outcome, 0) + 1
 
     def restore(self, by_family: dict[str, dict[str, int]], by_key: dict[str, dict[str, int]]) -> None:
         """Load persisted totals at start."""

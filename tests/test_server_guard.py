@@ -4,6 +4,7 @@ server keeps answering everyone else meanwhile."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Iterator
@@ -252,3 +253,60 @@ def test_visitors_behind_a_trusted_front_proxy_are_not_capped_together(tmp_path)
         finally:
             for sock in held:
                 sock.close()
+
+
+def owner_counts(served: Served) -> tuple[dict[str, int], dict[str, float]]:
+    """The outcomes since this start (/status, as the page shows them) and the guard's Prometheus
+    counter by reason."""
+    outcomes = httpx.get(f"{served.url}/status", timeout=5).json()["usage"]["outcomes"]
+    metric = {}
+    for line in httpx.get(f"{served.url}/metrics", timeout=5).text.splitlines():
+        if line.startswith("proxy_refused_connections_total{"):
+            reason = line.split('reason="', 1)[1].split('"', 1)[0]
+            metric[reason] = float(line.rsplit(" ", 1)[1])
+    return outcomes, metric
+
+
+def test_every_refusal_of_the_guard_is_counted_for_the_owner(guarded: Served) -> None:
+    """Refusals before any request was read are outcomes as much as a wrong key is: the owner sees
+    them with the others (the page's counts and chart, /status) and in /metrics, by reason. A
+    connection that never sent a byte (a browser's preconnect) is closed quietly, not counted."""
+    outcomes_before, metric_before = owner_counts(guarded)
+
+    slow = connect(guarded, "127.0.4.1")  # 408: headers begun, never finished
+    slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+    idle = connect(guarded, "127.0.4.2")  # sends nothing
+    big = connect(guarded, "127.0.4.3")  # 431
+    big.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
+    with contextlib.suppress(OSError):
+        for _ in range(4):
+            big.sendall(b"a" * 50_000)
+    assert read_until_closed(big, 5)[0].startswith(b"HTTP/1.1 431")
+    held = [connect(guarded, "127.0.4.4") for _ in range(5)]
+    try:
+        time.sleep(0.2)
+        extra = connect(guarded, "127.0.4.4")  # 429: the sixth from one address
+        assert read_until_closed(extra, 3)[0].startswith(b"HTTP/1.1 429")
+        extra.close()
+    finally:
+        for sock in held:
+            sock.close()
+    assert read_until_closed(slow, 4)[0].startswith(b"HTTP/1.1 408")
+    assert read_until_closed(idle, 4)[0] == b""
+    for sock in (slow, idle, big):
+        sock.close()
+
+    expected = {"slow_client": 1, "headers_too_large": 1, "too_many_connections": 1}
+    deadline = time.monotonic() + 5  # /status is cached for a second
+    while True:
+        outcomes, metric = owner_counts(guarded)
+        grown = {
+            why: outcomes.get(f"refused: {why.replace('_', ' ')}", 0)
+            - outcomes_before.get(f"refused: {why.replace('_', ' ')}", 0)
+            for why in expected
+        }
+        if grown == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert grown == expected, outcomes
+    assert {why: metric.get(why, 0) - metric_before.get(why, 0) for why in expected} == expected

@@ -28,6 +28,10 @@ OUTCOME_COLORS = {
     "refused: no key free": "#1f2937",
     "refused: bad request": "#d1d5db",
     "refused: other": "#d1d5db",
+    # The connection guard's (proxy/guard.py), before any request was read.
+    "refused: slow client": "#9ca3af",
+    "refused: headers too large": "#9ca3af",
+    "refused: too many connections": "#9ca3af",
     "failed": "#ef4444",
     "cancelled": "#92400e",
 }
@@ -42,6 +46,9 @@ OUTCOME_SQUARES = {
     "refused: no key free": "⬛",
     "refused: bad request": "⬜",
     "refused: other": "⬜",
+    "refused: slow client": "⬜",
+    "refused: headers too large": "⬜",
+    "refused: too many connections": "⬜",
     "failed": "🟥",
     "cancelled": "🟫",
 }
