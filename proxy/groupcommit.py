@@ -7,6 +7,14 @@ and written at the end of the event loop's current turn, in one transaction for 
 that finished in it. The pipeline answers a request only once that transaction has committed
 (`committed`, its `durable` hook), so, as before, nothing acknowledged is lost across a crash.
 
+A batch that cannot be written is not acknowledged, as with Postgres (proxy/state/postgres.py):
+- the disk failing (full, an I/O error: `sqlite3.OperationalError`, OSError): its requests get a
+  503, its writes are kept and retried every RETRY_S seconds, and meanwhile the database is
+  reported down (`problem`: /health, and new requests are refused before they reach an
+  upstream) until a retry commits;
+- a write SQLite refuses (a count past its 64-bit integers): its requests get a 503, the batch is
+  dropped (it can never be written), and the next batches go on.
+
 Writes made off the event loop that armed the batch (an admin's thread, a test without a loop)
 are written at once, as before.
 """
@@ -16,13 +24,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import threading
 
 from proxy.access.users import User, UserService
-from proxy.store import SQLiteStore
+from proxy.store import SQLiteStore, StoreError
 from proxy.usage import UsageEvent
 
 log = logging.getLogger(__name__)
+
+RETRY_S = 1.0  # how often writes the disk refused are tried again
+# The disk's failures (kept and retried); anything else is a write SQLite will never take.
+_DISK_ERRORS = (sqlite3.OperationalError, OSError)
 
 
 class GroupCommit:
@@ -37,6 +50,8 @@ class GroupCommit:
         self._lock = threading.Lock()  # the pending writes, against a flush at close from another thread
         self.batches = 0  # transactions written (for tests and the benchmark's curiosity)
         self.writes = 0  # writes they carried
+        self.failing: str | None = None  # why the disk refused the last batch; None once one commits
+        self._retry: asyncio.TimerHandle | None = None
 
     # What the request path hands over --------------------------------------------------------
     def add_usage(self, event: UsageEvent) -> None:
@@ -63,11 +78,16 @@ class GroupCommit:
             return True
 
     async def committed(self) -> None:
-        """Wait until every write handed over so far is committed (or failed: logged, retried
-        with the next batch, as a failed write was before). Never raises for a failed write."""
+        """Wait until every write handed over so far is committed; StoreError when its batch could
+        not be written (the request must not be acknowledged)."""
         done = self._done
         if done is not None and done.get_loop() is asyncio.get_running_loop():
             await asyncio.shield(done)  # a request cancelled meanwhile must not cancel it for others
+
+    def problem(self) -> str | None:
+        """Why the database is down (the disk refused the last batch), or None: a dependency
+        check (proxy/state/health.py)."""
+        return self.failing
 
     # The batch -------------------------------------------------------------------------------
     def flush(self) -> None:
@@ -76,6 +96,7 @@ class GroupCommit:
             done, self._done = self._done, None
             usage, self._usage = self._usage, {}
             users, self._users = self._users, {}
+        failure: StoreError | None = None
         try:
             if usage or users:
                 rows = [(scope, label, *counts) for (scope, label), counts in usage.items()]
@@ -84,14 +105,42 @@ class GroupCommit:
                 else:
                     self.store.write_batch(rows, [user.record() for user in users.values()])
                 self.batches += 1
-        except Exception:  # a full or failing disk must not fail the requests that were served
-            log.exception("could not save usage and users' counts to the store; retried with the next write")
+                if self.failing is not None:
+                    log.warning("usage is saved to the database again")
+                self.failing = None
+        except _DISK_ERRORS as exc:
+            log.exception("could not save usage and users' counts to the database; tried again in %gs", RETRY_S)
             with self._lock:
                 self._keep(usage, users)
+            self.failing = f"usage could not be saved ({type(exc).__name__})"
+            failure = StoreError(f"The database could not save usage ({type(exc).__name__}).")
+            self._retry_later()
+        except Exception as exc:  # a write SQLite will never take: dropped, and its requests failed
+            log.exception("the database refused a batch of usage and users' counts; it is dropped")
+            failure = StoreError(f"The database refused the usage ({type(exc).__name__}).")
         finally:
             if done is not None and not done.done():
                 with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits any more
-                    done.set_result(None)
+                    if failure is None:
+                        done.set_result(None)
+                    else:
+                        done.set_exception(failure)
+                        done.exception()  # retrieved: nobody may be waiting, which is no error
+
+    def _retry_later(self) -> None:
+        """Flush again in RETRY_S: the writes kept must land without waiting for new requests
+        (which are refused while the disk fails)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # at close, off the loop: nothing runs a retry any more
+            return
+        if self._retry is None or self._retry.cancelled():
+            self._retry = loop.call_later(RETRY_S, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        if self.failing is not None:
+            self.flush()
 
     def _keep(self, usage: dict[tuple[str, str], list[int]], users: dict[int, User]) -> None:
         """Writes that failed, kept for the next batch (added to what came meanwhile)."""
@@ -104,6 +153,9 @@ class GroupCommit:
 
     def close(self) -> None:
         """Write what is still pending (before the store closes)."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         self.flush()
 
     def _add(self, key: tuple[str, str], event: UsageEvent) -> None:

@@ -262,6 +262,8 @@ def build_runtime(settings: Settings, redactor: Redactor | None = None) -> Runti
     store = access.store
     if not isinstance(store, SQLiteStore):
         runtime.dependencies.add("database", lambda: None if store.healthy else (store.last_error or "unavailable"))
+    elif access.commits is not None:  # SQLite: down while the disk refuses the usage (proxy/groupcommit.py)
+        runtime.dependencies.add("database", access.commits.problem)
     pools = {name: service.pool for name, service in services.items()}
     runtime.shared = share(settings, store, access.users, pools, runtime.dependencies, access.gatekeeper)
     if runtime.shared.sync is not None:
@@ -319,7 +321,7 @@ def _persisting(access: Access):
     def sink(event: UsageEvent) -> None:
         try:
             add(event)
-        except Exception:  # a full or failing disk must not fail the request that was served
+        except Exception:  # logged; whether the request is acknowledged is its commit's to say (`durable`)
             log.exception("could not save usage to the store")
 
     return sink

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
+import time
 from pathlib import Path
 
 import httpx
+import pytest
 
+from proxy import groupcommit
 from proxy.access.users import UserService
 from proxy.groupcommit import GroupCommit
-from proxy.store import SQLiteStore
+from proxy.store import SQLiteStore, StoreError
 from proxy.usage import UsageEvent
-from tests.conftest import PAID
+from tests.conftest import PAID, PROXY_KEY
 from tests.fakes import FakeOpenAI
 from tests.instances import start_instance
 
@@ -69,28 +73,57 @@ async def test_a_user_deleted_while_its_counts_wait_for_the_batch_is_not_written
     store.close()
 
 
-async def test_a_batch_that_fails_to_write_is_written_with_the_next_one(tmp_path: Path) -> None:
+async def until(condition, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_batch_the_disk_refuses_is_not_acknowledged_and_lands_once_the_disk_is_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(groupcommit, "RETRY_S", 0.05)
     store, users, commits = grouped(tmp_path)
     alice = users.create(nickname="alice")
     real = store.write_batch
-    calls = []
+    disk_full = [True]
 
-    def failing_once(rows, records):
-        calls.append(1)
-        if len(calls) == 1:
-            raise OSError("disk full")
+    def write_batch(rows, records):
+        if disk_full[0]:
+            raise sqlite3.OperationalError("database or disk is full")
         real(rows, records)
 
-    store.write_batch = failing_once  # type: ignore[method-assign]
+    store.write_batch = write_batch  # type: ignore[method-assign]
     users.charge(alice, "gpt-4o", 15)
     commits.add_usage(event())
-    await commits.committed()  # the failure is logged; the request that was served is not failed
-    assert store.usage_totals() == ({}, {})
+    with pytest.raises(StoreError):
+        await commits.committed()  # the request must not be acknowledged
+    assert commits.problem() is not None  # the database is reported down meanwhile
+    await asyncio.sleep(0.2)  # retried, and refused again
+    assert store.usage_totals() == ({}, {}) and commits.problem() is not None
+    disk_full[0] = False
+    await until(lambda: commits.problem() is None)  # the retry alone lands it: no request needed
+    assert store.usage_totals()[0]["gpt-4o"]["requests"] == 1
+    assert store.load_users()[0]["prompt_count"] == 1
     users.charge(alice, "gpt-4o", 15)
     commits.add_usage(event())
     await commits.committed()
     assert store.usage_totals()[0]["gpt-4o"]["requests"] == 2
     assert store.load_users()[0]["prompt_count"] == 2
+    commits.close()
+    store.close()
+
+
+async def test_a_batch_the_database_can_never_take_fails_its_requests_and_the_next_goes_on(tmp_path: Path) -> None:
+    store, users, commits = grouped(tmp_path)
+    commits.add_usage(event(tin=2**63))  # past SQLite's 64-bit integers
+    with pytest.raises(StoreError):
+        await commits.committed()
+    assert commits.problem() is None  # the disk is fine: nothing is down, nothing is retried
+    commits.add_usage(event())
+    await commits.committed()
+    assert store.usage_totals()[0]["gpt-4o"] == {"requests": 1, "tokens_in": 10, "tokens_out": 5}
     store.close()
 
 
@@ -178,3 +211,44 @@ async def test_concurrent_requests_acknowledged_before_a_sigkill_are_all_counted
         assert store.usage_totals()[0]["gpt-4o"]["requests"] == 60
     finally:
         store.close()
+
+
+def test_while_the_disk_refuses_usage_requests_get_503_and_service_resumes_by_itself(
+    proxy_app, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over HTTP: the request whose usage the disk refused is not acknowledged (a 503 in the
+    client's shape), /health names the database, new requests are refused before they reach an
+    upstream, and once the disk takes writes again the kept usage lands and service resumes."""
+    monkeypatch.setattr(groupcommit, "RETRY_S", 0.1)
+    served = proxy_app(OPENAI_KEY=PAID, OPENAI_BASE_URL=fake_openai.base_url, PROXY_KEY=PROXY_KEY)
+    store = served.runtime.access.store
+    real = store.write_batch
+    disk_full = [True]
+
+    def write_batch(rows, records):
+        if disk_full[0]:
+            raise sqlite3.OperationalError("database or disk is full")
+        real(rows, records)
+
+    store.write_batch = write_batch
+    chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    auth = {"Authorization": f"Bearer {PROXY_KEY}"}
+    with httpx.Client(base_url=served.url, headers=auth, timeout=10) as client:
+        refused = client.post("/proxy/openai/v1/chat/completions", json=chat)
+        assert refused.status_code == 503, refused.text
+        assert "record usage" in refused.json()["error"]["message"]
+        assert len(fake_openai.requests) == 1  # it was served upstream; its usage is kept
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json() == {"status": "unavailable", "database": "unavailable"}
+        again = client.post("/proxy/openai/v1/chat/completions", json=chat)
+        assert again.status_code == 503
+        assert len(fake_openai.requests) == 1  # refused before any upstream was asked
+        disk_full[0] = False
+        deadline = time.monotonic() + 5
+        while client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, "the database was never reported back"
+            time.sleep(0.05)
+        assert store.usage_totals()[0]["gpt-4o"]["requests"] == 1  # the refused reply's usage landed
+        served_now = client.post("/proxy/openai/v1/chat/completions", json=chat)
+        assert served_now.status_code == 200, served_now.text
+    assert store.usage_totals()[0]["gpt-4o"]["requests"] == 2

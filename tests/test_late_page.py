@@ -49,7 +49,7 @@ def test_the_proxy_serves_while_the_page_is_built_and_the_page_then_takes_over(
         config = httpx.get(f"{served.url}/config", timeout=10)
         assert config.status_code == 200 and PAID not in config.text
         # and the proxy's routes still go first
-        assert httpx.get(f"{served.url}/health", timeout=5).json() == {"status": "ok"}
+        assert httpx.get(f"{served.url}/health", timeout=5).json() == {"status": "ok", "database": "ok"}
 
 
 def test_a_page_that_cannot_be_built_leaves_the_proxy_serving(

@@ -77,7 +77,7 @@ def test_health_answers_ok_without_any_credential(served: Served) -> None:
     with http(served) as anonymous:
         response = anonymous.get("/health")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok"}
+    assert response.json() == {"status": "ok", "database": "ok"}
 
 
 @pytest.mark.parametrize(

@@ -334,8 +334,10 @@ class UserService:
         self._by_digest[_digest(user.token)] = user
 
     def _save(self, user: User, *, strict: bool = True, counters: bool = False) -> None:
-        """Write `user` through. On the request path (`strict=False`) a failed write is logged and
-        the request goes on: the counts in memory stay right and are written with the next change."""
+        """Write `user` through. On the request path (`strict=False`) with a group commit (SQLite on
+        the event loop), the record goes with the turn's batch, whose failure fails the request
+        (proxy/groupcommit.py); otherwise a failed write is logged and the request goes on: the
+        counts in memory stay right and are written with the next change."""
         if self._store is None:
             return
         if not strict and self.deferred is not None and self.shared is None and self.deferred(user):
