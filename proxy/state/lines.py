@@ -59,10 +59,10 @@ class SharedLines:
         mine = self.queue.lines()
         payload = json.dumps([[s, f, w, round(r, 4)] for (s, f), (w, r) in mine.items()]) if mine else ""
         instance = self.fast.instance_id
-        now_ms = int(self.fast._clock() * 1000)  # noqa: SLF001 (the fast state's clock)
+        now_ms = self.fast.now_ms()
         keys = [f"{PREFIX}lines", f"{PREFIX}lines:{instance}"]
         args = [now_ms, TTL_MS, instance, payload, f"{PREFIX}lines:"]
-        self.queue.peers = merge(await self.fast._call(self._exchange(keys=keys, args=args)))  # noqa: SLF001
+        self.queue.peers = merge(await self.fast.call(self._exchange(keys=keys, args=args)))
 
     async def run(self) -> None:
         while True:

@@ -212,6 +212,15 @@ class RedisFastState:
         """None when Redis answered last time, else what went wrong."""
         return self._problem
 
+    def now_ms(self) -> int:
+        """This state's clock, in milliseconds (what its scripts are given as 'now')."""
+        return int(self._clock() * 1000)
+
+    async def call(self, call: Awaitable[T]) -> T:
+        """Await a Redis call of this state's client: FastStateError (and the health noted) when
+        Redis is unreachable, the health restored when it answers again."""
+        return await self._call(call)
+
     async def _call(self, call: Awaitable[T]) -> T:
         try:
             result = await call
