@@ -109,7 +109,8 @@ class GroupCommit:
                     log.warning("usage is saved to the database again")
                 self.failing = None
         except _DISK_ERRORS as exc:
-            log.exception("could not save usage and users' counts to the database; tried again in %gs", RETRY_S)
+            if self.failing is None:  # once, not at every retry
+                log.exception("could not save usage and users' counts to the database; tried again every %gs", RETRY_S)
             with self._lock:
                 self._keep(usage, users)
             self.failing = f"usage could not be saved ({type(exc).__name__})"

@@ -29,7 +29,7 @@ from proxy.model_routes import ModelRoutes
 from proxy.outcomes import STREAM_HEADERS, Outcomes, _dependency_down
 from proxy.providers.anthropic.door import Door
 from proxy.providers.base import Call, Dialect, Endpoint
-from proxy.relay import ClientStream, DirectRelay, RelayResponse
+from proxy.relay import ClientStream, DirectRelay, RelayResponse, Unacknowledged
 from proxy.routing import Router
 from proxy.upstream import UpstreamReply
 from proxy.usage import Usage, UsageLedger, estimate_tokens
@@ -538,6 +538,9 @@ class Pipeline(WaitingStreams, ModelRoutes, Outcomes):
         try:
             if status != 499:
                 await self._committed()
+        except ProxyError:  # the database is down: delivered, but not to be taken as complete
+            log.warning("a stream's usage could not be committed (the database is down): its end is withheld")
+            raise Unacknowledged() from None
         finally:
             if self.metrics is not None:
                 self.metrics.stream_ended(ctx.service)

@@ -31,6 +31,7 @@ Any other server (h11, hypercorn, a test transport) gets the async path, byte fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -46,6 +47,11 @@ try:  # uvicorn's httptools protocol (absent without httptools: then the async p
     from uvicorn.protocols.http.httptools_impl import RequestResponseCycle as _Cycle
 except ImportError:  # pragma: no cover
     _Cycle = None
+
+
+class Unacknowledged(Exception):
+    """A relayed stream's usage could not be committed (its database is down): the stream's end is
+    withheld and the connection closed, so that no client takes it as a complete answer."""
 
 
 class ClientStream:
@@ -85,6 +91,10 @@ class ClientStream:
 
     def write(self, data: bytes) -> None:
         self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+    def abort(self) -> None:
+        """Close the connection without the response's end."""
+        self._transport.close()
 
     async def drain(self) -> None:
         """Until the client's socket takes writes again (also when the client has gone)."""
@@ -319,7 +329,8 @@ async def _disconnect(receive: Receive) -> None:
 
 class RelayResponse(StreamingResponse):
     """A relayed SSE stream: `direct(client, receive)` (the fast path, DirectRelay) under uvicorn's
-    httptools protocol; else Starlette's StreamingResponse over `body` (the async path)."""
+    httptools protocol; else Starlette's StreamingResponse over `body` (the async path). Either
+    raising Unacknowledged ends the response without its end."""
 
     def __init__(
         self,
@@ -333,7 +344,8 @@ class RelayResponse(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = None if self._direct is None else ClientStream.of(scope, send, self.raw_headers)
         if client is None:
-            await super().__call__(scope, receive, send)
+            with contextlib.suppress(Unacknowledged):  # the end was never sent: the server closes the connection
+                await super().__call__(scope, receive, send)
             return
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         if not client.chunked:  # pragma: no cover - uvicorn chunks a response of no declared length
@@ -341,5 +353,9 @@ class RelayResponse(StreamingResponse):
         try:
             await self._direct(client, receive)
         except ClientGone:
+            return
+        except Unacknowledged:
+            client.abort()
+            await asyncio.sleep(0)  # uvicorn hears of the close before the app returns
             return
         await send({"type": "http.response.body", "body": b"", "more_body": False})

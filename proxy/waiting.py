@@ -9,7 +9,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from proxy import error_chat
 from proxy.access.gatekeeper import Admission
@@ -19,6 +19,7 @@ from proxy.errors import Kind, ProxyError
 from proxy.logs import log_safe
 from proxy.outcomes import STREAM_HEADERS
 from proxy.providers.base import Endpoint
+from proxy.relay import RelayResponse
 from proxy.upstream import UpstreamReply
 from proxy.usage import Usage
 
@@ -57,7 +58,7 @@ class WaitingStreams:
                 response = self._stream(service, endpoint, reply, state, admission, ctx, payload)
             return response
         body = self._waiting_body(task, service, endpoint, state, admission, ctx, payload)
-        return StreamingResponse(body, 200, headers=dict(STREAM_HEADERS), media_type="text/event-stream")
+        return RelayResponse(body, None, dict(STREAM_HEADERS))
 
     def _wait_comment(self, ticket: Ticket) -> bytes:
         if not ticket.waiting:

@@ -4,6 +4,7 @@ a request wrote is committed before it is answered, however many finish together
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sqlite3
 import time
@@ -252,3 +253,54 @@ def test_while_the_disk_refuses_usage_requests_get_503_and_service_resumes_by_it
         served_now = client.post("/proxy/openai/v1/chat/completions", json=chat)
         assert served_now.status_code == 200, served_now.text
     assert store.usage_totals()[0]["gpt-4o"]["requests"] == 2
+
+
+@pytest.mark.parametrize("server", ["httptools", "h11"])  # the direct relay, and the async one
+def test_a_stream_whose_usage_cannot_be_committed_is_not_ended_as_complete(
+    server: str, tmp_path: Path, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """Its events were relayed as they came, but the response's end is withheld and the connection
+    closed: no client takes it as a complete answer. Said in one warning, not a traceback; the
+    usage lands once the disk is back."""
+    from proxy.server import create_app
+    from tests.conftest import make_settings, serve
+
+    monkeypatch.setattr(groupcommit, "RETRY_S", 0.1)
+    settings = make_settings({"OPENAI_KEY": PAID, "OPENAI_BASE_URL": fake_openai.base_url, "PROXY_KEY": PROXY_KEY},
+                             tmp_path)  # fmt: skip
+    options = {"guarded": True} if server == "httptools" else {"http": "h11"}
+    with serve(create_app(settings), settings, **options) as served:
+        uvicorn_log = logging.getLogger("uvicorn.error")  # configured by uvicorn: caplog's root handler misses it
+        monkeypatch.setattr(uvicorn_log, "handlers", [*uvicorn_log.handlers, caplog.handler])
+        store = served.runtime.access.store
+        real = store.write_batch
+        disk_full = [True]
+
+        def write_batch(rows, records):
+            if disk_full[0]:
+                raise sqlite3.OperationalError("database or disk is full")
+            real(rows, records)
+
+        store.write_batch = write_batch
+        chat = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        received = b""
+        with httpx.Client(base_url=served.url, timeout=10) as client:
+            auth = {"Authorization": f"Bearer {PROXY_KEY}"}
+            path = "/proxy/openai/v1/chat/completions"
+            with (
+                pytest.raises(httpx.RemoteProtocolError),
+                client.stream("POST", path, json=chat, headers=auth) as reply,
+            ):
+                assert reply.status_code == 200
+                for chunk in reply.iter_bytes():
+                    received += chunk
+            assert received.endswith(b"data: [DONE]\n\n")  # every event reached the client
+            disk_full[0] = False
+            deadline = time.monotonic() + 5
+            while client.get("/health").status_code != 200:
+                assert time.monotonic() < deadline, "the database was never reported back"
+                time.sleep(0.05)
+        assert store.usage_totals()[0]["gpt-4o"]["requests"] == 1
+    assert "Exception in ASGI application" not in caplog.text
+    assert "its end is withheld" in caplog.text
