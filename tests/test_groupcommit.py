@@ -41,6 +41,27 @@ def grouped(path: Path) -> tuple[SQLiteStore, UserService, GroupCommit]:
     return store, users, commits
 
 
+class FullDisk:
+    """`store.write_batch` fails as on a full disk while `full` is True."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.full = True
+        self._write = store.write_batch
+        store.write_batch = self  # type: ignore[method-assign]
+
+    def __call__(self, rows, records) -> None:
+        if self.full:
+            raise sqlite3.OperationalError("database or disk is full")
+        self._write(rows, records)
+
+
+def until_healthy(client: httpx.Client) -> None:
+    deadline = time.monotonic() + 5
+    while client.get("/health").status_code != 200:
+        assert time.monotonic() < deadline, "the database was never reported back"
+        time.sleep(0.05)
+
+
 async def test_requests_finishing_in_one_turn_are_committed_together_before_they_are_answered(
     tmp_path: Path,
 ) -> None:
@@ -87,15 +108,7 @@ async def test_a_batch_the_disk_refuses_is_not_acknowledged_and_lands_once_the_d
     monkeypatch.setattr(groupcommit, "RETRY_S", 0.05)
     store, users, commits = grouped(tmp_path)
     alice = users.create(nickname="alice")
-    real = store.write_batch
-    disk_full = [True]
-
-    def write_batch(rows, records):
-        if disk_full[0]:
-            raise sqlite3.OperationalError("database or disk is full")
-        real(rows, records)
-
-    store.write_batch = write_batch  # type: ignore[method-assign]
+    disk = FullDisk(store)
     users.charge(alice, "gpt-4o", 15)
     commits.add_usage(event())
     with pytest.raises(StoreError):
@@ -103,7 +116,7 @@ async def test_a_batch_the_disk_refuses_is_not_acknowledged_and_lands_once_the_d
     assert commits.problem() is not None  # the database is reported down meanwhile
     await asyncio.sleep(0.2)  # retried, and refused again
     assert store.usage_totals() == ({}, {}) and commits.problem() is not None
-    disk_full[0] = False
+    disk.full = False
     await until(lambda: commits.problem() is None)  # the retry alone lands it: no request needed
     assert store.usage_totals()[0]["gpt-4o"]["requests"] == 1
     assert store.load_users()[0]["prompt_count"] == 1
@@ -223,15 +236,7 @@ def test_while_the_disk_refuses_usage_requests_get_503_and_service_resumes_by_it
     monkeypatch.setattr(groupcommit, "RETRY_S", 0.1)
     served = proxy_app(OPENAI_KEY=PAID, OPENAI_BASE_URL=fake_openai.base_url, PROXY_KEY=PROXY_KEY)
     store = served.runtime.access.store
-    real = store.write_batch
-    disk_full = [True]
-
-    def write_batch(rows, records):
-        if disk_full[0]:
-            raise sqlite3.OperationalError("database or disk is full")
-        real(rows, records)
-
-    store.write_batch = write_batch
+    disk = FullDisk(store)
     chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
     auth = {"Authorization": f"Bearer {PROXY_KEY}"}
     with httpx.Client(base_url=served.url, headers=auth, timeout=10) as client:
@@ -244,11 +249,8 @@ def test_while_the_disk_refuses_usage_requests_get_503_and_service_resumes_by_it
         again = client.post("/proxy/openai/v1/chat/completions", json=chat)
         assert again.status_code == 503
         assert len(fake_openai.requests) == 1  # refused before any upstream was asked
-        disk_full[0] = False
-        deadline = time.monotonic() + 5
-        while client.get("/health").status_code != 200:
-            assert time.monotonic() < deadline, "the database was never reported back"
-            time.sleep(0.05)
+        disk.full = False
+        until_healthy(client)
         assert store.usage_totals()[0]["gpt-4o"]["requests"] == 1  # the refused reply's usage landed
         served_now = client.post("/proxy/openai/v1/chat/completions", json=chat)
         assert served_now.status_code == 200, served_now.text
@@ -274,15 +276,7 @@ def test_a_stream_whose_usage_cannot_be_committed_is_not_ended_as_complete(
         uvicorn_log = logging.getLogger("uvicorn.error")  # configured by uvicorn: caplog's root handler misses it
         monkeypatch.setattr(uvicorn_log, "handlers", [*uvicorn_log.handlers, caplog.handler])
         store = served.runtime.access.store
-        real = store.write_batch
-        disk_full = [True]
-
-        def write_batch(rows, records):
-            if disk_full[0]:
-                raise sqlite3.OperationalError("database or disk is full")
-            real(rows, records)
-
-        store.write_batch = write_batch
+        disk = FullDisk(store)
         chat = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
         received = b""
         with httpx.Client(base_url=served.url, timeout=10) as client:
@@ -296,11 +290,8 @@ def test_a_stream_whose_usage_cannot_be_committed_is_not_ended_as_complete(
                 for chunk in reply.iter_bytes():
                     received += chunk
             assert received.endswith(b"data: [DONE]\n\n")  # every event reached the client
-            disk_full[0] = False
-            deadline = time.monotonic() + 5
-            while client.get("/health").status_code != 200:
-                assert time.monotonic() < deadline, "the database was never reported back"
-                time.sleep(0.05)
+            disk.full = False
+            until_healthy(client)
         assert store.usage_totals()[0]["gpt-4o"]["requests"] == 1
     assert "Exception in ASGI application" not in caplog.text
     assert "its end is withheld" in caplog.text
