@@ -24,6 +24,10 @@ class Kind(StrEnum):
     UNAVAILABLE = "unavailable"
 
 
+# The error code of a 503 for a database or shared state that is down (/health says which).
+DEPENDENCY_DOWN = "dependency_unavailable"
+
+
 class ProxyError(Exception):
     """An error answered by the proxy itself, rendered in the client's API shape."""
 

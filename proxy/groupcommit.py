@@ -12,8 +12,9 @@ A batch that cannot be written is not acknowledged, as with Postgres (proxy/stat
   503, its writes are kept and retried every RETRY_S seconds, and meanwhile the database is
   reported down (`problem`: /health, and new requests are refused before they reach an
   upstream) until a retry commits;
-- a write SQLite refuses (a count past its 64-bit integers): its requests get a 503, the batch is
-  dropped (it can never be written), and the next batches go on.
+- a write SQLite refuses (a count past its 64-bit integers): its requests get a 503, and the
+  batch's writes are tried one by one: only those refused again are dropped (a label's total
+  summed from several requests goes with the one that cannot be written).
 
 Writes made off the event loop that armed the batch (an admin's thread, a test without a loop)
 are written at once, as before.
@@ -52,6 +53,7 @@ class GroupCommit:
         self.writes = 0  # writes they carried
         self.failing: str | None = None  # why the disk refused the last batch; None once one commits
         self._retry: asyncio.TimerHandle | None = None
+        self._closed = False
 
     # What the request path hands over --------------------------------------------------------
     def add_usage(self, event: UsageEvent) -> None:
@@ -99,26 +101,16 @@ class GroupCommit:
         failure: StoreError | None = None
         try:
             if usage or users:
-                rows = [(scope, label, *counts) for (scope, label), counts in usage.items()]
-                if self.users is not None:
-                    self.users.write_through(users.values(), lambda records: self.store.write_batch(rows, records))
-                else:
-                    self.store.write_batch(rows, [user.record() for user in users.values()])
+                self._write(usage, users)
                 self.batches += 1
-                if self.failing is not None:
-                    log.warning("usage is saved to the database again")
-                self.failing = None
+            self._recovered()
         except _DISK_ERRORS as exc:
-            if self.failing is None:  # once, not at every retry
-                log.exception("could not save usage and users' counts to the database; tried again every %gs", RETRY_S)
-            with self._lock:
-                self._keep(usage, users)
-            self.failing = f"usage could not be saved ({type(exc).__name__})"
-            failure = StoreError(f"The database could not save usage ({type(exc).__name__}).")
-            self._retry_later()
-        except Exception as exc:  # a write SQLite will never take: dropped, and its requests failed
-            log.exception("the database refused a batch of usage and users' counts; it is dropped")
-            failure = StoreError(f"The database refused the usage ({type(exc).__name__}).")
+            failure = self._disk_failed(exc, usage, users)
+        except Exception as exc:  # a write SQLite will never take: the others go on their own
+            log.exception("the database refused a batch of usage and users' counts; its writes are tried one by one")
+            failure = self._salvage(usage, users) or StoreError(
+                f"The database refused the usage ({type(exc).__name__})."
+            )
         finally:
             if done is not None and not done.done():
                 with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits any more
@@ -128,20 +120,67 @@ class GroupCommit:
                         done.set_exception(failure)
                         done.exception()  # retrieved: nobody may be waiting, which is no error
 
+    def _write(self, usage: dict[tuple[str, str], list[int]], users: dict[int, User]) -> None:
+        rows = [(scope, label, *counts) for (scope, label), counts in usage.items()]
+        if self.users is not None:
+            self.users.write_through(users.values(), lambda records: self.store.write_batch(rows, records))
+        else:
+            self.store.write_batch(rows, [user.record() for user in users.values()])
+
+    def _recovered(self) -> None:
+        if self.failing is not None:
+            log.warning("usage is saved to the database again")
+            self.failing = None
+
+    def _disk_failed(
+        self, exc: BaseException, usage: dict[tuple[str, str], list[int]], users: dict[int, User]
+    ) -> StoreError:
+        """The disk refused `usage` and `users`: kept for the retry, the database reported down."""
+        if self.failing is None:  # once, not at every retry
+            log.error("could not save usage and users' counts to the database (%s: %s); tried again every %gs",
+                      type(exc).__name__, exc, RETRY_S)  # fmt: skip
+        with self._lock:
+            self._keep(usage, users)
+        self.failing = f"usage could not be saved ({type(exc).__name__})"
+        self._retry_later()
+        return StoreError(f"The database could not save usage ({type(exc).__name__}).")
+
+    def _salvage(self, usage: dict[tuple[str, str], list[int]], users: dict[int, User]) -> StoreError | None:
+        """The writes of a batch SQLite refused, each on its own: only those it refuses again are
+        dropped (writes kept from a disk failure go on). A disk failure meanwhile keeps the rest
+        for the retry: its error is returned."""
+        pieces = [({key: counts}, {}) for key, counts in usage.items()]
+        pieces += [({}, {key: user}) for key, user in users.items()]
+        for i, (one_usage, one_user) in enumerate(pieces):
+            try:
+                self._write(one_usage, one_user)
+            except _DISK_ERRORS as exc:
+                rest_usage = {key: counts for part, _ in pieces[i:] for key, counts in part.items()}
+                rest_users = {key: user for _, part in pieces[i:] for key, user in part.items()}
+                return self._disk_failed(exc, rest_usage, rest_users)
+            except Exception as exc:
+                what = f"usage of {next(iter(one_usage))}" if one_usage else "a user's counts"
+                log.error("dropped a write the database refuses (%s): %s", type(exc).__name__, what)
+        self._recovered()
+        return None
+
     def _retry_later(self) -> None:
         """Flush again in RETRY_S: the writes kept must land without waiting for new requests
         (which are refused while the disk fails)."""
+        if self._closed:
+            return
         try:
             loop = asyncio.get_running_loop()
-        except RuntimeError:  # at close, off the loop: nothing runs a retry any more
+        except RuntimeError:  # off the loop: nothing there to run a retry
             return
-        if self._retry is None or self._retry.cancelled():
+        if self._retry is None:
             self._retry = loop.call_later(RETRY_S, self._retry_now)
 
     def _retry_now(self) -> None:
         self._retry = None
-        if self.failing is not None:
-            self.flush()
+        if self._closed or self.failing is None:
+            return
+        self.flush()
 
     def _keep(self, usage: dict[tuple[str, str], list[int]], users: dict[int, User]) -> None:
         """Writes that failed, kept for the next batch (added to what came meanwhile)."""
@@ -153,7 +192,8 @@ class GroupCommit:
             self._users.setdefault(key, user)
 
     def close(self) -> None:
-        """Write what is still pending (before the store closes)."""
+        """Write what is still pending (before the store closes); no retry after this."""
+        self._closed = True
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None

@@ -17,8 +17,11 @@ header of any size. This protocol adds, per connection:
   Space and with TRUSTED_PROXIES set, and 127.0.0.1 and ::1, this machine, are not capped),
   answered with 429 and a close.
 
-Each refusal is counted for the owner (`on_refused`: the ledger's outcomes on the page and in
-/status, and Prometheus's `proxy_refused_connections`), as every other refusal is.
+Each refusal before a request was read (slow or oversized headers, too many connections) is
+counted for the owner (`on_refused`: the ledger's outcomes on the page and in /status, and
+Prometheus's `proxy_refused_connections`), as every other refusal is. A body cut off for its
+rate belongs to a request the app already holds: the app counts it (the proxy: an incomplete
+body, a bad request).
 
 Everything else is uvicorn's (httptools parser, flow control, pipelining), so the proxy's
 throughput is unchanged (bench/README.md).
@@ -37,8 +40,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("proxy.guard")
 
-# Why the guard refused a connection: the reasons `on_refused` is told.
-SLOW_CLIENT = "slow_client"  # headers or body too slow (408, or a close once the reply began)
+# Why the guard refused a connection before any request was read: the reasons `on_refused` is told.
+SLOW_CLIENT = "slow_client"  # headers too slow (408)
 HEADERS_TOO_LARGE = "headers_too_large"  # 431
 TOO_MANY_CONNECTIONS = "too_many_connections"  # 429
 
@@ -197,16 +200,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.cycle.message_event.set()
         if self.cycle.response_started:
             self.transport.close()
-            self._count(SLOW_CLIENT)
         else:
-            self._refuse(408, "Request Timeout", "The request body arrived too slowly.", SLOW_CLIENT)
+            self._refuse(408, "Request Timeout", "The request body arrived too slowly.")
 
-    def _refuse(self, status: int, reason: str, message: str, why: str) -> None:
+    def _refuse(self, status: int, reason: str, message: str, why: str | None = None) -> None:
+        """Answer `status` and close; `why` (a refusal before any request was read) is counted."""
         self._cancel_header_timer()
         self._cancel_body_timer()
         self.transport.write(_reply(status, reason, message))
         self.transport.close()
-        self._count(why)
+        if why is not None:
+            self._count(why)
 
     def _count(self, why: str) -> None:
         if self.on_refused is not None:

@@ -16,7 +16,7 @@ from proxy import error_chat
 from proxy.access.gatekeeper import Admission
 from proxy.body import read_json
 from proxy.client import ClientGone
-from proxy.errors import SHAPES, Kind, ProxyError
+from proxy.errors import DEPENDENCY_DOWN, SHAPES, Kind, ProxyError
 from proxy.logs import log_safe
 from proxy.store import StoreError
 from proxy.upstream import UpstreamReply
@@ -45,7 +45,7 @@ class Outcomes:
             raise _dependency_down() from None
 
     def _account(self, ctx: _Ctx, admission: Admission, usage: Usage, status: int, *, charge: bool = False) -> None:
-        ctx.usage = usage
+        ctx.usage, ctx.accounted = usage, True
         queue_ms = ctx.queue_ms
         if ctx.ticket is not None:
             self.queue.done(ctx.ticket)  # the key is free for the next in line
@@ -62,6 +62,8 @@ class Outcomes:
         upstream, or cancelled (the client left first). Model lists and paths off the allow-list
         are not requests for work."""
         if ctx.endpoint is None or ctx.endpoint.kind in ("models", "model"):
+            return
+        if ctx.accounted:  # served and counted before its commit failed (the usage is kept): once
             return
         if outcome is None:
             outcome = refusal_reason(error, identified=ctx.user is not None) if error is not None else "failed"
@@ -179,6 +181,8 @@ def _event(
 
 def refusal_reason(error: ProxyError, *, identified: bool) -> str:
     """The ledger's outcome for a request the proxy answered with an error."""
+    if error.code == DEPENDENCY_DOWN:  # refused before the caller is even identified
+        return "refused: dependency down"
     if not identified or error.kind is Kind.AUTHENTICATION or error.code in _ACCESS_CODES:
         return "refused: wrong key"
     if error.kind in (Kind.UPSTREAM, Kind.TIMEOUT):
@@ -210,5 +214,5 @@ def _dependency_down() -> ProxyError:
     """Fail closed: nothing is served that could not be limited and accounted."""
     return ProxyError(
         503, "This proxy cannot check limits or record usage right now (its database or shared state is "
-        "unavailable); try again shortly.", Kind.UNAVAILABLE, headers={"Retry-After": "5"},
+        "unavailable); try again shortly.", Kind.UNAVAILABLE, headers={"Retry-After": "5"}, code=DEPENDENCY_DOWN,
     )  # fmt: skip

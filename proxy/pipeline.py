@@ -332,6 +332,9 @@ class Pipeline(WaitingStreams, ModelRoutes, Outcomes):
                     raise _queue_timeout(dialect.name, model, ticket.family, exc) from None
                 except QueueFull as exc:
                     raise _queue_full(ticket.family, exc) from None
+                if ticket.queued_s and self.unavailable is not None and self.unavailable():
+                    queue.release(ticket)  # the database went down while it waited: not sent upstream
+                    raise _dependency_down()
             if key is None:
                 break
             tried.add(key.id)
@@ -540,7 +543,8 @@ class Pipeline(WaitingStreams, ModelRoutes, Outcomes):
                 await self._committed()
         except ProxyError:  # the database is down: delivered, but not to be taken as complete
             log.warning("a stream's usage could not be committed (the database is down): its end is withheld")
-            raise Unacknowledged() from None
+            if status != 500:  # else a failure of the proxy's own is on its way up, and ends it
+                raise Unacknowledged() from None
         finally:
             if self.metrics is not None:
                 self.metrics.stream_ended(ctx.service)
@@ -572,6 +576,7 @@ class _Ctx:
     key_id: str | None = None
     user: str | None = None
     usage: Usage | None = None
+    accounted: bool = False  # its outcome and usage are in the ledger (`_account`)
     body_len: int = 0
     ip: str = ""
     caller: Any = field(default=None, repr=False)

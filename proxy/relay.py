@@ -50,8 +50,11 @@ except ImportError:  # pragma: no cover
 
 
 class Unacknowledged(Exception):
-    """A relayed stream's usage could not be committed (its database is down): the stream's end is
-    withheld and the connection closed, so that no client takes it as a complete answer."""
+    """A relayed stream's usage could not be committed (its database is down). Its events, the
+    last one included, were relayed as they came; the response's end (HTTP's last chunk) is
+    withheld and the connection closed, so that a client that checks the end sees an incomplete
+    reply. (One that stops reading at the last event cannot tell: a stream cannot be held back
+    without holding back its events.)"""
 
 
 class ClientStream:
@@ -93,7 +96,9 @@ class ClientStream:
         self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
 
     def abort(self) -> None:
-        """Close the connection without the response's end."""
+        """Close the connection without the response's end (uvicorn takes it as a client gone, and
+        says nothing of a response left incomplete)."""
+        self._cycle.disconnected = True
         self._transport.close()
 
     async def drain(self) -> None:
@@ -344,7 +349,8 @@ class RelayResponse(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = None if self._direct is None else ClientStream.of(scope, send, self.raw_headers)
         if client is None:
-            with contextlib.suppress(Unacknowledged):  # the end was never sent: the server closes the connection
+            # The end was never sent: the server closes the connection (and logs one line).
+            with contextlib.suppress(Unacknowledged):
                 await super().__call__(scope, receive, send)
             return
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -356,6 +362,5 @@ class RelayResponse(StreamingResponse):
             return
         except Unacknowledged:
             client.abort()
-            await asyncio.sleep(0)  # uvicorn hears of the close before the app returns
             return
         await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -141,6 +141,43 @@ async def test_a_batch_the_database_can_never_take_fails_its_requests_and_the_ne
     store.close()
 
 
+async def test_one_write_the_database_can_never_take_does_not_drop_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes kept from a disk failure meet, in the next batch, a count SQLite refuses: the batch's
+    writes are tried one by one, the refused one alone is dropped, and the database is up again."""
+    monkeypatch.setattr(groupcommit, "RETRY_S", 60)  # no retry of its own during the test
+    store, users, commits = grouped(tmp_path)
+    alice = users.create(nickname="alice")
+    disk = FullDisk(store)
+    users.charge(alice, "gpt-4o", 15)
+    commits.add_usage(event(key_id="oai-1"))
+    with pytest.raises(StoreError):
+        await commits.committed()
+    assert commits.problem() is not None
+    disk.full = False
+    commits.add_usage(event(key_id="oai-2", tin=2**63))  # past SQLite's 64-bit integers
+    with pytest.raises(StoreError):
+        await commits.committed()  # the batch was refused: its requests are not acknowledged
+    assert commits.problem() is None
+    by_family, by_key = store.usage_totals()
+    assert by_key["oai-1"]["requests"] == 1 and "oai-2" not in by_key  # the kept write landed
+    assert store.load_users()[0]["prompt_count"] == 1
+    commits.close()
+    store.close()
+
+
+async def test_no_retry_is_left_behind_once_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(groupcommit, "RETRY_S", 0.01)
+    store, users, commits = grouped(tmp_path)
+    FullDisk(store)
+    commits.add_usage(event())
+    commits.close()  # its last flush fails: nothing may run against the closed store afterwards
+    assert commits._retry is None
+    await asyncio.sleep(0.05)
+    store.close()
+
+
 async def test_a_request_cancelled_while_waiting_for_the_commit_does_not_cancel_it_for_others(
     tmp_path: Path,
 ) -> None:
@@ -249,6 +286,8 @@ def test_while_the_disk_refuses_usage_requests_get_503_and_service_resumes_by_it
         again = client.post("/proxy/openai/v1/chat/completions", json=chat)
         assert again.status_code == 503
         assert len(fake_openai.requests) == 1  # refused before any upstream was asked
+        # Each counted once: the first was served upstream (its usage is kept), the second refused.
+        assert served.runtime.ledger.outcomes == {"served": 1, "refused: dependency down": 1}
         disk.full = False
         until_healthy(client)
         assert store.usage_totals()[0]["gpt-4o"]["requests"] == 1  # the refused reply's usage landed
@@ -263,8 +302,8 @@ def test_a_stream_whose_usage_cannot_be_committed_is_not_ended_as_complete(
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     """Its events were relayed as they came, but the response's end is withheld and the connection
-    closed: no client takes it as a complete answer. Said in one warning, not a traceback; the
-    usage lands once the disk is back."""
+    closed: a client that checks the end sees an incomplete reply. Said in one warning, not a
+    traceback; the usage lands once the disk is back."""
     from proxy.server import create_app
     from tests.conftest import make_settings, serve
 
@@ -295,3 +334,5 @@ def test_a_stream_whose_usage_cannot_be_committed_is_not_ended_as_complete(
         assert store.usage_totals()[0]["gpt-4o"]["requests"] == 1
     assert "Exception in ASGI application" not in caplog.text
     assert "its end is withheld" in caplog.text
+    if server == "httptools":  # the direct relay closes the connection itself (h11 logs one line)
+        assert "without completing response" not in caplog.text

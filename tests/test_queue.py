@@ -525,3 +525,21 @@ def test_with_other_instances_waiting_the_estimate_counts_their_requests_and_the
             future.cancel()
 
     asyncio.run(scenario())
+
+
+def test_a_request_that_leaves_the_line_while_the_database_is_down_never_reaches_the_upstream(
+    proxy_app: Callable[..., Served],
+) -> None:
+    """It passed the check on arrival, then waited; when its key frees up the database is down
+    (the disk refusing the usage): a 503 saying so, counted as such, and nothing sent upstream."""
+    with FakeOpenAI({LIMITED: KeyBehaviour("rate_limited", reset_s=2)}) as fake:
+        served = proxy_app(OPENAI_KEY=LIMITED, OPENAI_BASE_URL=fake.base_url, PROXY_KEY=PROXY_KEY, QUEUE_TIMEOUT="30")
+        sock = raw_stream(served, {"model": "gpt-4o", "messages": HELLO, "stream": False})
+        assert wait_until(lambda: queue_of(served)["waiting"] == 1)
+        served.runtime.access.commits.failing = "usage could not be saved (OperationalError)"  # as a full disk
+        reply = read_until(sock, b"}", timeout=15)
+        sock.close()
+        assert reply.startswith(b"HTTP/1.1 503"), reply[:200]
+        assert b'"code":"dependency_unavailable"' in reply.replace(b" ", b"")
+        assert len(fake.requests) == 1  # the 429 that sent it to the line; nothing after
+        assert wait_until(lambda: served.runtime.ledger.outcomes.get("refused: dependency down") == 1)

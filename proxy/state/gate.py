@@ -21,7 +21,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from proxy.access.ratelimit import FailureGuard, RateDecision, network_of
-from proxy.errors import Kind, ProxyError
+from proxy.errors import DEPENDENCY_DOWN, Kind, ProxyError
 from proxy.state.fast import FastStateError, Limits, RateLimited, Ticket
 from proxy.state.redis import RedisFastState
 
@@ -42,7 +42,7 @@ def owner(credential: str) -> str:
 def unavailable() -> ProxyError:
     return ProxyError(
         503, "This proxy cannot check limits right now (its shared state is unavailable); try again shortly.",
-        Kind.UNAVAILABLE, headers={"Retry-After": "5"},
+        Kind.UNAVAILABLE, headers={"Retry-After": "5"}, code=DEPENDENCY_DOWN,
     )  # fmt: skip
 
 
