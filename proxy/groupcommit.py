@@ -103,7 +103,7 @@ class GroupCommit:
             if usage or users:
                 self._write(usage, users)
                 self.batches += 1
-            self._recovered()
+                self._recovered()
         except _DISK_ERRORS as exc:
             failure = self._disk_failed(exc, usage, users)
         except Exception as exc:  # a write SQLite will never take: the others go on their own
@@ -151,6 +151,7 @@ class GroupCommit:
         for the retry: its error is returned."""
         pieces = [({key: counts}, {}) for key, counts in usage.items()]
         pieces += [({}, {key: user}) for key, user in users.items()]
+        dropped: list[str] = []
         for i, (one_usage, one_user) in enumerate(pieces):
             try:
                 self._write(one_usage, one_user)
@@ -160,8 +161,14 @@ class GroupCommit:
                 return self._disk_failed(exc, rest_usage, rest_users)
             except Exception as exc:
                 what = f"usage of {next(iter(one_usage))}" if one_usage else "a user's counts"
-                log.error("dropped a write the database refuses (%s): %s", type(exc).__name__, what)
-        self._recovered()
+                dropped.append(f"{what} ({type(exc).__name__})")
+        if dropped:
+            shown = ", ".join(dropped[:5])
+            log.error("dropped %d of %d writes the database refuses: %s", len(dropped), len(pieces), shown)
+        if len(dropped) < len(pieces):  # something landed: the database takes writes
+            self._recovered()
+        elif self.failing is not None:  # still down: the retry decides
+            self._retry_later()
         return None
 
     def _retry_later(self) -> None:
@@ -180,7 +187,12 @@ class GroupCommit:
         self._retry = None
         if self._closed or self.failing is None:
             return
-        self.flush()
+        with self._lock:
+            pending = bool(self._usage or self._users)
+        if pending:
+            self.flush()
+        else:  # what failed was dropped since: the next request's write will tell
+            self._recovered()
 
     def _keep(self, usage: dict[tuple[str, str], list[int]], users: dict[int, User]) -> None:
         """Writes that failed, kept for the next batch (added to what came meanwhile)."""

@@ -20,8 +20,8 @@ header of any size. This protocol adds, per connection:
 Each refusal before a request was read (slow or oversized headers, too many connections) is
 counted for the owner (`on_refused`: the ledger's outcomes on the page and in /status, and
 Prometheus's `proxy_refused_connections`), as every other refusal is. A body cut off for its
-rate belongs to a request the app already holds: the app counts it (the proxy: an incomplete
-body, a bad request).
+rate belongs to a request the app already holds: the proxy's requests count it themselves (an
+incomplete body, a bad request); the page's and admin's are not counted.
 
 Everything else is uvicorn's (httptools parser, flow control, pipelining), so the proxy's
 throughput is unchanged (bench/README.md).

@@ -63,7 +63,7 @@ class Outcomes:
         are not requests for work."""
         if ctx.endpoint is None or ctx.endpoint.kind in ("models", "model"):
             return
-        if ctx.accounted:  # served and counted before its commit failed (the usage is kept): once
+        if ctx.accounted:  # counted when it was served, before its commit failed: once
             return
         if outcome is None:
             outcome = refusal_reason(error, identified=ctx.user is not None) if error is not None else "failed"
@@ -181,7 +181,7 @@ def _event(
 
 def refusal_reason(error: ProxyError, *, identified: bool) -> str:
     """The ledger's outcome for a request the proxy answered with an error."""
-    if error.code == DEPENDENCY_DOWN:  # refused before the caller is even identified
+    if error.code == DEPENDENCY_DOWN:  # whether the caller was identified yet or not
         return "refused: dependency down"
     if not identified or error.kind is Kind.AUTHENTICATION or error.code in _ACCESS_CODES:
         return "refused: wrong key"

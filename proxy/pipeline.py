@@ -268,7 +268,7 @@ class Pipeline(WaitingStreams, ModelRoutes, Outcomes):
         except BaseException as exc:
             self.gatekeeper.release(admission)  # a no-op once settled
             self.queue.done(ticket)
-            if isinstance(exc, ClientGone) and ticket.queued_s:  # left the line: counted, charged nothing
+            if isinstance(exc, ClientGone) and ticket.queued_s and not ctx.accounted:  # left the line: counted
                 self._account(ctx, admission, Usage(), 499)
             raise
         response.headers.update(admission.headers)

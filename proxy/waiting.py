@@ -115,7 +115,8 @@ class WaitingStreams:
             if not relayed:
                 self.gatekeeper.release(admission)
                 if refused is None:
-                    self._account(ctx, admission, Usage(), status)
+                    if not ctx.accounted:  # (a reply accounted, then its commit waited on: left meanwhile)
+                        self._account(ctx, admission, Usage(), status)
                 else:
                     self.queue.done(ticket)
                     ctx.usage = Usage()

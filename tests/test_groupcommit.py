@@ -167,6 +167,31 @@ async def test_one_write_the_database_can_never_take_does_not_drop_the_others(
     store.close()
 
 
+async def test_a_database_that_refuses_every_write_stays_reported_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a disk failure, a damaged file refusing every write (not a disk error, so the batch's
+    writes are tried one by one): nothing landed, so the database is still down and new requests
+    stay refused before they reach an upstream."""
+    monkeypatch.setattr(groupcommit, "RETRY_S", 60)
+    store, users, commits = grouped(tmp_path)
+    FullDisk(store)
+    commits.add_usage(event())
+    with pytest.raises(StoreError):
+        await commits.committed()
+
+    def damaged(rows, records):
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    store.write_batch = damaged  # type: ignore[method-assign]
+    commits.add_usage(event(key_id="oai-2"))
+    with pytest.raises(StoreError):
+        await commits.committed()
+    assert commits.problem() is not None
+    commits.close()
+    store.close()
+
+
 async def test_no_retry_is_left_behind_once_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(groupcommit, "RETRY_S", 0.01)
     store, users, commits = grouped(tmp_path)

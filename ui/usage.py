@@ -26,7 +26,7 @@ OUTCOME_COLORS = {
     "refused: quota": "#a855f7",
     "refused: rate limit": "#3b82f6",
     "refused: no key free": "#1f2937",
-    "refused: dependency down": "#1f2937",
+    "refused: dependency down": "#64748b",
     "refused: bad request": "#d1d5db",
     "refused: other": "#d1d5db",
     # The connection guard's (proxy/guard.py), before any request was read.
@@ -45,7 +45,7 @@ OUTCOME_SQUARES = {
     "refused: quota": "🟪",
     "refused: rate limit": "🟦",
     "refused: no key free": "⬛",
-    "refused: dependency down": "⬛",
+    "refused: dependency down": "◾",
     "refused: bad request": "⬜",
     "refused: other": "⬜",
     "refused: slow client": "⬜",
